@@ -1,0 +1,200 @@
+"""``lrt-export``: argument parsing only; every step is a library function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2
+
+
+def _rank(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a rank: give an integer (64) or a fraction of the full rank (0.5)"
+        ) from None
+
+
+def _fixed_shape(text: str) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if not name or not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(
+                f"'{text}' is not a fixed shape: write NAME=SIZE[,NAME=SIZE], e.g. "
+                "batch=1,sequence=128"
+            )
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lrt-export",
+        description=(
+            "Export a (low-rank) transformer to an ONNX Runtime deployment bundle and compare it "
+            "with the dense model, measured in the same run."
+        ),
+    )
+    parser.add_argument(
+        "path",
+        help="model: TorchScript .pt, torch.save'd module .pt (with --trust-pickle), state-dict "
+        ".pt (with --factory), torch.export .pt2, a Hugging Face folder, or all-MiniLM-L6-v2",
+    )
+    parser.add_argument("--target", choices=("cpu", "cuda", "mobile"), default="cpu",
+                        help="deployment preset (default: cpu)")
+    parser.add_argument("-o", "--output", type=Path,
+                        help="bundle folder (default: out/<model>-<target>)")
+    parser.add_argument("--force", action="store_true", help="replace the output folder")
+
+    load = parser.add_argument_group("loading")
+    load.add_argument("--trust-pickle", action="store_true",
+                      help="allow unpickling a full nn.Module (this runs code from the file)")
+    load.add_argument("--factory", metavar="MODULE:FUNCTION",
+                      help="builds the architecture for a state-dict .pt")
+    load.add_argument("--input-shape", action="append", default=[], metavar="NAME=D,D[:DTYPE]",
+                      help="example input for models without example_inputs(); repeat per input")
+    load.add_argument("--max-length", type=int, default=128,
+                      help="token limit for text models (default 128)")
+
+    comp = parser.add_argument_group("compression")
+    comp.add_argument("--rank", type=_rank,
+                      help="factorize Linear layers to this rank (int) or fraction of full rank")
+    comp.add_argument("--solver", choices=("asvd", "svd"), default="asvd",
+                      help="asvd: activation-aware (calibrated) SVD (default); svd: plain SVD")
+    comp.add_argument("--calibration", metavar="FILE",
+                      help="text lines (.txt) or named inputs (.npz); default: shipped corpus")
+    comp.add_argument("--factorize-embeddings", action="store_true",
+                      help="also factorize Embedding tables")
+    comp.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                      help="keep layers matching this name pattern dense (repeatable)")
+
+    exp = parser.add_argument_group("export")
+    exp.add_argument("--quantize", choices=("int8", "none"), default="none",
+                     help="int8: dynamic quantisation, per-channel weights (default: none)")
+    exp.add_argument("--per-tensor", action="store_true",
+                     help="one int8 scale per weight tensor instead of per channel")
+    exp.add_argument("--fixed-shape", type=_fixed_shape, metavar="NAME=SIZE,...",
+                     help="fix symbolic dimensions, e.g. batch=1,sequence=128 (NNAPI/CoreML)")
+    exp.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    exp.add_argument("--optimization", choices=("basic", "extended"), default="extended",
+                     help="offline ORT graph optimisation level (default extended)")
+
+    bench = parser.add_argument_group("measurement")
+    bench.add_argument("--batch", type=int, default=1, help="latency batch size (default 1)")
+    bench.add_argument("--sequence", type=int, default=128,
+                       help="latency sequence length (default 128)")
+    bench.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    bench.add_argument("--runs", type=int, default=30, help="timed runs per variant (default 30)")
+
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the result table")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lrt_deploy.compress import LowRankConfig
+    from lrt_deploy.export.targets import Target
+    from lrt_deploy.load import load_model, parse_input_spec
+    from lrt_deploy.pipeline import BenchmarkSettings, export_bundle
+
+    started = time.perf_counter()
+
+    def progress(line: str) -> None:
+        if not args.quiet:
+            print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)
+
+    overrides: dict[str, object] = {
+        "opset": args.opset,
+        "optimization_level": args.optimization,
+        "quantize": None if args.quantize == "none" else args.quantize,
+        "per_channel": not args.per_tensor,
+        "fixed_shape": args.fixed_shape or {},
+    }
+    target = Target.from_name(args.target, **overrides)
+    compress = None
+    if args.rank is not None:
+        compress = LowRankConfig(
+            rank=args.rank,
+            solver=args.solver,
+            factorize_embeddings=args.factorize_embeddings,
+            skip=tuple(args.skip),
+        )
+    for name, value in (("--batch", args.batch), ("--sequence", args.sequence),
+                        ("--threads", args.threads), ("--runs", args.runs),
+                        ("--max-length", args.max_length)):
+        if value < 1:
+            raise _usage_error(f"{name} must be at least 1, got {value}")
+    settings = BenchmarkSettings(
+        batch=args.batch, sequence=args.sequence, threads=args.threads, runs=args.runs
+    )
+    specs = [parse_input_spec(text) for text in args.input_shape]
+
+    progress(f"loading {args.path}")
+    loaded = load_model(
+        args.path,
+        trust_pickle=args.trust_pickle,
+        factory=args.factory,
+        input_specs=specs,
+        max_length=args.max_length,
+    )
+    output = args.output or Path("out") / f"{loaded.name}-{target.name}"
+    result = export_bundle(
+        loaded,
+        output,
+        target,
+        compress=compress,
+        calibration=args.calibration,
+        settings=settings,
+        force=args.force,
+        progress=progress,
+    )
+    print(result.report.to_markdown())
+    progress(f"bundle written to {result.out_dir}")
+    return 0
+
+
+def _usage_error(message: str) -> Exception:
+    from lrt_deploy.errors import LrtDeployError
+
+    return LrtDeployError(message)
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Errors our code raised about the user's input (all are ValueError subclasses)."""
+    return isinstance(exc, ValueError) and type(exc).__module__.startswith("lrt_deploy.")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lrt-export``; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("lrt-export: interrupted; no bundle was written", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
+        print(f"lrt-export: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Streaming collection of per-layer input second moments ``E[x x^T]`` for activation-aware SVD."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "InputCovarianceCollector",
+    "collect_input_covariances",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class InputCovarianceCollector:
+    """Accumulate ``sum x x^T`` and the token count of the inputs of chosen linear layers.
+
+    Memory is one ``in x in`` float64 matrix per layer, whatever the amount of data. Use as a
+    context manager so the hooks are always removed::
+
+        with InputCovarianceCollector({"fc1": model.fc1}) as collector:
+            collector.set_token_mask(batch["attention_mask"])
+            model(**batch)
+        cov = collector.covariances()["fc1"]
+
+    Args:
+        modules: Qualified name -> linear layer to observe.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Linear]) -> None:
+        self._modules = dict(modules)
+        self.sums: dict[str, torch.Tensor | None] = dict.fromkeys(self._modules)
+        self.counts: dict[str, int] = dict.fromkeys(self._modules, 0)
+        self._mask: torch.Tensor | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self) -> None:
+        """Register the forward pre-hooks (idempotent)."""
+        if self._handles:
+            return
+        for name, module in self._modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+
+    def detach(self) -> None:
+        """Remove the hooks; the accumulated statistics are kept."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> InputCovarianceCollector:
+        self.attach()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.detach()
+
+    def set_token_mask(self, mask: torch.Tensor | None) -> None:
+        """Restrict the next forward passes to the tokens where ``mask`` is true.
+
+        Args:
+            mask: ``[batch, seq]`` mask (bool or 0/1) applied to inputs shaped
+                ``[batch, seq, in]``, so padding does not bias the statistics; None uses all
+                tokens. Inputs of other shapes are used whole.
+        """
+        self._mask = None if mask is None else mask.detach().bool()
+
+    def _make_hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._accumulate(name, args[0])
+
+        return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        mask = self._mask
+        if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+            x = x[mask.to(x.device)]
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        outer = x.T @ x
+        total = self.sums[name]
+        self.sums[name] = outer if total is None else total + outer
+        self.counts[name] += x.shape[0]
+
+    def covariances(self) -> dict[str, torch.Tensor]:
+        """Per-layer second moment ``sum x x^T / count`` (float64, ``in x in``).
+
+        Layers that saw no tokens get an all-zero matrix, which the whitened solver treats as
+        "no information" and answers with plain SVD.
+        """
+        result = {}
+        for name, module in self._modules.items():
+            total, count = self.sums[name], self.counts[name]
+            if total is None or count == 0:
+                logger.warning("layer %s saw no calibration tokens", name)
+                size = module.in_features
+                result[name] = torch.zeros(size, size, dtype=torch.float64)
+            else:
+                result[name] = total / count
+        return result
+
+
+def collect_input_covariances(
+    model: nn.Module,
+    module_names: Iterable[str],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    mask_key: str | None = "attention_mask",
+) -> dict[str, torch.Tensor]:
+    """Run calibration batches through ``model`` and return each named layer's ``E[x x^T]``.
+
+    The model runs in eval mode (restored afterwards) under ``torch.no_grad()``; tensors in each
+    batch are moved to the model's device.
+
+    Args:
+        model: Model called as ``model(**batch)``.
+        module_names: Qualified names of the ``nn.Linear`` layers to observe.
+        batches: Keyword-argument dicts for the model's forward.
+        mask_key: Batch entry holding the ``[batch, seq]`` token mask that excludes padding
+            from the statistics (it is still passed to the model); None uses all tokens.
+
+    Returns:
+        Name -> float64 ``in x in`` second moment.
+    """
+    named = dict(model.named_modules())
+    modules = {}
+    for name in module_names:
+        if name not in named:
+            raise KeyError(f"model has no module named {name!r}")
+        modules[name] = named[name]
+    device = next(model.parameters(), torch.empty(0)).device
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), InputCovarianceCollector(modules) as collector:
+            # disable=None turns the bar off when stderr is not a terminal (CI, logs).
+            for batch in tqdm(batches, desc="calibration", unit="batch", disable=None):
+                inputs = {
+                    key: value.to(device) if isinstance(value, torch.Tensor) else value
+                    for key, value in batch.items()
+                }
+                collector.set_token_mask(inputs.get(mask_key) if mask_key else None)
+                model(**inputs)
+    finally:
+        model.train(was_training)
+    return collector.covariances()

@@ -1,0 +1,108 @@
+"""Output fidelity metrics between a reference and a candidate model.
+
+numpy only (no torch), so the same code scores PyTorch and ONNX Runtime outputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+__all__ = [
+    "cosine_per_row",
+    "embedding_fidelity",
+    "max_abs_diff",
+    "sqnr_db",
+    "top1_agreement",
+]
+
+
+def _pair(reference: ArrayLike, candidate: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    ref = np.asarray(reference, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64)
+    if ref.shape != cand.shape:
+        raise ValueError(f"shapes differ: reference {ref.shape} vs candidate {cand.shape}")
+    return ref, cand
+
+
+def cosine_per_row(a: ArrayLike, b: ArrayLike) -> np.ndarray:
+    """Cosine similarity of matching vectors along the last axis.
+
+    Leading axes are flattened, so ``[batch, seq, dim]`` inputs give ``batch * seq`` values.
+    Two zero vectors count as identical (1.0); a zero vector against a non-zero one as 0.0.
+
+    Args:
+        a: Reference array.
+        b: Candidate array of the same shape.
+
+    Returns:
+        1-D float64 array of cosines in ``[-1, 1]``.
+    """
+    x, y = _pair(a, b)
+    if x.ndim == 0:
+        raise ValueError("cosine needs vectors, got scalars")
+    x = x.reshape(-1, x.shape[-1])
+    y = y.reshape(-1, y.shape[-1])
+    norm_x = np.linalg.norm(x, axis=1)
+    norm_y = np.linalg.norm(y, axis=1)
+    denominator = norm_x * norm_y
+    nonzero = denominator > 0
+    cosine = np.zeros(x.shape[0])
+    cosine[nonzero] = np.einsum("ij,ij->i", x[nonzero], y[nonzero]) / denominator[nonzero]
+    cosine[(norm_x == 0) & (norm_y == 0)] = 1.0
+    return np.clip(cosine, -1.0, 1.0)
+
+
+def embedding_fidelity(reference: ArrayLike, candidate: ArrayLike) -> dict[str, float]:
+    """Mean and worst per-vector cosine between two embedding arrays.
+
+    Args:
+        reference: ``[..., dim]`` reference embeddings.
+        candidate: Candidate embeddings of the same shape.
+
+    Returns:
+        ``{"mean_cosine": ..., "worst_cosine": ...}``.
+    """
+    cosine = cosine_per_row(reference, candidate)
+    return {"mean_cosine": float(cosine.mean()), "worst_cosine": float(cosine.min())}
+
+
+def sqnr_db(reference: ArrayLike, candidate: ArrayLike) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (ref - cand)^2)`` in dB.
+
+    Returns:
+        ``inf`` when the candidate equals the reference (including two all-zero arrays);
+        ``-inf`` when the reference is all zero but the candidate is not.
+    """
+    ref, cand = _pair(reference, candidate)
+    signal = float(np.sum(ref * ref))
+    noise = float(np.sum((ref - cand) ** 2))
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def top1_agreement(ref_logits: ArrayLike, cand_logits: ArrayLike) -> float:
+    """Fraction of positions whose arg-max over the last axis agrees.
+
+    Args:
+        ref_logits: ``[..., classes]`` reference logits.
+        cand_logits: Candidate logits of the same shape.
+
+    Returns:
+        Agreement in ``[0, 1]``.
+    """
+    ref, cand = _pair(ref_logits, cand_logits)
+    if ref.ndim == 0 or ref.size == 0:
+        raise ValueError(f"top-1 needs non-empty logits with a class axis, got shape {ref.shape}")
+    return float(np.mean(ref.argmax(axis=-1) == cand.argmax(axis=-1)))
+
+
+def max_abs_diff(reference: ArrayLike, candidate: ArrayLike) -> float:
+    """Largest absolute element-wise difference (0.0 for empty arrays)."""
+    ref, cand = _pair(reference, candidate)
+    return float(np.max(np.abs(ref - cand))) if ref.size else 0.0

@@ -1,0 +1,55 @@
+"""Errors users can act on: each message says what is wrong and what to do about it.
+
+All of them subclass :class:`LrtDeployError` (a ``ValueError``), which the CLI turns into a
+one-line message and exit code 2. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BundleExistsError",
+    "CorruptModelError",
+    "ExampleInputsError",
+    "ExportValidationError",
+    "LrtDeployError",
+    "ModelNotFoundError",
+    "UnsupportedFormatError",
+    "UnsupportedOperationError",
+    "UntrustedPickleError",
+]
+
+
+class LrtDeployError(ValueError):
+    """Base class of every error caused by the user's input rather than by a bug."""
+
+
+class ModelNotFoundError(LrtDeployError):
+    """The model path does not exist."""
+
+
+class UnsupportedFormatError(LrtDeployError):
+    """The path exists but is not a model format lrt-deploy reads."""
+
+
+class CorruptModelError(LrtDeployError):
+    """The file has a known format but cannot be read."""
+
+
+class UntrustedPickleError(LrtDeployError):
+    """The file is a pickled module and loading it would run code the user has not trusted."""
+
+
+class ExampleInputsError(LrtDeployError):
+    """Example inputs for export could not be derived or were malformed."""
+
+
+class UnsupportedOperationError(LrtDeployError):
+    """The requested step cannot be applied to this kind of model."""
+
+
+class ExportValidationError(LrtDeployError):
+    """The exported graph does not reproduce PyTorch's outputs within tolerance."""
+
+
+class BundleExistsError(LrtDeployError):
+    """The output folder exists and overwriting was not asked for."""

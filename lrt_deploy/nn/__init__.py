@@ -1,0 +1,12 @@
+"""Torch modules for low-rank (LRT) layers."""
+
+from __future__ import annotations
+
+from lrt_deploy.nn.lowrank import LowRankEmbedding, LowRankLinear, is_lowrank_pair, lowrank_rank
+
+__all__ = [
+    "LowRankEmbedding",
+    "LowRankLinear",
+    "is_lowrank_pair",
+    "lowrank_rank",
+]

@@ -1,0 +1,638 @@
+"""The whole job: load -> (compress) -> export -> validate -> optimise -> quantise -> package ->
+measure against the dense baseline -> write the bundle atomically.
+
+Each step is a function of its own package; this module only composes them, so the CLI and
+Python users run the same code (``lrt_deploy.export_bundle``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lrt_deploy.errors import BundleExistsError, LrtDeployError, UnsupportedOperationError
+from lrt_deploy.export.graph import model_bytes
+from lrt_deploy.export.targets import Target
+
+if TYPE_CHECKING:
+    from lrt_deploy.compress import FactorizationResult, LowRankConfig
+    from lrt_deploy.load import LoadedModel
+
+__all__ = ["BenchmarkSettings", "BundleResult", "export_bundle", "read_text_lines"]
+
+logger = logging.getLogger(__name__)
+
+TOOL_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """How latency and fidelity are measured for every variant (identical for all of them)."""
+
+    batch: int = 1
+    sequence: int = 128
+    threads: int = 2
+    warmup: int = 5
+    runs: int = 30
+    eval_batch: int = 16
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Variant:
+    """One built graph and what was measured on it."""
+
+    key: str
+    label: str
+    onnx_path: Path
+    is_baseline: bool = False
+    deployed: bool = False
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    optimization: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
+    fidelity: dict[str, float] = field(default_factory=dict)
+    latency: dict[str, float] = field(default_factory=dict)
+    file_bytes: int = 0
+    params: int | None = None
+    provider: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BundleResult:
+    """What ``export_bundle`` wrote and measured."""
+
+    out_dir: Path
+    manifest: dict[str, Any]
+    report: Any
+    variants: list[Variant]
+    factorization: FactorizationResult | None = None
+
+
+ProgressFn = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    return None
+
+
+def read_text_lines(path: str | Path | None, default: str) -> list[str]:
+    """Non-empty lines of ``path``, or of the shipped corpus file ``default``."""
+    if path is None:
+        text = resources.files("lrt_deploy.data").joinpath(default).read_text(encoding="utf-8")
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise LrtDeployError(f"calibration file '{file}' does not exist")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise LrtDeployError(
+                f"calibration file '{file}' is not UTF-8 text: give one sentence per line, or an "
+                ".npz of named input arrays"
+            ) from exc
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise LrtDeployError(f"calibration file '{path}' has no text lines")
+    return lines
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def calibration_batches(
+    loaded: LoadedModel, calibration: str | Path | None, batch_size: int = 16
+) -> list[dict[str, Any]]:
+    """Named input batches for activation statistics: text lines (shipped corpus by default) for
+    text models, an ``.npz`` of named arrays for any model."""
+    import torch
+
+    if calibration is not None and str(calibration).endswith(".npz"):
+        path = Path(calibration)
+        if not path.is_file():
+            raise LrtDeployError(f"calibration file '{path}' does not exist")
+        with np.load(path) as data:
+            missing = [n for n in loaded.input_names if n not in data]
+            if missing:
+                raise LrtDeployError(
+                    f"calibration file '{path}' lacks inputs {', '.join(missing)}; it must hold "
+                    f"one array per model input ({', '.join(loaded.input_names)})"
+                )
+            arrays = {n: torch.from_numpy(np.asarray(data[n])) for n in loaded.input_names}
+        count = next(iter(arrays.values())).shape[0]
+        return [
+            {n: a[i : i + batch_size] for n, a in arrays.items()}
+            for i in range(0, count, batch_size)
+        ]
+    if not loaded.is_text:
+        if calibration is not None:
+            raise LrtDeployError(
+                "text calibration needs a text model; for this model give an .npz of named inputs"
+            )
+        raise UnsupportedOperationError(
+            "activation-aware factorization needs calibration data for a non-text model: pass "
+            "--calibration inputs.npz (one array per input) or use --solver svd"
+        )
+    lines = read_text_lines(calibration, "calibration.txt")
+    return [loaded.tokenize(chunk) for chunk in _chunks(lines, batch_size)]
+
+
+def evaluation_batches(
+    loaded: LoadedModel, settings: BenchmarkSettings, fixed_shape: dict[str, int] | None = None
+) -> list[dict[str, Any]]:
+    """Held-out inputs for fidelity: the shipped held-out corpus for text models (never used for
+    calibration), the example inputs otherwise. A fixed-shape graph gets batches of its shape."""
+    if not loaded.is_text:
+        return [dict(loaded.example_inputs)]
+    lines = read_text_lines(None, "heldout.txt")
+    if fixed_shape:
+        size = fixed_shape.get("batch", settings.eval_batch)
+        pad_to = fixed_shape.get("sequence")
+        return [
+            loaded.tokenize(chunk, pad_to=pad_to)
+            for chunk in _chunks(lines, size)
+            if len(chunk) == size
+        ]
+    return [loaded.tokenize(chunk) for chunk in _chunks(lines, settings.eval_batch)]
+
+
+def latency_inputs(loaded: LoadedModel, settings: BenchmarkSettings) -> dict[str, np.ndarray]:
+    """The fixed batch the latency of every variant is measured on."""
+    if loaded.is_text:
+        lines = read_text_lines(None, "heldout.txt")
+        text = " ".join(lines)  # long enough to fill the sequence without padding
+        encoded = loaded.tokenize([text] * settings.batch, pad_to=settings.sequence)
+        return {n: t.numpy() for n, t in encoded.items()}
+    return {n: t.detach().numpy() for n, t in loaded.example_inputs.items()}
+
+
+def _validation_batches(loaded: LoadedModel, evaluation: list[dict[str, Any]]) -> list[dict]:
+    # The export example plus held-out batches of other shapes, so baked-in shapes are caught.
+    return [dict(loaded.example_inputs), *evaluation[:2]]
+
+
+def _fidelity(
+    loaded: LoadedModel, reference: list[np.ndarray], candidate: list[np.ndarray],
+    masks: list[np.ndarray | None],
+) -> dict[str, float]:
+    from lrt_deploy.compress.fidelity import cosine_per_row, sqnr_db
+
+    cosines = []
+    for ref, cand, mask in zip(reference, candidate, masks, strict=True):
+        if loaded.kind == "text-hidden" and mask is not None:
+            keep = mask.astype(bool)
+            ref, cand = ref[keep], cand[keep]
+        cosines.append(cosine_per_row(ref, cand))
+    values = np.concatenate(cosines)
+    ref_all = np.concatenate([r.reshape(-1) for r in reference])
+    cand_all = np.concatenate([c.reshape(-1) for c in candidate])
+    return {
+        "mean_cosine": float(values.mean()),
+        "worst_cosine": float(values.min()),
+        "sqnr_db": float(sqnr_db(ref_all, cand_all)),
+    }
+
+
+def _count_params(module: Any) -> int | None:
+    import torch
+
+    if isinstance(module, torch.nn.Module):
+        return sum(p.numel() for p in module.parameters())
+    return None
+
+
+def _prepare_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not force:
+        raise BundleExistsError(
+            f"output folder '{out_dir}' already exists: pass --force to replace it or choose "
+            "another -o"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BundleExistsError(f"output path '{out_dir}' is a file: choose a folder with -o")
+
+
+def _commit(staging: Path, out_dir: Path) -> None:
+    """Move the finished bundle into place; an existing one (with --force) is replaced whole."""
+    if out_dir.exists():
+        trash = Path(tempfile.mkdtemp(prefix=".lrt-old-", dir=out_dir.parent))
+        os.replace(out_dir, trash / "old")
+        os.replace(staging, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)
+
+
+def export_bundle(
+    loaded: LoadedModel,
+    out_dir: str | Path,
+    target: Target,
+    *,
+    compress: LowRankConfig | None = None,
+    calibration: str | Path | None = None,
+    settings: BenchmarkSettings | None = None,
+    force: bool = False,
+    progress: ProgressFn = _noop,
+) -> BundleResult:
+    """Build a deployment bundle for ``loaded`` and measure it against the dense baseline.
+
+    Args:
+        loaded: From :func:`lrt_deploy.load_model`. Compression modifies ``loaded.module``.
+        out_dir: Bundle folder; written atomically (nothing is left behind on failure).
+        target: A :class:`Target` preset, possibly overridden.
+        compress: Factorize the model first with this config (``None``: export as it is).
+        calibration: Text lines or ``.npz`` for activation-aware factorization.
+        settings: Benchmark settings shared by all variants.
+        force: Replace ``out_dir`` if it exists.
+        progress: Called with a short line as each stage starts.
+
+    Returns:
+        The manifest, report and per-variant measurements.
+    """
+    from lrt_deploy.export.onnx_export import export_onnx
+
+    settings = settings or BenchmarkSettings()
+    if target.fixed_shape:
+        # Latency is measured at the shape the graph is fixed to.
+        settings = dataclasses.replace(
+            settings,
+            batch=target.fixed_shape.get("batch", settings.batch),
+            sequence=target.fixed_shape.get("sequence", settings.sequence),
+        )
+    if loaded.is_text and settings.sequence > loaded.max_length:
+        logger.warning(
+            "latency sequence %d exceeds the model's maximum length %d; measuring at %d",
+            settings.sequence, loaded.max_length, loaded.max_length,
+        )
+        settings = dataclasses.replace(settings, sequence=loaded.max_length)
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".lrt-export-", dir=out_dir.parent))
+    try:
+        factorization = None
+        dense_loaded = loaded
+        if compress is not None:
+            factorization, dense_loaded = _compress(loaded, compress, calibration, progress)
+
+        progress("preparing held-out evaluation data")
+        evaluation = evaluation_batches(loaded, settings)
+        measured = (
+            evaluation_batches(loaded, settings, dict(target.fixed_shape))
+            if target.fixed_shape
+            else evaluation
+        )
+        primary = loaded.output_names[0]
+        ref_arrays = [dense_loaded.forward(batch)[primary].numpy() for batch in measured]
+        masks = [
+            b["attention_mask"].numpy() if "attention_mask" in b else None for b in measured
+        ]
+
+        work = staging / ".work"
+        work.mkdir()
+        plan = [("dense", "dense", dense_loaded)]
+        if compress is not None or _is_lowrank_by_design(loaded):
+            plan = ([("dense", "dense", dense_loaded)] if compress is not None else []) + [
+                ("lrt", "LRT", loaded)
+            ]
+        variants: list[Variant] = []
+        for key, label, model in plan:
+            progress(f"exporting {label} to ONNX (opset {target.opset})")
+            raw = export_onnx(model, work / f"{key}.raw.onnx", opset=target.opset)
+            progress(f"validating {label} ONNX against PyTorch")
+            checks = _validate(raw, model, _validation_batches(model, evaluation))
+            progress(f"optimising {label} graph ({target.optimization_level})")
+            from lrt_deploy.export.optimize import optimize_graph
+
+            fp32 = work / f"{key}.fp32.onnx"
+            optimization = optimize_graph(raw, fp32, target.optimization_level).to_dict()
+            fp32 = _maybe_fix_shapes(fp32, target)
+            params = _count_params(model.module)
+            variants.append(Variant(
+                key=f"{key}-fp32", label=f"{label} fp32", onnx_path=fp32,
+                is_baseline=key == "dense" or len(plan) == 1, validation=checks,
+                optimization=optimization, params=params,
+            ))
+            if target.quantize:
+                from lrt_deploy.export.quantize import quantize_int8
+
+                progress(f"quantising {label} to int8 (per_channel={target.per_channel})")
+                q = work / f"{key}.int8.onnx"
+                quant = quantize_int8(fp32, q, per_channel=target.per_channel).to_dict()
+                variants.append(Variant(
+                    key=f"{key}-int8", label=f"{label} int8", onnx_path=q,
+                    optimization=optimization, quantization=quant, params=params,
+                ))
+        deployed = variants[-1]
+        deployed.deployed = True
+
+        progress(
+            f"measuring {len(variants)} variants: batch {settings.batch}, sequence "
+            f"{settings.sequence}, {settings.threads} threads"
+        )
+        feeds = latency_inputs(loaded, settings)
+        for variant in variants:
+            _measure(variant, loaded, measured, ref_arrays, masks, feeds, target, settings)
+
+        progress("packaging the bundle")
+        manifest = _write_bundle(
+            staging, loaded, target, variants, deployed, factorization, compress, settings
+        )
+        report = _build_report(loaded, target, variants, factorization, settings, manifest)
+        report.write(staging)
+        shutil.rmtree(work)
+        _commit(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BundleResult(out_dir, manifest, report, variants, factorization)
+
+
+def _build_report(
+    loaded: LoadedModel,
+    target: Target,
+    variants: list[Variant],
+    factorization: FactorizationResult | None,
+    settings: BenchmarkSettings,
+    manifest: dict[str, Any],
+) -> Any:
+    from lrt_deploy.report import ComparisonReport, VariantResult
+
+    results = [
+        VariantResult(
+            name=v.label + (" (deployed)" if v.deployed else ""),
+            file_bytes=v.file_bytes,
+            is_baseline=v.is_baseline,
+            params=v.params,
+            latency=v.latency,
+            fidelity=v.fidelity,
+            provider_report=v.provider,
+        )
+        for v in variants
+    ]
+    provider = variants[0].provider
+    what = (
+        "sentence embeddings" if loaded.kind == "text-embedding"
+        else "hidden states of real tokens" if loaded.kind == "text-hidden"
+        else f"output '{loaded.output_names[0]}' rows"
+    )
+    source = (
+        "the shipped held-out sentences (heldout.txt, never used for calibration)"
+        if loaded.is_text
+        else "the example inputs"
+    )
+    layers = []
+    if manifest.get("lowrank"):
+        for layer in manifest["lowrank"]["layers"]:
+            layers.append({
+                "name": layer["name"],
+                "shape": layer.get("shape"),
+                "rank": layer.get("rank"),
+                "action": layer.get("action", "low-rank by design"),
+                "reason": layer.get("reason", ""),
+            })
+    messages = sorted({v.provider.get("message") for v in variants if v.provider.get("message")})
+    return ComparisonReport(
+        model=f"{loaded.name} ({loaded.format}) -> target {target.name}",
+        variants=results,
+        settings={
+            "batch": settings.batch,
+            "sequence": settings.sequence,
+            "threads": settings.threads,
+            "provider_requested": provider.get("requested"),
+            "provider_active": provider.get("active"),
+            "fidelity_inputs": f"cosine of {what} vs dense PyTorch fp32 on {source}",
+        },
+        layers=layers,
+        optimisation={
+            v.label: v.optimization.get("fused", {}) for v in variants if v.optimization
+        },
+        quantisation=next((v.quantization for v in variants if v.quantization), {}) or {},
+        provider_messages=messages,
+    )
+
+
+def _is_lowrank_by_design(loaded: LoadedModel) -> bool:
+    import torch
+
+    from lrt_deploy.nn import is_lowrank_pair
+
+    if not isinstance(loaded.module, torch.nn.Module):
+        return False
+    return any(is_lowrank_pair(m) for m in loaded.module.modules())
+
+
+def _compress(
+    loaded: LoadedModel, config: LowRankConfig, calibration: str | Path | None,
+    progress: ProgressFn,
+) -> tuple[FactorizationResult, LoadedModel]:
+    from lrt_deploy.compress import factorize_
+
+    if not loaded.can_compress:
+        raise UnsupportedOperationError(
+            f"--rank needs an nn.Module to factorize, but '{loaded.name}' is a {loaded.format} "
+            "graph whose layers cannot be swapped: export it without --rank, or load the "
+            "original module (.pt with --trust-pickle, or a Hugging Face folder)"
+        )
+    dense_loaded = dataclasses.replace(loaded, module=copy.deepcopy(loaded.module))
+    batches = None
+    if config.solver == "asvd":
+        progress("reading calibration data")
+        batches = calibration_batches(loaded, calibration)
+    progress(f"factorizing ({config.solver}, rank {config.rank})")
+    result = factorize_(loaded.module, config, calibration=batches)
+    if not result.factorized:
+        reasons = "; ".join(sorted({d.reason for d in result.kept_dense})[:3])
+        raise LrtDeployError(
+            f"rank {config.rank} saves parameters in no layer ({reasons}): choose a smaller rank, "
+            "e.g. --rank 0.25"
+        )
+    logger.info(result.summary())
+    return result, dense_loaded
+
+
+def _validate(path: Path, model: LoadedModel, batches: list[dict]) -> list[dict[str, Any]]:
+    from lrt_deploy.export.validate import validate_onnx
+
+    return [c.to_dict() for c in validate_onnx(path, model.forward, batches)]
+
+
+def _maybe_fix_shapes(path: Path, target: Target) -> Path:
+    if not target.fixed_shape:
+        return path
+    from lrt_deploy.export.mobile import fix_input_shapes
+
+    fixed = path.with_name(path.name.replace(".onnx", ".fixed.onnx"))
+    fix_input_shapes(path, fixed, dict(target.fixed_shape))
+    return fixed
+
+
+def _measure(
+    variant: Variant,
+    loaded: LoadedModel,
+    evaluation: list[dict[str, Any]],
+    reference: list[np.ndarray],
+    masks: list[np.ndarray | None],
+    feeds: dict[str, np.ndarray],
+    target: Target,
+    settings: BenchmarkSettings,
+) -> None:
+    """Fidelity against the dense PyTorch outputs, latency, size: one variant, one session."""
+    from lrt_deploy.runtime import Session, measure_latency
+
+    session = Session(variant.onnx_path, providers=list(target.providers), threads=settings.threads)
+    variant.provider = session.provider_report()
+    primary = loaded.output_names[0]
+    outputs = [
+        session.run({n: t.numpy() for n, t in batch.items()}, [primary])[primary]
+        for batch in evaluation
+    ]
+    variant.fidelity = _fidelity(loaded, reference, outputs, masks)
+    stats = measure_latency(session, feeds, warmup=settings.warmup, runs=settings.runs)
+    variant.latency = stats.to_dict()
+    variant.file_bytes = model_bytes(variant.onnx_path)
+
+
+def _write_bundle(
+    staging: Path,
+    loaded: LoadedModel,
+    target: Target,
+    variants: list[Variant],
+    deployed: Variant,
+    factorization: FactorizationResult | None,
+    compress: LowRankConfig | None,
+    settings: BenchmarkSettings,
+) -> dict[str, Any]:
+    import onnx
+
+    files: dict[str, str] = {"onnx": "model.onnx"}
+    model = onnx.load(str(deployed.onnx_path))
+    onnx.save(model, str(staging / "model.onnx"))
+    mobile: dict[str, Any] = {}
+    if target.ort_format:
+        from lrt_deploy.export.mobile import (
+            check_mobile_usability,
+            to_ort_format,
+            write_required_operators,
+        )
+
+        to_ort_format(staging / "model.onnx", staging / "model.ort")
+        files["ort"] = "model.ort"
+        files["required_operators"] = "required_operators.config"
+        mobile["required_operators"] = write_required_operators(
+            staging / "model.ort", staging / "required_operators.config"
+        )
+        _check_ort_runs(staging / "model.ort", loaded, deployed, settings)
+        mobile["ort_bytes"] = (staging / "model.ort").stat().st_size
+    if target.check_mobile_usability:
+        mobile["usability"] = check_mobile_usability(staging / "model.onnx").to_dict()
+    files["model"] = files.get("ort", "model.onnx")
+    if loaded.tokenizer_file is not None:
+        shutil.copyfile(loaded.tokenizer_file, staging / "tokenizer.json")
+        files["tokenizer"] = "tokenizer.json"
+    files["report"] = "report.json"
+
+    def tensor_info(values: Iterable[Any]) -> list[dict[str, Any]]:
+        out = []
+        for value in values:
+            tensor = value.type.tensor_type
+            shape = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
+            out.append({
+                "name": value.name,
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+                "shape": shape,
+            })
+        return out
+
+    manifest: dict[str, Any] = {
+        "format_version": 1,
+        "tool": {"name": "lrt-deploy", "version": TOOL_VERSION},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {
+            "name": loaded.name,
+            "format": loaded.format,
+            "sha256": loaded.source_hash,
+            "kind": loaded.kind,
+        },
+        "target": target.to_dict(),
+        "files": files,
+        "inputs": tensor_info(model.graph.input),
+        "outputs": tensor_info(model.graph.output),
+        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "variant": deployed.label,
+        "quantization": deployed.quantization,
+        "optimization": deployed.optimization,
+        "lowrank": _lowrank_section(loaded, factorization, compress),
+        "fidelity": deployed.fidelity,
+        "validation": deployed.validation or variants[0].validation,
+        "sizes": {
+            "model_onnx_bytes": (staging / "model.onnx").stat().st_size,
+            **({"model_ort_bytes": mobile["ort_bytes"]} if "ort_bytes" in mobile else {}),
+            "dense_fp32_onnx_bytes": variants[0].file_bytes,
+        },
+        "params": {"deployed": deployed.params, "dense": variants[0].params},
+        "mobile": mobile or None,
+        "benchmark": settings.to_dict(),
+    }
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _check_ort_runs(
+    ort_path: Path, loaded: LoadedModel, deployed: Variant, settings: BenchmarkSettings
+) -> None:
+    """The .ort file must load and agree with the .onnx it came from."""
+    from lrt_deploy.runtime import Session
+
+    feeds = latency_inputs(loaded, settings)
+    ort_out = Session(ort_path, threads=settings.threads).run(feeds)
+    onnx_out = Session(deployed.onnx_path, threads=settings.threads).run(feeds)
+    for name, value in onnx_out.items():
+        diff = float(np.abs(ort_out[name] - value).max(initial=0.0))
+        if diff > 1e-4:
+            raise LrtDeployError(
+                f"model.ort output '{name}' differs from model.onnx by {diff:.3g}; report this "
+                "as a bug with the model"
+            )
+
+
+def _lowrank_section(
+    loaded: LoadedModel, factorization: FactorizationResult | None,
+    compress: LowRankConfig | None,
+) -> dict[str, Any] | None:
+    import torch
+
+    from lrt_deploy.nn import lowrank_rank
+
+    if factorization is not None and compress is not None:
+        return {
+            "origin": "post-training factorization",
+            "config": compress.to_dict(),
+            "layers": [d.to_dict() for d in factorization.layers],
+            "params_before": factorization.params_before,
+            "params_after": factorization.params_after,
+        }
+    if isinstance(loaded.module, torch.nn.Module):
+        layers = [
+            {"name": name, "rank": lowrank_rank(module), "type": type(module).__name__}
+            for name, module in loaded.module.named_modules()
+            if lowrank_rank(module) is not None
+        ]
+        if layers:
+            return {"origin": "by design", "layers": layers}
+    return None

@@ -1,0 +1,127 @@
+"""Latency and memory measurement for a :class:`~lrt_deploy.runtime.session.Session`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .session import Session
+
+__all__ = ["LatencyStats", "measure_latency", "peak_rss_mb"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Wall-clock latency of repeated runs, in milliseconds.
+
+    Attributes:
+        median_ms: Median run time.
+        p90_ms: 90th percentile (linear interpolation), always >= ``median_ms``.
+        mean_ms: Arithmetic mean.
+        min_ms: Fastest run.
+        runs: Number of timed runs (warm-up runs excluded).
+    """
+
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    runs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the stats as a JSON-ready dict."""
+        return asdict(self)
+
+
+def _runner(session: Session | ort.InferenceSession, feeds: Mapping[str, Any]) -> Callable[[], Any]:
+    if isinstance(session, Session):
+        # Check and convert once, so the timed loop measures onnxruntime, not our checks.
+        prepared = session.prepare(feeds)
+        inference_session = session.inference_session
+    else:
+        prepared = dict(feeds)
+        inference_session = session
+    return lambda: inference_session.run(None, prepared)
+
+
+def measure_latency(
+    session: Session | ort.InferenceSession,
+    feeds: Mapping[str, Any],
+    *,
+    warmup: int = 5,
+    runs: int = 30,
+    max_seconds: float | None = None,
+) -> LatencyStats:
+    """Time repeated runs of a model on fixed feeds with ``time.perf_counter``.
+
+    Feeds are checked once up front; each timed run is a bare ``InferenceSession.run``.
+
+    Args:
+        session: A :class:`Session` (or a raw ``onnxruntime.InferenceSession``).
+        feeds: Input name -> array, as for :meth:`Session.run`.
+        warmup: Untimed runs first (allocator warm-up, lazy kernel init).
+        runs: Timed runs to do at most.
+        max_seconds: Stop timing early once this much time is spent (at least one run is
+            always timed). None runs all ``runs``.
+
+    Returns:
+        The :class:`LatencyStats` of the timed runs.
+
+    Raises:
+        ValueError: If ``runs`` < 1 or ``warmup`` < 0.
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    run_once = _runner(session, feeds)
+    for _ in range(warmup):
+        run_once()
+    timings_ms: list[float] = []
+    started = time.perf_counter()
+    for _ in range(runs):
+        begin = time.perf_counter()
+        run_once()
+        end = time.perf_counter()
+        timings_ms.append((end - begin) * 1e3)
+        if max_seconds is not None and end - started >= max_seconds:
+            break
+    if len(timings_ms) < runs:
+        logger.info(
+            "stopped after %d of %d runs (max_seconds=%s)", len(timings_ms), runs, max_seconds
+        )
+    timings = np.asarray(timings_ms)
+    return LatencyStats(
+        median_ms=float(np.median(timings)),
+        p90_ms=float(np.percentile(timings, 90)),
+        mean_ms=float(timings.mean()),
+        min_ms=float(timings.min()),
+        runs=len(timings_ms),
+    )
+
+
+def peak_rss_mb() -> float | None:
+    """Return this process's peak resident set size so far, in MiB.
+
+    This is the high-water mark of physical memory used by the whole process since it
+    started (Python, numpy, onnxruntime, every model loaded), not the memory of one model,
+    and it never goes down. Compare it between processes that each load one variant.
+
+    Returns:
+        Peak RSS in MiB, or None where the ``resource`` module is unavailable (Windows).
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in bytes on macOS/iOS, in kilobytes on Linux and the BSDs.
+    bytes_used = peak if sys.platform in ("darwin", "ios") else peak * 1024
+    return bytes_used / (1024 * 1024)

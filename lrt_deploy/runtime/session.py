@@ -1,0 +1,396 @@
+"""A checked, provider-honest wrapper around ``onnxruntime.InferenceSession``.
+
+:class:`Session` opens a deployment bundle (a folder with ``manifest.json``) or a bare
+``.onnx`` / ``.ort`` file, picks execution providers, records which ones actually run, and
+checks every feed against the graph's declared inputs before running, so a wrong shape or
+dtype fails with a message that says how to fix it instead of an onnxruntime stack trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .providers import (
+    CPU_PROVIDER,
+    ProviderResolution,
+    fallback_message,
+    providers_for_target,
+    resolve_providers,
+)
+
+__all__ = ["InputError", "Session", "TensorSpec"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+# BERT-style models declare token_type_ids but almost every caller means "all segment 0".
+_ZERO_FILLED_INPUT = "token_type_ids"
+_ZERO_FILL_TEMPLATE = "input_ids"
+
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+    "tensor(string)": "str",
+}
+
+_OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class InputError(ValueError):
+    """Raised when feeds do not match the model's inputs; the message says how to fix them."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output as declared in the model.
+
+    Attributes:
+        name: Tensor name.
+        dtype: numpy-style dtype name (``"int64"``, ``"float32"``, ...).
+        shape: One entry per axis: an int for a fixed size, a string for a named symbolic
+            dimension (``"batch"``), or None for an unnamed dynamic one.
+    """
+
+    name: str
+    dtype: str
+    shape: list[int | str | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the spec in the manifest's ``inputs``/``outputs`` entry format."""
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def _spec_from_node(node: Any) -> TensorSpec:
+    shape = [dim if isinstance(dim, int | str) else None for dim in (node.shape or [])]
+    return TensorSpec(name=node.name, dtype=_ORT_TYPES.get(node.type, node.type), shape=shape)
+
+
+def _format_shape(shape: Sequence[int | str | None]) -> str:
+    entries = ["?" if dim is None else str(dim) for dim in shape]
+    return f"({entries[0]},)" if len(entries) == 1 else f"({', '.join(entries)})"
+
+
+def _resolve_model_path(path: Path) -> tuple[Path, dict[str, Any] | None]:
+    """Return the model file to open and the bundle manifest (None for a bare model file)."""
+    if path.is_file():
+        return path, None
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist; pass a bundle folder or a .onnx/.ort file")
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"{path} has no {MANIFEST_NAME}; pass the .onnx/.ort file inside it directly"
+        )
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    files = manifest.get("files", {})
+    name = files.get("model") or files.get("onnx")
+    if not name:
+        raise FileNotFoundError(f"{manifest_path} names no model under files.model")
+    model_path = path / name
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} names {name!r} but {model_path} is missing")
+    return model_path, manifest
+
+
+def _cast(name: str, array: np.ndarray, expected: str) -> np.ndarray:
+    """Cast ``array`` to the model's dtype when that is safe, else raise :class:`InputError`."""
+    if array.dtype.name == expected or expected in ("str", "bfloat16"):
+        return array
+    target = np.dtype(expected)
+    lossless_int = (
+        array.dtype.kind in "iu" and target.kind == "i" and np.can_cast(array.dtype, target)
+    )
+    # float64 -> float32 is lossy in general, but it is what every numpy caller means.
+    float_to_float32 = array.dtype.kind == "f" and target == np.float32
+    if lossless_int or float_to_float32:
+        return array.astype(target)
+    raise InputError(
+        f"input {name!r} has dtype {array.dtype.name} but the model expects {expected}; "
+        f"convert it explicitly, e.g. {name}.astype(np.{expected})"
+    )
+
+
+class Session:
+    """Run an exported model with checked inputs and an honest provider report.
+
+    Provider choice, first match wins: explicit ``providers``, then ``target``, then the
+    bundle manifest's ``target.providers``, then CPU. Requested providers missing from this
+    onnxruntime build are dropped with a WARNING and recorded in :meth:`provider_report`.
+
+    Before running, feeds are checked against the graph: names, rank, fixed dimensions, and
+    named dimensions shared between inputs (``batch``/``sequence`` of ``input_ids`` and
+    ``attention_mask`` must agree). Dtypes are converted only when lossless or conventional:
+    any integer type that fits into the model's integer type (e.g. int32 -> int64), and
+    float64/float16 -> float32. Anything else is an :class:`InputError`. If the model declares
+    ``token_type_ids`` and the caller omits it, it is filled with zeros shaped like
+    ``input_ids`` (segment 0, what single-sentence BERT-style callers mean); any other
+    missing input is an error.
+
+    Args:
+        path: A bundle folder containing ``manifest.json``, or a ``.onnx`` / ``.ort`` file.
+        target: Deployment target (``"cpu"``, ``"cuda"``, ``"mobile"``) to pick providers for.
+        providers: Explicit provider names in priority order; overrides ``target``.
+        threads: Intra-op thread count (inter-op is then fixed at 1). None keeps ORT's default.
+        optimization_level: ``"disable"``, ``"basic"``, ``"extended"``, ``"all"`` or an
+            ``onnxruntime.GraphOptimizationLevel``. None keeps ORT's default.
+
+    Example:
+        >>> session = Session("out/minilm", threads=4)  # doctest: +SKIP
+        >>> outputs = session.run({"input_ids": ids, "attention_mask": mask})  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        target: str | None = None,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        optimization_level: str | ort.GraphOptimizationLevel | None = None,
+    ) -> None:
+        self.model_path, self._manifest = _resolve_model_path(Path(path))
+        requested = self._requested_providers(target, providers)
+        self._resolution: ProviderResolution = resolve_providers(requested)
+
+        options = ort.SessionOptions()
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        if optimization_level is not None:
+            options.graph_optimization_level = self._optimization_level(optimization_level)
+
+        self._session = ort.InferenceSession(
+            str(self.model_path), sess_options=options, providers=self._resolution.used
+        )
+        self.active_providers: list[str] = list(self._session.get_providers())
+        self._inputs = [_spec_from_node(node) for node in self._session.get_inputs()]
+        self._outputs = [_spec_from_node(node) for node in self._session.get_outputs()]
+        self._check_active_providers()
+        logger.info("opened %s on %s", self.model_path, ", ".join(self.active_providers))
+
+    def _requested_providers(
+        self, target: str | None, providers: Sequence[str] | None
+    ) -> list[str]:
+        if providers is not None:
+            return list(providers)
+        if target is not None:
+            return providers_for_target(target)
+        manifest_target = (self._manifest or {}).get("target") or {}
+        if manifest_target.get("providers"):
+            return list(manifest_target["providers"])
+        return [CPU_PROVIDER]
+
+    @staticmethod
+    def _optimization_level(
+        level: str | ort.GraphOptimizationLevel,
+    ) -> ort.GraphOptimizationLevel:
+        if isinstance(level, ort.GraphOptimizationLevel):
+            return level
+        try:
+            return _OPTIMIZATION_LEVELS[level.lower()]
+        except KeyError:
+            choices = ", ".join(_OPTIMIZATION_LEVELS)
+            raise ValueError(
+                f"unknown optimization_level {level!r}; use one of {choices}"
+            ) from None
+
+    def _check_active_providers(self) -> None:
+        """Catch providers that are compiled in but failed to start (e.g. no CUDA driver)."""
+        failed = [p for p in self._resolution.used if p not in self.active_providers]
+        if not failed:
+            return
+        resolution = self._resolution
+        missing = resolution.missing + failed
+        message = fallback_message(missing, resolution.available, self.active_providers)
+        message += f" ({', '.join(failed)} failed to initialise)"
+        logger.warning(message)
+        self._resolution = ProviderResolution(
+            requested=resolution.requested,
+            available=resolution.available,
+            used=resolution.used,
+            missing=missing,
+            fell_back=True,
+            message=message,
+        )
+
+    @property
+    def manifest(self) -> dict[str, Any] | None:
+        """The bundle's ``manifest.json`` as a dict, or None when opened from a model file."""
+        return self._manifest
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        """The graph inputs as declared in the model."""
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        """The graph outputs as declared in the model."""
+        return list(self._outputs)
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the graph inputs, in graph order."""
+        return [spec.name for spec in self._inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the graph outputs, in graph order."""
+        return [spec.name for spec in self._outputs]
+
+    @property
+    def inference_session(self) -> ort.InferenceSession:
+        """The underlying ``onnxruntime.InferenceSession`` (no input checks when used directly)."""
+        return self._session
+
+    def provider_report(self) -> dict[str, Any]:
+        """Describe which providers were requested, available and actually active.
+
+        Returns:
+            A dict with ``requested``, ``available``, ``active``, ``missing`` (lists of
+            provider names), ``fell_back`` (bool) and ``message`` (one line).
+        """
+        resolution = self._resolution
+        return {
+            "requested": list(resolution.requested),
+            "available": list(resolution.available),
+            "active": list(self.active_providers),
+            "missing": list(resolution.missing),
+            "fell_back": resolution.fell_back,
+            "message": resolution.message,
+        }
+
+    def prepare(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Check and convert feeds without running the model.
+
+        Args:
+            feeds: Input name -> array-like.
+
+        Returns:
+            Feeds ready for ``InferenceSession.run``: all model inputs present, dtypes converted.
+
+        Raises:
+            InputError: If a name, rank, dimension or dtype does not match the model.
+        """
+        specs = {spec.name: spec for spec in self._inputs}
+        unexpected = [name for name in feeds if name not in specs]
+        if unexpected:
+            raise InputError(
+                f"unexpected input(s) {', '.join(map(repr, unexpected))}; "
+                f"remove them, the model takes only: {', '.join(specs)}"
+            )
+        arrays = {
+            name: _cast(name, np.asarray(value), specs[name].dtype) for name, value in feeds.items()
+        }
+        if (
+            _ZERO_FILLED_INPUT in specs
+            and _ZERO_FILLED_INPUT not in arrays
+            and _ZERO_FILL_TEMPLATE in arrays
+        ):
+            arrays[_ZERO_FILLED_INPUT] = np.zeros(
+                arrays[_ZERO_FILL_TEMPLATE].shape, dtype=specs[_ZERO_FILLED_INPUT].dtype
+            )
+        missing = [name for name in specs if name not in arrays]
+        if missing:
+            raise InputError(
+                f"missing input(s) {', '.join(map(repr, missing))}; "
+                f"pass every input the model takes: {', '.join(specs)}"
+            )
+        named_dims: dict[str, tuple[int, str]] = {}
+        for spec in self._inputs:
+            self._check_shape(spec, arrays[spec.name].shape, named_dims)
+        return {spec.name: arrays[spec.name] for spec in self._inputs}
+
+    @staticmethod
+    def _check_shape(
+        spec: TensorSpec, shape: tuple[int, ...], named_dims: dict[str, tuple[int, str]]
+    ) -> None:
+        if len(shape) != len(spec.shape):
+            raise InputError(
+                f"input {spec.name!r} has rank {len(shape)} (shape {_format_shape(shape)}) but "
+                f"the model expects rank {len(spec.shape)} {_format_shape(spec.shape)}; "
+                "add or remove axes (e.g. x[None] adds a batch axis)"
+            )
+        wrong = [
+            (size, dim)
+            for size, dim in zip(shape, spec.shape, strict=True)
+            if isinstance(dim, int) and size != dim
+        ]
+        if wrong:
+            fixed = wrong[0][1] if len(wrong) == 1 else _format_shape([dim for _, dim in wrong])
+            raise InputError(
+                f"input {spec.name!r} has shape {_format_shape(shape)} but the model was exported "
+                f"with fixed shape {_format_shape(spec.shape)}: pad/truncate to {fixed} or "
+                "re-export without --fixed-shape"
+            )
+        for size, dim in zip(shape, spec.shape, strict=True):
+            if not isinstance(dim, str):
+                continue
+            if dim not in named_dims:
+                named_dims[dim] = (size, spec.name)
+                continue
+            seen_size, seen_input = named_dims[dim]
+            if size != seen_size:
+                raise InputError(
+                    f"input {spec.name!r} has {dim}={size} but input {seen_input!r} has "
+                    f"{dim}={seen_size}; inputs sharing the dimension {dim!r} must agree"
+                )
+
+    def run(
+        self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Check the feeds, run the model and return its outputs by name.
+
+        Args:
+            feeds: Input name -> array-like (see the class docstring for accepted dtypes).
+            output_names: Outputs to compute; all of them when None.
+
+        Returns:
+            Output name -> numpy array.
+
+        Raises:
+            InputError: If the feeds do not match the model's inputs.
+            ValueError: If an unknown output name is requested.
+        """
+        names = list(output_names) if output_names is not None else self.output_names
+        unknown = [name for name in names if name not in self.output_names]
+        if unknown:
+            raise ValueError(
+                f"unknown output(s) {', '.join(map(repr, unknown))}; "
+                f"the model produces: {', '.join(self.output_names)}"
+            )
+        values = self._session.run(names, self.prepare(feeds))
+        return dict(zip(names, values, strict=True))
+
+    def __repr__(self) -> str:
+        return (
+            f"Session({str(self.model_path)!r}, active_providers={self.active_providers}, "
+            f"inputs={self.input_names}, outputs={self.output_names})"
+        )

@@ -1,0 +1,276 @@
+"""Tests for lrt_deploy.report: ratios come from the measured values, files are written."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lrt_deploy.report import ComparisonReport, VariantResult, format_table, to_html
+from lrt_deploy.report.comparison import MAX_LAYER_ROWS, layer_table
+
+FALLBACK_REPORT = {
+    "requested": ["XnnpackExecutionProvider", "CPUExecutionProvider"],
+    "available": ["CPUExecutionProvider"],
+    "active": ["CPUExecutionProvider"],
+    "missing": ["XnnpackExecutionProvider"],
+    "fell_back": True,
+    "message": "XnnpackExecutionProvider is not in this onnxruntime build "
+    "(available: CPUExecutionProvider); running on CPUExecutionProvider",
+}
+CPU_REPORT = {
+    "requested": ["CPUExecutionProvider"],
+    "available": ["CPUExecutionProvider"],
+    "active": ["CPUExecutionProvider"],
+    "missing": [],
+    "fell_back": False,
+    "message": "running on CPUExecutionProvider",
+}
+
+
+class FakeLatency:
+    """Stands in for runtime.LatencyStats: anything with to_dict() is accepted."""
+
+    def __init__(self, median_ms: float, p90_ms: float) -> None:
+        self.median_ms, self.p90_ms = median_ms, p90_ms
+
+    def to_dict(self) -> dict[str, float]:
+        return {"median_ms": self.median_ms, "p90_ms": self.p90_ms}
+
+
+def make_report(provider_report: dict | None = None, layers: list | None = None):
+    provider_report = provider_report or CPU_REPORT
+    variants = [
+        VariantResult(
+            name="dense fp32",
+            is_baseline=True,
+            file_bytes=80_000_000,
+            params=20_000_000,
+            latency={"median_ms": 12.0, "p90_ms": 13.5},
+            provider_report=provider_report,
+        ),
+        VariantResult(
+            name="LRT fp32",
+            file_bytes=40_000_000,
+            params=10_000_000,
+            latency=FakeLatency(6.0, 7.0),
+            fidelity={"mean_cosine": 0.9991, "worst_cosine": 0.9812},
+            provider_report=provider_report,
+        ),
+        VariantResult(
+            name="LRT int8",
+            file_bytes=10_000_000,
+            latency={"median_ms": 4.0, "p90_ms": 4.4},
+            fidelity={"mean_cosine": 0.995, "worst_cosine": 0.97},
+            provider_report=provider_report,
+            notes=["dynamic int8, per-channel weights"],
+        ),
+    ]
+    return ComparisonReport(
+        model="tiny-minilm",
+        variants=variants,
+        settings={
+            "batch": 1,
+            "sequence": 128,
+            "threads": 2,
+            "provider_requested": provider_report["requested"],
+            "provider_active": provider_report["active"],
+            "fidelity_inputs": "32 held-out sentences",
+        },
+        layers=layers
+        or [
+            {
+                "name": "encoder.layer.0.attention.self.query",
+                "shape": [384, 384],
+                "rank": 96,
+                "action": "factorized",
+                "reason": "energy 0.95",
+            },
+            {
+                "name": "pooler.dense",
+                "shape": [384, 384],
+                "rank": None,
+                "action": "kept dense",
+                "reason": "excluded by filter",
+            },
+        ],
+        optimisation={"LRT fp32": {"FusedMatMul": 12, "SkipLayerNormalization": 13}},
+        quantisation={"mode": "dynamic", "weight_type": "int8", "per_channel": True},
+        provider_messages=[provider_report["message"]] if provider_report["fell_back"] else [],
+    )
+
+
+def variant_entry(data: dict, name: str) -> dict:
+    return next(v for v in data["variants"] if v["name"] == name)
+
+
+def test_ratios_are_computed_from_measurements():
+    data = make_report().to_dict()
+    assert data["baseline"] == "dense fp32"
+    dense, lrt, int8 = (variant_entry(data, n) for n in ("dense fp32", "LRT fp32", "LRT int8"))
+    assert dense["size_ratio"] == 1.0 and dense["speedup"] == 1.0
+    assert lrt["size_ratio"] == 0.5
+    assert lrt["speedup"] == 2.0
+    assert lrt["params_ratio"] == 0.5
+    assert int8["size_ratio"] == 0.125
+    assert int8["speedup"] == 3.0
+    assert int8["params_ratio"] is None
+    assert lrt["size_mb"] == 40.0
+    assert lrt["latency"] == {"median_ms": 6.0, "p90_ms": 7.0}
+
+
+def test_ratios_follow_the_data_not_constants():
+    report = make_report()
+    report.variants[1].file_bytes = 20_000_000
+    report.variants[1].latency["median_ms"] = 3.0
+    data = report.to_dict()
+    assert variant_entry(data, "LRT fp32")["size_ratio"] == 0.25
+    assert variant_entry(data, "LRT fp32")["speedup"] == 4.0
+
+
+def test_markdown_table():
+    markdown = make_report().to_markdown()
+    assert "batch 1 · sequence 128 · threads 2 · provider CPUExecutionProvider" in markdown
+    assert (
+        "| Variant | Size (MB) | Size vs baseline | Median (ms) | p90 (ms) | Speedup "
+        "| Mean cosine | Worst cosine |" in markdown
+    )
+    assert "| dense fp32 (baseline) | 80.00 | 1x | 12.00 | 13.50 | 1x | - | - |" in markdown
+    assert "| LRT fp32 | 40.00 | 0.5x | 6.00 | 7.00 | 2x | 0.9991 | 0.9812 |" in markdown
+    assert "| LRT int8 | 10.00 | 0.125x | 4.00 | 4.40 | 3x | 0.9950 | 0.9700 |" in markdown
+    assert "| encoder.layer.0.attention.self.query | 384x384 | 96 | factorized |" in markdown
+    assert "| pooler.dense | 384x384 | - | kept dense |" in markdown
+    assert "FusedMatMul 12" in markdown
+    assert "- LRT int8: dynamic int8, per-channel weights" in markdown
+    assert "Fidelity measured on: 32 held-out sentences" in markdown
+    assert "fallback" not in markdown.lower()
+    assert format_table(make_report()) in markdown
+
+
+def test_fallback_line_when_provider_fell_back():
+    report = make_report(FALLBACK_REPORT)
+    expected = "requested XnnpackExecutionProvider, ran on CPUExecutionProvider (fallback)"
+    assert report.fallback_line() == expected
+    assert f"**Provider fallback:** {expected}" in report.to_markdown()
+    assert FALLBACK_REPORT["message"] in report.to_markdown()
+    assert report.to_dict()["provider_fallback"] == expected
+
+
+def test_fallback_line_from_settings_alone():
+    report = ComparisonReport(
+        model="m",
+        variants=[VariantResult("dense fp32", 100, is_baseline=True)],
+        settings={
+            "provider_requested": "CUDAExecutionProvider",
+            "provider_active": ["CPUExecutionProvider"],
+        },
+    )
+    assert report.fallback_line() == (
+        "requested CUDAExecutionProvider, ran on CPUExecutionProvider (fallback)"
+    )
+
+
+def test_no_baseline_shows_no_ratios():
+    report = ComparisonReport(
+        model="m",
+        variants=[VariantResult("a", 100, latency={"median_ms": 1.0}), VariantResult("b", 50)],
+    )
+    data = report.to_dict()
+    assert data["baseline"] is None
+    assert all(v["size_ratio"] is None and v["speedup"] is None for v in data["variants"])
+    assert "No variant is marked as baseline" in report.to_markdown()
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="only one variant can be the baseline"):
+        ComparisonReport(
+            "m", [VariantResult("a", 1, is_baseline=True), VariantResult("b", 1, is_baseline=True)]
+        )
+    with pytest.raises(ValueError, match="unique"):
+        ComparisonReport("m", [VariantResult("a", 1), VariantResult("a", 2)])
+    with pytest.raises(ValueError, match="file_bytes"):
+        VariantResult("a", -1)
+
+
+def test_json_round_trip(tmp_path):
+    report = make_report(FALLBACK_REPORT)
+    report.variants[2].fidelity["sqnr_db"] = math.nan
+    path = report.to_json(tmp_path / "report.json")
+    data = json.loads(path.read_text())
+    assert data == json.loads(json.dumps(report.to_dict()))
+    assert variant_entry(data, "LRT int8")["fidelity"]["sqnr_db"] is None
+    assert variant_entry(data, "LRT fp32")["size_ratio"] == 0.5
+    rebuilt = ComparisonReport.from_dict(data)
+    assert rebuilt.to_dict() == data
+    assert "Sqnr db" in rebuilt.to_markdown()
+
+
+def test_layer_table_groups_repeated_blocks():
+    layers = [
+        {
+            "name": f"encoder.layer.{i}.{part}",
+            "shape": [384, 384],
+            "rank": rank,
+            "action": "factorized",
+            "reason": "energy 0.95",
+        }
+        for i in range(12)
+        for part, rank in (
+            ("attention.self.query", 96),
+            ("attention.self.key", 96),
+            ("intermediate.dense", 128),
+        )
+    ]
+    layers[0] = {**layers[0], "rank": 64}
+    assert len(layers) > MAX_LAYER_ROWS
+    _, rows = layer_table(layers)
+    names = [row[0] for row in rows]
+    assert names == [
+        "encoder.layer.*.attention.self.query",
+        "encoder.layer.*.attention.self.key (x12)",
+        "encoder.layer.*.intermediate.dense (x12)",
+        "encoder.layer.*.attention.self.query (x11)",
+    ]
+    assert rows[0][2] == "64" and rows[3][2] == "96"
+    markdown = make_report(layers=layers).to_markdown()
+    assert "| encoder.layer.*.intermediate.dense (x12) | 384x384 | 128 | factorized |" in markdown
+    assert len(layer_table(layers[:MAX_LAYER_ROWS])[1]) == MAX_LAYER_ROWS
+
+
+def test_write_creates_all_files(tmp_path):
+    report = make_report(FALLBACK_REPORT)
+    written = report.write(tmp_path / "out")
+    assert set(written) == {"json", "markdown", "html"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "report.html",
+        "report.json",
+        "report.md",
+    ]
+    assert json.loads(written["json"].read_text())["model"] == "tiny-minilm"
+    assert written["markdown"].read_text() == report.to_markdown()
+    page = written["html"].read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 2
+    assert "Provider fallback" in page and "0.5x" in page
+    without_html = report.write(tmp_path / "plain", html=False)
+    assert set(without_html) == {"json", "markdown"}
+
+
+def test_html_escapes_names():
+    report = make_report()
+    report.model = "<script>alert(1)</script>"
+    assert "<script>" not in to_html(report)
+
+
+def test_report_does_not_import_torch():
+    # A fresh interpreter: other tests in this process may have imported torch already.
+    code = "import sys, lrt_deploy.report; assert 'torch' not in sys.modules, 'torch imported'"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    assert completed.returncode == 0, completed.stderr

@@ -1,0 +1,475 @@
+"""Tests for lrt_deploy.runtime on tiny ONNX graphs built in code."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from lrt_deploy.runtime import (  # noqa: E402
+    InputError,
+    LatencyStats,
+    ProviderResolution,
+    Session,
+    TextEncoder,
+    UnknownTargetError,
+    measure_latency,
+    peak_rss_mb,
+    providers_for_target,
+    resolve_providers,
+)
+
+VOCAB, HIDDEN, OUT = 10, 8, 4
+RNG = np.random.default_rng(0)
+EMBEDDING = RNG.standard_normal((VOCAB, HIDDEN)).astype(np.float32)
+TYPE_EMBEDDING = RNG.standard_normal((2, HIDDEN)).astype(np.float32)
+WEIGHT = RNG.standard_normal((HIDDEN, OUT)).astype(np.float32)
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def build_encoder(path: Path, *, token_types: bool = False, fixed: tuple[int, int] | None = None):
+    """input_ids -> embedding (+ token-type embedding) -> MatMul -> * attention_mask."""
+    dims = list(fixed) if fixed else ["batch", "sequence"]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, dims),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, dims),
+    ]
+    initializers = [
+        numpy_helper.from_array(EMBEDDING, "embedding"),
+        numpy_helper.from_array(WEIGHT, "weight"),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), "last_axis"),
+    ]
+    nodes = [helper.make_node("Gather", ["embedding", "input_ids"], ["embedded"])]
+    hidden = "embedded"
+    if token_types:
+        inputs.append(helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, dims))
+        initializers.append(numpy_helper.from_array(TYPE_EMBEDDING, "type_embedding"))
+        nodes += [
+            helper.make_node("Gather", ["type_embedding", "token_type_ids"], ["typed"]),
+            helper.make_node("Add", ["embedded", "typed"], ["summed"]),
+        ]
+        hidden = "summed"
+    nodes += [
+        helper.make_node("MatMul", [hidden, "weight"], ["projected"]),
+        helper.make_node("Cast", ["attention_mask"], ["mask_float"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mask_float", "last_axis"], ["mask_3d"]),
+        helper.make_node("Mul", ["projected", "mask_3d"], ["hidden_states"]),
+    ]
+    output = helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, [*dims, OUT])
+    graph = helper.make_graph(nodes, "tiny_encoder", inputs, [output], initializers)
+    return _save(graph, path)
+
+
+def reference(input_ids, attention_mask, token_type_ids=None):
+    hidden = EMBEDDING[input_ids]
+    if token_type_ids is not None:
+        hidden = hidden + TYPE_EMBEDDING[token_type_ids]
+    return (hidden @ WEIGHT) * attention_mask[..., None].astype(np.float32)
+
+
+def build_scaler(path: Path) -> Path:
+    """x (float32 [batch, 3]) -> 2 * x."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["y"])],
+        "scaler",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")],
+    )
+    return _save(graph, path)
+
+
+def write_bundle(folder: Path, model_name: str, providers: list[str]) -> Path:
+    manifest = {
+        "format_version": 1,
+        "tool": {"name": "lrt-deploy", "version": "0.1.0"},
+        "target": {"name": "mobile", "providers": providers},
+        "files": {"model": model_name, "onnx": "model.onnx"},
+        "inputs": [
+            {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+            {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"]},
+        ],
+        "outputs": [
+            {"name": "hidden_states", "dtype": "float32", "shape": ["batch", "sequence", OUT]}
+        ],
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture()
+def encoder_path(tmp_path: Path) -> Path:
+    return build_encoder(tmp_path / "model.onnx")
+
+
+@pytest.fixture()
+def feeds() -> dict[str, np.ndarray]:
+    ids = np.array([[1, 2, 3, 0], [4, 5, 0, 0]], dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64)}
+
+
+# --- providers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "platform", "expected"),
+    [
+        ("cpu", None, ["CPUExecutionProvider"]),
+        ("cuda", None, ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+        (
+            "mobile",
+            "android",
+            ["NnapiExecutionProvider", "XnnpackExecutionProvider", "CPUExecutionProvider"],
+        ),
+        (
+            "mobile",
+            "ios",
+            ["CoreMLExecutionProvider", "XnnpackExecutionProvider", "CPUExecutionProvider"],
+        ),
+        (
+            "mobile",
+            "darwin",
+            ["CoreMLExecutionProvider", "XnnpackExecutionProvider", "CPUExecutionProvider"],
+        ),
+        ("mobile", "linux", ["XnnpackExecutionProvider", "CPUExecutionProvider"]),
+    ],
+)
+def test_providers_for_target(target, platform, expected):
+    assert providers_for_target(target, platform) == expected
+
+
+def test_providers_for_cuda_with_tensorrt():
+    assert providers_for_target("cuda", tensorrt=True) == [
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+
+
+def test_unknown_target_lists_valid_targets():
+    with pytest.raises(UnknownTargetError, match="cpu, cuda, mobile") as info:
+        providers_for_target("tpu")
+    assert isinstance(info.value, ValueError)
+
+
+def test_resolve_providers_reports_fallback(caplog):
+    with caplog.at_level(logging.WARNING):
+        resolution = resolve_providers(["XNNPACKExecutionProvider", "CPUExecutionProvider"])
+    assert isinstance(resolution, ProviderResolution)
+    # Spelling is normalised to onnxruntime's own.
+    assert resolution.missing == ["XnnpackExecutionProvider"]
+    assert resolution.used == ["CPUExecutionProvider"]
+    assert resolution.fell_back
+    assert resolution.message.startswith(
+        "XnnpackExecutionProvider is not in this onnxruntime build (available: "
+    )
+    assert resolution.message.endswith("; running on CPUExecutionProvider")
+    assert "XnnpackExecutionProvider is not in this onnxruntime build" in caplog.text
+
+
+def test_resolve_providers_without_fallback_is_quiet(caplog):
+    with caplog.at_level(logging.WARNING):
+        resolution = resolve_providers(["CPUExecutionProvider"])
+    assert not resolution.fell_back and resolution.missing == []
+    assert resolution.used == ["CPUExecutionProvider"]
+    assert caplog.text == ""
+
+
+# --- session ---------------------------------------------------------------------------------
+
+
+def test_session_matches_numpy_reference(encoder_path, feeds):
+    session = Session(encoder_path)
+    outputs = session.run(feeds)
+    assert list(outputs) == ["hidden_states"]
+    np.testing.assert_allclose(outputs["hidden_states"], reference(**feeds), rtol=1e-5, atol=1e-6)
+    assert session.manifest is None
+    assert session.active_providers == ["CPUExecutionProvider"]
+
+
+def test_session_describes_inputs_and_outputs(encoder_path):
+    session = Session(encoder_path)
+    assert [spec.to_dict() for spec in session.inputs] == [
+        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"]},
+    ]
+    assert session.outputs[0].to_dict() == {
+        "name": "hidden_states",
+        "dtype": "float32",
+        "shape": ["batch", "sequence", OUT],
+    }
+
+
+def test_bundle_with_mobile_target_falls_back_to_cpu(tmp_path, feeds, caplog):
+    build_encoder(tmp_path / "model.onnx")
+    write_bundle(tmp_path, "model.onnx", ["XNNPACKExecutionProvider", "CPUExecutionProvider"])
+    with caplog.at_level(logging.WARNING, logger="lrt_deploy.runtime"):
+        session = Session(tmp_path)
+    report = session.provider_report()
+    assert report["requested"] == ["XnnpackExecutionProvider", "CPUExecutionProvider"]
+    assert report["missing"] == ["XnnpackExecutionProvider"]
+    assert report["active"] == ["CPUExecutionProvider"]
+    assert report["fell_back"] is True
+    assert "running on CPUExecutionProvider" in report["message"]
+    assert report["available"] == ort.get_available_providers()
+    assert any(r.levelno == logging.WARNING and "Xnnpack" in r.message for r in caplog.records)
+    assert session.manifest["target"]["name"] == "mobile"
+    np.testing.assert_allclose(session.run(feeds)["hidden_states"], reference(**feeds), atol=1e-5)
+
+
+def test_target_argument_overrides_manifest(tmp_path, caplog):
+    build_encoder(tmp_path / "model.onnx")
+    write_bundle(tmp_path, "model.onnx", ["XnnpackExecutionProvider", "CPUExecutionProvider"])
+    with caplog.at_level(logging.WARNING):
+        session = Session(tmp_path, target="mobile", threads=1)
+    assert "XnnpackExecutionProvider" in session.provider_report()["requested"]
+    with caplog.at_level(logging.WARNING):
+        cpu_session = Session(tmp_path, target="cpu")
+    assert cpu_session.provider_report()["fell_back"] is False
+
+
+def test_explicit_providers_win(tmp_path, caplog):
+    build_encoder(tmp_path / "model.onnx")
+    write_bundle(tmp_path, "model.onnx", ["XnnpackExecutionProvider", "CPUExecutionProvider"])
+    session = Session(tmp_path, target="mobile", providers=["CPUExecutionProvider"])
+    report = session.provider_report()
+    assert report["requested"] == ["CPUExecutionProvider"]
+    assert report["fell_back"] is False and report["missing"] == []
+    assert "not in this onnxruntime build" not in caplog.text
+
+
+def test_unknown_target_in_session(encoder_path):
+    with pytest.raises(UnknownTargetError):
+        Session(encoder_path, target="quantum")
+
+
+def test_missing_path_and_manifest(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Session(tmp_path / "nope.onnx")
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        Session(tmp_path)
+
+
+def test_session_options(encoder_path, feeds):
+    session = Session(encoder_path, threads=1, optimization_level="disable")
+    assert session.run(feeds)["hidden_states"].shape == (2, 4, OUT)
+    with pytest.raises(ValueError, match="threads"):
+        Session(encoder_path, threads=0)
+    with pytest.raises(ValueError, match="optimization_level"):
+        Session(encoder_path, optimization_level="maximum")
+
+
+def test_output_names(encoder_path, feeds):
+    session = Session(encoder_path)
+    assert list(session.run(feeds, output_names=["hidden_states"])) == ["hidden_states"]
+    with pytest.raises(ValueError, match="unknown output"):
+        session.run(feeds, output_names=["logits"])
+
+
+# --- input checks ----------------------------------------------------------------------------
+
+
+def test_missing_input(encoder_path, feeds):
+    with pytest.raises(InputError, match="missing input.*'attention_mask'"):
+        Session(encoder_path).run({"input_ids": feeds["input_ids"]})
+
+
+def test_unexpected_input(encoder_path, feeds):
+    with pytest.raises(InputError, match="unexpected input.*'pixel_values'"):
+        Session(encoder_path).run({**feeds, "pixel_values": np.zeros((1, 3))})
+
+
+def test_wrong_rank(encoder_path):
+    ids = np.array([1, 2, 3], dtype=np.int64)
+    with pytest.raises(InputError, match="rank 1 .* rank 2") as info:
+        Session(encoder_path).run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert "\n" not in str(info.value)
+
+
+def test_shared_dimensions_must_agree(encoder_path):
+    ids = np.ones((2, 5), dtype=np.int64)
+    with pytest.raises(InputError, match="sequence=4 but input 'input_ids' has sequence=5"):
+        Session(encoder_path).run({"input_ids": ids, "attention_mask": np.ones((2, 4), np.int64)})
+    with pytest.raises(InputError, match="batch=1 but input 'input_ids' has batch=2"):
+        Session(encoder_path).run({"input_ids": ids, "attention_mask": np.ones((1, 5), np.int64)})
+
+
+def test_fixed_shape_mismatch(tmp_path):
+    session = Session(build_encoder(tmp_path / "fixed.onnx", fixed=(1, 8)))
+    ids = np.ones((1, 6), dtype=np.int64)
+    message = (
+        "input 'input_ids' has shape (1, 6) but the model was exported with fixed shape (1, 8): "
+        "pad/truncate to 8 or re-export without --fixed-shape"
+    )
+    with pytest.raises(InputError) as info:
+        session.run({"input_ids": ids, "attention_mask": ids})
+    assert str(info.value) == message
+    padded = np.ones((1, 8), dtype=np.int64)
+    assert session.run({"input_ids": padded, "attention_mask": padded})["hidden_states"].shape == (
+        1,
+        8,
+        OUT,
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int16, np.uint8, np.uint32])
+def test_integer_inputs_are_cast_to_int64(encoder_path, feeds, dtype):
+    cast = {name: array.astype(dtype) for name, array in feeds.items()}
+    outputs = Session(encoder_path).run(cast)
+    np.testing.assert_allclose(outputs["hidden_states"], reference(**feeds), atol=1e-5)
+
+
+def test_python_lists_are_accepted(encoder_path, feeds):
+    as_lists = {name: array.tolist() for name, array in feeds.items()}
+    outputs = Session(encoder_path).run(as_lists)
+    np.testing.assert_allclose(outputs["hidden_states"], reference(**feeds), atol=1e-5)
+
+
+def test_unsafe_casts_are_refused(encoder_path, feeds, tmp_path):
+    session = Session(encoder_path)
+    with pytest.raises(InputError, match=r"dtype float32 but the model expects int64.*astype"):
+        session.run({**feeds, "input_ids": feeds["input_ids"].astype(np.float32)})
+    with pytest.raises(InputError, match="dtype uint64"):
+        session.run({**feeds, "input_ids": feeds["input_ids"].astype(np.uint64)})
+    scaler = Session(build_scaler(tmp_path / "scaler.onnx"))
+    with pytest.raises(InputError, match="dtype int64 but the model expects float32"):
+        scaler.run({"x": np.ones((1, 3), dtype=np.int64)})
+
+
+def test_float64_is_cast_to_float32(tmp_path):
+    scaler = Session(build_scaler(tmp_path / "scaler.onnx"))
+    x = np.arange(6, dtype=np.float64).reshape(2, 3)
+    y = scaler.run({"x": x})["y"]
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, 2 * x)
+
+
+def test_token_type_ids_are_zero_filled(tmp_path, feeds):
+    session = Session(build_encoder(tmp_path / "typed.onnx", token_types=True))
+    zeros = np.zeros_like(feeds["input_ids"])
+    outputs = session.run(feeds)
+    np.testing.assert_allclose(
+        outputs["hidden_states"], reference(**feeds, token_type_ids=zeros), atol=1e-5
+    )
+    ones = np.ones_like(feeds["input_ids"])
+    explicit = session.run({**feeds, "token_type_ids": ones})
+    np.testing.assert_allclose(
+        explicit["hidden_states"], reference(**feeds, token_type_ids=ones), atol=1e-5
+    )
+
+
+# --- ORT format ------------------------------------------------------------------------------
+
+
+def test_ort_format_bundle(tmp_path, feeds):
+    onnx_path = build_encoder(tmp_path / "model.onnx")
+    ort_path = tmp_path / "model.ort"
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(ort_path)
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    assert ort_path.is_file()
+
+    direct = Session(ort_path)
+    np.testing.assert_allclose(direct.run(feeds)["hidden_states"], reference(**feeds), atol=1e-5)
+
+    write_bundle(tmp_path, "model.ort", ["CPUExecutionProvider"])
+    bundled = Session(tmp_path)
+    assert bundled.model_path == ort_path
+    np.testing.assert_allclose(bundled.run(feeds)["hidden_states"], reference(**feeds), atol=1e-5)
+
+
+# --- benchmark -------------------------------------------------------------------------------
+
+
+def test_measure_latency(encoder_path, feeds):
+    stats = measure_latency(Session(encoder_path), feeds, warmup=2, runs=10)
+    assert isinstance(stats, LatencyStats)
+    assert stats.runs == 10
+    assert 0 < stats.min_ms <= stats.median_ms <= stats.p90_ms
+    assert stats.mean_ms > 0
+    assert set(stats.to_dict()) == {"median_ms", "p90_ms", "mean_ms", "min_ms", "runs"}
+
+
+def test_measure_latency_time_budget_and_raw_session(encoder_path, feeds):
+    raw = ort.InferenceSession(str(encoder_path), providers=["CPUExecutionProvider"])
+    stats = measure_latency(raw, feeds, warmup=0, runs=1000, max_seconds=0.0)
+    assert stats.runs == 1
+    with pytest.raises(ValueError, match="runs >= 1"):
+        measure_latency(raw, feeds, runs=0)
+
+
+def test_measure_latency_checks_inputs_first(encoder_path, feeds):
+    with pytest.raises(InputError):
+        measure_latency(Session(encoder_path), {"input_ids": feeds["input_ids"]})
+
+
+def test_peak_rss_mb():
+    peak = peak_rss_mb()
+    assert peak is None or 1 < peak < 1_000_000
+
+
+# --- text ------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def tokenizer_json(tmp_path: Path) -> Path:
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "hello": 4, "world": 5, "low": 6}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
+
+
+def test_text_encoder_pads_to_longest_and_truncates(tokenizer_json):
+    encoder = TextEncoder(tokenizer_json, max_length=5)
+    batch = encoder.encode(["hello world", "low", "hello world low rank"])
+    expected_ids = [[2, 4, 5, 3, 0], [2, 6, 3, 0, 0], [2, 4, 5, 6, 3]]
+    assert batch["input_ids"].dtype == np.int64
+    assert batch["input_ids"].tolist() == expected_ids
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1] * 5]
+    assert batch["token_type_ids"].tolist() == [[0] * 5] * 3
+    short = encoder("low")
+    assert short["input_ids"].tolist() == [[2, 6, 3]]
+
+
+def test_text_encoder_fixed_length_and_input_filter(tokenizer_json, tmp_path):
+    encoder = TextEncoder(tokenizer_json, max_length=8, pad_to=6)
+    batch = encoder.encode(["hello"], input_names=["input_ids", "attention_mask"])
+    assert set(batch) == {"input_ids", "attention_mask"}
+    assert batch["input_ids"].tolist() == [[2, 4, 3, 0, 0, 0]]
+    with pytest.raises(ValueError, match="pad_to"):
+        TextEncoder(tokenizer_json, max_length=4, pad_to=6)
+
+    session = Session(build_encoder(tmp_path / "model.onnx"))
+    encoded = encoder.encode(["hello world"], input_names=session.input_names)
+    np.testing.assert_allclose(
+        session.run(encoded)["hidden_states"], reference(**encoded), atol=1e-5
+    )
+
+
+def test_text_encoder_from_bundle(tokenizer_json, tmp_path):
+    write_bundle(tmp_path, "model.onnx", ["CPUExecutionProvider"])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["files"]["tokenizer"] = tokenizer_json.name
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert TextEncoder.from_bundle(tmp_path).encode("hello")["input_ids"].tolist() == [[2, 4, 3]]

@@ -1,0 +1,105 @@
+"""Prove lrt_deploy.runtime works in a process where torch, onnx and transformers cannot load."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Runs in a fresh interpreter. The finder refuses the top-level packages torch, onnx and
+# transformers and all their submodules; "onnxruntime" has a different top-level name, so it
+# is not caught by the "onnx" entry.
+CHILD = textwrap.dedent(
+    """
+    import importlib.abc
+    import json
+    import sys
+
+    BLOCKED = {"torch", "onnx", "transformers"}
+    attempts = []
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname.split(".")[0] in BLOCKED:
+                attempts.append(fullname)
+                raise ImportError(f"{fullname} is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    for name in ("torch", "torch.nn", "onnx", "onnx.helper", "transformers"):
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+        else:
+            raise SystemExit(f"blocker failed to block {name}")
+    attempts.clear()
+
+    import numpy as np
+    from lrt_deploy.runtime import Session, measure_latency
+
+    session = Session(sys.argv[1], target="cpu", threads=1)
+    ids = np.array([[1, 2, 3]], dtype=np.int32)
+    outputs = session.run({"input_ids": ids})
+    stats = measure_latency(session, {"input_ids": ids}, warmup=1, runs=3)
+    print(json.dumps({
+        "output": outputs["y"].tolist(),
+        "active": session.active_providers,
+        "runs": stats.runs,
+        "blocked_attempts": attempts,
+        "loaded": sorted(
+            name for name in sys.modules
+            if name.split(".")[0] in {"torch", "onnx", "transformers", "onnxruntime"}
+            and "." not in name
+        ),
+    }))
+    """
+)
+
+
+def test_runtime_imports_and_runs_without_torch_or_onnx(tmp_path: Path):
+    table = np.arange(20, dtype=np.float32).reshape(10, 2)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["y"])],
+        "lookup",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 2])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    model_path = tmp_path / "lookup.onnx"
+    onnx.save(model, str(model_path))
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    completed = subprocess.run(
+        [sys.executable, "-c", CHILD, str(model_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["output"] == table[[[1, 2, 3]]].tolist()
+    assert result["active"] == ["CPUExecutionProvider"]
+    assert result["runs"] == 3
+    assert result["loaded"] == ["onnxruntime"]
+    # Nothing on the runtime's import path even tried to reach torch or transformers.
+    assert not [name for name in result["blocked_attempts"] if not name.startswith("onnx")]
