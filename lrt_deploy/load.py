@@ -247,6 +247,8 @@ def load_model(
     else:
         loaded = _load_file(resolved, trust_pickle, factory, input_specs)
     loaded.source_path = resolved
+    if str(path) in MODEL_ALIASES and not Path(str(path)).exists():
+        loaded.name = str(path)
     loaded.source_hash = source_hash(resolved)
     if isinstance(loaded.module, _torch_module_type()):
         loaded.module.eval()

@@ -7,6 +7,7 @@ Python users run the same code (``lrt_deploy.export_bundle``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -15,7 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -306,7 +307,7 @@ def export_bundle(
         work = staging / ".work"
         work.mkdir()
         plan = [("dense", "dense", dense_loaded)]
-        if compress is not None or _is_lowrank_by_design(loaded):
+        if compress is not None or _lowrank_by_design(loaded):
             plan = ([("dense", "dense", dense_loaded)] if compress is not None else []) + [
                 ("lrt", "LRT", loaded)
             ]
@@ -346,8 +347,13 @@ def export_bundle(
             f"{settings.sequence}, {settings.threads} threads"
         )
         feeds = latency_inputs(loaded, settings)
-        for variant in variants:
-            _measure(variant, loaded, measured, ref_arrays, masks, feeds, target, settings)
+        for index, variant in enumerate(variants):
+            # A provider fallback is warned about once (it is the same for every variant) and
+            # written into the report's header for each run.
+            with _quiet_logger("lrt_deploy.runtime", enabled=index > 0):
+                _measure(variant, loaded, measured, ref_arrays, masks, feeds, target, settings)
+            if index == 0 and variant.provider.get("fell_back"):
+                progress(f"provider fallback: {variant.provider.get('message')}")
 
         progress("packaging the bundle")
         manifest = _write_bundle(
@@ -396,6 +402,9 @@ def _build_report(
         if loaded.is_text
         else "the example inputs"
     )
+    reference = (
+        "dense PyTorch fp32 model" if factorization is not None else "PyTorch fp32 model"
+    )
     layers = []
     if manifest.get("lowrank"):
         for layer in manifest["lowrank"]["layers"]:
@@ -411,12 +420,17 @@ def _build_report(
         model=f"{loaded.name} ({loaded.format}) -> target {target.name}",
         variants=results,
         settings={
-            "batch": settings.batch,
-            "sequence": settings.sequence,
+            **(
+                {"batch": settings.batch, "sequence": settings.sequence}
+                if loaded.is_text
+                else {"inputs": ", ".join(
+                    f"{n} {tuple(t.shape)}" for n, t in loaded.example_inputs.items()
+                )}
+            ),
             "threads": settings.threads,
             "provider_requested": provider.get("requested"),
             "provider_active": provider.get("active"),
-            "fidelity_inputs": f"cosine of {what} vs dense PyTorch fp32 on {source}",
+            "fidelity_inputs": f"cosine of {what} vs the {reference} on {source}",
         },
         layers=layers,
         optimisation={
@@ -427,14 +441,41 @@ def _build_report(
     )
 
 
-def _is_lowrank_by_design(loaded: LoadedModel) -> bool:
+@contextlib.contextmanager
+def _quiet_logger(name: str, *, enabled: bool) -> Iterator[None]:
+    log = logging.getLogger(name)
+    level = log.level
+    if enabled:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _lowrank_by_design(loaded: LoadedModel) -> list[dict[str, Any]]:
+    """Low-rank units the model was built with, read from its modules or, for graphs whose
+    module classes are gone (.pt2, TorchScript), from the shapes of its weights."""
     import torch
 
-    from lrt_deploy.nn import is_lowrank_pair
+    from lrt_deploy.nn import lowrank_layers_in_weights, lowrank_rank
 
-    if not isinstance(loaded.module, torch.nn.Module):
-        return False
-    return any(is_lowrank_pair(m) for m in loaded.module.modules())
+    module = loaded.module
+    if isinstance(module, torch.nn.Module) and not isinstance(module, torch.jit.ScriptModule):
+        return [
+            {
+                "name": name,
+                "rank": lowrank_rank(sub),
+                "type": type(sub).__name__,
+                "action": "low-rank by design",
+            }
+            for name, sub in module.named_modules()
+            if lowrank_rank(sub) is not None
+        ]
+    state = module.state_dict() if callable(getattr(module, "state_dict", None)) else {}
+    if isinstance(module, torch.export.ExportedProgram):
+        state = dict(module.state_dict)
+    return [{**layer, "action": "low-rank by design"} for layer in lowrank_layers_in_weights(state)]
 
 
 def _compress(
@@ -615,10 +656,6 @@ def _lowrank_section(
     loaded: LoadedModel, factorization: FactorizationResult | None,
     compress: LowRankConfig | None,
 ) -> dict[str, Any] | None:
-    import torch
-
-    from lrt_deploy.nn import lowrank_rank
-
     if factorization is not None and compress is not None:
         return {
             "origin": "post-training factorization",
@@ -627,12 +664,7 @@ def _lowrank_section(
             "params_before": factorization.params_before,
             "params_after": factorization.params_after,
         }
-    if isinstance(loaded.module, torch.nn.Module):
-        layers = [
-            {"name": name, "rank": lowrank_rank(module), "type": type(module).__name__}
-            for name, module in loaded.module.named_modules()
-            if lowrank_rank(module) is not None
-        ]
-        if layers:
-            return {"origin": "by design", "layers": layers}
+    layers = _lowrank_by_design(loaded)
+    if layers:
+        return {"origin": "by design", "layers": layers}
     return None

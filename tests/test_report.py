@@ -207,7 +207,7 @@ def test_json_round_trip(tmp_path):
     assert variant_entry(data, "LRT fp32")["size_ratio"] == 0.5
     rebuilt = ComparisonReport.from_dict(data)
     assert rebuilt.to_dict() == data
-    assert "Sqnr db" in rebuilt.to_markdown()
+    assert "SQNR (dB)" in rebuilt.to_markdown()
 
 
 def test_layer_table_groups_repeated_blocks():

@@ -100,3 +100,41 @@ def save_tiny_bert(folder, *, sentence_transformers: bool = True) -> None:
         (folder / "1_Pooling" / "config.json").write_text(
             json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
         )
+
+
+# Set by TrapEncoder.__setstate__: proves whether unpickling ran the file's code.
+TRAP_FIRED: list[str] = []
+
+
+class TrapEncoder(TinyEncoder):
+    """A TinyEncoder whose unpickling records that code from the file ran."""
+
+    def __setstate__(self, state: dict) -> None:
+        TRAP_FIRED.append("__setstate__")
+        super().__setstate__(state)
+
+
+class NoisyEncoder(TinyEncoder):
+    """Non-deterministic output: an exported graph cannot match its PyTorch reference."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = super().forward(input_ids)
+        return out + torch.randn_like(out)
+
+
+class TinyLowRankMLP(nn.Module):
+    """Two LowRankLinear layers (rank 4) around a nonlinearity; 3-D input so each factor
+    exports as a MatMul (2-D inputs export as Gemm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lrt_deploy.nn import LowRankLinear
+
+        self.fc1 = LowRankLinear(32, 48, rank=4)
+        self.fc2 = LowRankLinear(48, 8, rank=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        return (torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3)),)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from lrt_deploy.nn.lowrank import LowRankEmbedding, LowRankLinear, is_lowrank_pair, lowrank_rank
+from lrt_deploy.nn.lowrank import (
+    LowRankEmbedding,
+    LowRankLinear,
+    is_lowrank_pair,
+    lowrank_layers_in_weights,
+    lowrank_rank,
+)
 
 __all__ = [
     "LowRankEmbedding",
     "LowRankLinear",
     "is_lowrank_pair",
+    "lowrank_layers_in_weights",
     "lowrank_rank",
 ]

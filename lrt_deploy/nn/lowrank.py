@@ -8,11 +8,13 @@ to ONNX as two MatMuls.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 __all__ = [
+    "lowrank_layers_in_weights",
     "LowRankEmbedding",
     "LowRankLinear",
     "is_lowrank_pair",
@@ -325,3 +327,46 @@ def lowrank_rank(module: nn.Module) -> int | None:
     if _is_led_sequential(module):
         return module[0].out_features
     return None
+
+
+def lowrank_layers_in_weights(state: Mapping[str, torch.Tensor]) -> list[dict[str, object]]:
+    """Low-rank units found from weights alone, for graphs whose module classes are gone
+    (``torch.export`` programs, TorchScript archives).
+
+    Recognises the parameter layout of ``LowRankLinear`` (``encoder.weight`` r x in,
+    ``decoder.weight`` out x r), ``LowRankEmbedding`` (``table.weight`` n x r,
+    ``projection.weight`` dim x r) and a greenformer LED ``Sequential`` (``0.weight`` r x in with
+    no ``0.bias``, ``1.weight`` out x r), each with r < min(in, out).
+
+    Returns:
+        One dict per unit: ``name``, ``rank``, ``shape`` (out, in) and ``type``.
+    """
+    layouts = (
+        ("encoder.weight", "decoder.weight", "LowRankLinear"),
+        ("table.weight", "projection.weight", "LowRankEmbedding"),
+        ("0.weight", "1.weight", "LED Sequential"),
+    )
+    found = []
+    for key, first in state.items():
+        for first_name, second_name, kind in layouts:
+            if not key.endswith(first_name) or (key != first_name and
+                                                not key.endswith("." + first_name)):
+                continue
+            prefix = key[: -len(first_name)]
+            second = state.get(prefix + second_name)
+            if second is None or first.dim() != 2 or second.dim() != 2:
+                continue
+            if kind == "LED Sequential" and prefix + "0.bias" in state:
+                continue
+            if kind == "LowRankEmbedding":
+                rank, shape = first.shape[1], (first.shape[0], second.shape[0])
+                if second.shape[1] != rank:
+                    continue
+            else:
+                rank, shape = first.shape[0], (second.shape[0], first.shape[1])
+                if second.shape[1] != rank:
+                    continue
+            if rank < min(shape):
+                found.append({"name": prefix.rstrip("."), "rank": int(rank),
+                              "shape": [int(s) for s in shape], "type": kind})
+    return found

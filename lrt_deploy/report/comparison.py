@@ -216,7 +216,7 @@ class ComparisonReport:
         """Return the one-line description of how the numbers were measured."""
         parts = [
             f"{key} {self.settings[key]}"
-            for key in ("batch", "sequence", "threads")
+            for key in ("batch", "sequence", "inputs", "threads")
             if self.settings.get(key) is not None
         ]
         parts.append(f"provider {self.active_provider()}")
