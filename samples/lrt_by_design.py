@@ -54,7 +54,8 @@ def main(argv: list[str]) -> int:
     dims = {"input_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}}
     program = torch.export.export(model, (batch,), dynamic_shapes=dims)
     torch.export.save(program, path)
-    print(f"saved {path}; export it with:\n  lrt-export {path} --target mobile -o out/lrt-classifier")
+    print(f"saved {path}; export it with:")
+    print(f"  lrt-export {path} --target mobile -o out/lrt-classifier")
     return 0
 
 
