@@ -362,6 +362,11 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _last_line(exc: BaseException) -> str:
+    text = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return text[-1].strip() if text else type(exc).__name__
+
+
 def _load_file(
     path: Path, trust_pickle: bool, factory: str | None, input_specs: Sequence[InputSpec]
 ) -> LoadedModel:
@@ -387,8 +392,12 @@ def _load_file(
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle_error_types() as exc:
-        if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
-            raise CorruptModelError(f"cannot read '{path.name}': {_first_line(exc)}") from exc
+        # torch prefixes every safe-unpickler failure with "Weights only load failed"; only an
+        # unsupported global (a class to import and run) means "this is a pickled module".
+        if "Unsupported global" not in str(exc):
+            raise CorruptModelError(
+                f"cannot read '{path.name}': its pickle data is damaged ({_last_line(exc)})"
+            ) from exc
         if not trust_pickle:
             raise UntrustedPickleError(
                 f"'{path.name}' is a pickled nn.Module and unpickling it runs code from the file; "

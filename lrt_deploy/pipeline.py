@@ -49,6 +49,8 @@ class BenchmarkSettings:
     warmup: int = 5
     runs: int = 30
     eval_batch: int = 16
+    #: True when the graph's batch is fixed, so non-text example inputs are resized to ``batch``.
+    fixed_batch: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,7 +162,7 @@ def evaluation_batches(
     """Held-out inputs for fidelity: the shipped held-out corpus for text models (never used for
     calibration), the example inputs otherwise. A fixed-shape graph gets batches of its shape."""
     if not loaded.is_text:
-        return [dict(loaded.example_inputs)]
+        return [_example_at_batch(loaded, (fixed_shape or {}).get("batch"))]
     lines = read_text_lines(None, "heldout.txt")
     if fixed_shape:
         size = fixed_shape.get("batch", settings.eval_batch)
@@ -173,6 +175,23 @@ def evaluation_batches(
     return [loaded.tokenize(chunk) for chunk in _chunks(lines, settings.eval_batch)]
 
 
+def _example_at_batch(loaded: LoadedModel, batch: int | None) -> dict[str, Any]:
+    """The example inputs, cut or repeated along the batch axis to ``batch`` rows."""
+    import torch
+
+    example = dict(loaded.example_inputs)
+    if batch is None:
+        return example
+    resized = {}
+    for name, tensor in example.items():
+        if tensor.dim() == 0 or 0 not in loaded.dynamic_axes.get(name, {}):
+            resized[name] = tensor
+            continue
+        repeats = -(-batch // tensor.shape[0])
+        resized[name] = torch.cat([tensor] * repeats, dim=0)[:batch]
+    return resized
+
+
 def latency_inputs(loaded: LoadedModel, settings: BenchmarkSettings) -> dict[str, np.ndarray]:
     """The fixed batch the latency of every variant is measured on."""
     if loaded.is_text:
@@ -180,7 +199,8 @@ def latency_inputs(loaded: LoadedModel, settings: BenchmarkSettings) -> dict[str
         text = " ".join(lines)  # long enough to fill the sequence without padding
         encoded = loaded.tokenize([text] * settings.batch, pad_to=settings.sequence)
         return {n: t.numpy() for n, t in encoded.items()}
-    return {n: t.detach().numpy() for n, t in loaded.example_inputs.items()}
+    example = _example_at_batch(loaded, settings.batch if settings.fixed_batch else None)
+    return {n: t.detach().numpy() for n, t in example.items()}
 
 
 def _validation_batches(loaded: LoadedModel, evaluation: list[dict[str, Any]]) -> list[dict]:
@@ -230,6 +250,12 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> None:
 
 def _commit(staging: Path, out_dir: Path) -> None:
     """Move the finished bundle into place; an existing one (with --force) is replaced whole."""
+    # mkdtemp/mkstemp create private (0700/0600) entries; a bundle is shared like any output.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    for path in staging.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
     if out_dir.exists():
         trash = Path(tempfile.mkdtemp(prefix=".lrt-old-", dir=out_dir.parent))
         os.replace(out_dir, trash / "old")
@@ -274,6 +300,7 @@ def export_bundle(
             settings,
             batch=target.fixed_shape.get("batch", settings.batch),
             sequence=target.fixed_shape.get("sequence", settings.sequence),
+            fixed_batch="batch" in target.fixed_shape,
         )
     if loaded.is_text and settings.sequence > loaded.max_length:
         logger.warning(
@@ -283,8 +310,13 @@ def export_bundle(
         settings = dataclasses.replace(settings, sequence=loaded.max_length)
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".lrt-export-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".lrt-export-", dir=out_dir.parent))
+    except OSError as exc:
+        raise BundleExistsError(
+            f"cannot create the output folder '{out_dir}': {exc.strerror or exc}; choose another -o"
+        ) from exc
     try:
         factorization = None
         dense_loaded = loaded

@@ -339,12 +339,6 @@ def test_archive_missing_tensor_data_is_corrupt(state_dict_file: Path, tmp_path:
     _one_line(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load.py: torch's weights_only unpickler prefixes every UnpicklingError with "
-    "'Weights only load failed ... weights_only', so a damaged data.pkl is reported as an "
-    "untrusted pickled module instead of a corrupt file",
-)
 def test_damaged_pickle_in_archive_is_corrupt_not_untrusted(
     state_dict_file: Path, tmp_path: Path
 ) -> None:

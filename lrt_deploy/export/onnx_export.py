@@ -38,7 +38,10 @@ class ExportError(LrtDeployError):
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """Silence the exporter's progress prints and known-harmless warnings; restore afterwards."""
-    noisy = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo")]
+    noisy = [
+        logging.getLogger(name)
+        for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
+    ]
     levels = [log.level for log in noisy]
     for log in noisy:
         log.setLevel(logging.ERROR)
@@ -117,8 +120,21 @@ def export_onnx(loaded: LoadedModel, path: str | Path, *, opset: int = 18) -> Pa
             f"torch.onnx.export failed for '{loaded.name}': {first}; see the torch.onnx docs for "
             "unsupported operators, or simplify forward() to tensor operations"
         ) from exc
+    written = _default_opset(path)
+    if written != opset:
+        raise ExportError(
+            f"the exporter could not produce opset {opset} for '{loaded.name}' (it wrote opset "
+            f"{written}): use --opset {written} or newer"
+        )
     logger.info("exported %s to %s (opset %d)", loaded.name, path, opset)
     return path
+
+
+def _default_opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _dynamic_shapes(loaded: LoadedModel, module: object) -> object:

@@ -1,0 +1,451 @@
+"""Tests for the ``lrt-export`` CLI: every user error is one line with exit code 2 and leaves
+nothing behind; successful runs write a complete bundle."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+pytest.importorskip("transformers")
+
+from tiny_models import (  # noqa: E402
+    NoisyEncoder,
+    TinyLRTByDesign,
+    TrapEncoder,
+    make_tiny_encoder,
+    make_tiny_mlp,
+)
+
+from lrt_deploy.cli import main  # noqa: E402
+
+TESTS_DIR = Path(__file__).parent
+RUNS = ["--runs", "3"]
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_user_error(code: int, err: str) -> str:
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"stderr is not one line: {err!r}"
+    assert lines[0].startswith("lrt-export: error:"), lines[0]
+    return lines[0]
+
+
+def _assert_nothing_written(out_dir: Path) -> None:
+    assert not out_dir.exists(), f"{out_dir} was created by a failed run"
+    parent = out_dir.parent
+    leftovers = [p.name for p in parent.iterdir() if p.name.startswith((".lrt-export-",
+                                                                         ".lrt-old-"))]
+    assert leftovers == [], f"staging folders left behind: {leftovers}"
+
+
+def _fail(argv: list[str], capsys: pytest.CaptureFixture[str], out_dir: Path) -> str:
+    code, out, err = _cli([*argv, "-q", *RUNS, "-o", out_dir], capsys)
+    line = _assert_user_error(code, err)
+    _assert_nothing_written(out_dir)
+    return line
+
+
+def _argparse_fail(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert "error:" in err
+    assert "Traceback" not in err
+    return err
+
+
+# --- model files -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cli-models")
+    torch.save(make_tiny_encoder(), folder / "encoder.pt")
+    torch.save(TrapEncoder(), folder / "trap.pt")
+    torch.manual_seed(0)
+    torch.save(NoisyEncoder().eval(), folder / "noisy.pt")
+    torch.manual_seed(0)
+    torch.save(TinyLRTByDesign().eval(), folder / "led.pt")
+    torch.save(make_tiny_mlp().state_dict(), folder / "mlp_weights.pt")
+    traced = torch.jit.trace(make_tiny_mlp(), torch.randn(2, 16))
+    traced.save(str(folder / "mlp_traced.pt"))
+    (folder / "model.pt").write_text("plain text, not a model\n")
+    data = (folder / "encoder.pt").read_bytes()
+    (folder / "truncated.pt").write_bytes(data[: len(data) // 2])
+    # A zip that looks like a torch.save archive but lost its tensor data.
+    with zipfile.ZipFile(folder / "encoder.pt") as zin, \
+            zipfile.ZipFile(folder / "no_data.pt", "w") as zout:
+        for name in zin.namelist():
+            if "/data/" not in name:
+                zout.writestr(name, zin.read(name))
+    return folder
+
+
+# --- user errors -------------------------------------------------------------------------------
+
+
+def test_missing_file(capsys, tmp_path: Path) -> None:
+    line = _fail([tmp_path / "absent.pt"], capsys, tmp_path / "bundle")
+    assert "does not exist" in line
+
+
+def test_corrupt_archive(capsys, tmp_path: Path, models: Path) -> None:
+    line = _fail([models / "no_data.pt", "--trust-pickle"], capsys, tmp_path / "bundle")
+    assert "no_data.pt" in line
+
+
+def test_truncated_archive(capsys, tmp_path: Path, models: Path) -> None:
+    line = _fail([models / "truncated.pt", "--trust-pickle"], capsys, tmp_path / "bundle")
+    assert "truncated.pt" in line
+
+
+def test_text_file_is_unsupported(capsys, tmp_path: Path, models: Path) -> None:
+    line = _fail([models / "model.pt"], capsys, tmp_path / "bundle")
+    assert "not a PyTorch archive" in line
+
+
+def test_unknown_target(capsys, tmp_path: Path, models: Path) -> None:
+    err = _argparse_fail([models / "encoder.pt", "--target", "tpu", "-o", tmp_path / "b"], capsys)
+    assert "tpu" in err
+    _assert_nothing_written(tmp_path / "b")
+
+
+def test_untrusted_pickle(capsys, tmp_path: Path, models: Path) -> None:
+    import tiny_models
+
+    tiny_models.TRAP_FIRED.clear()
+    line = _fail([models / "trap.pt"], capsys, tmp_path / "bundle")
+    assert "--trust-pickle" in line
+    assert tiny_models.TRAP_FIRED == []
+
+
+def test_state_dict_without_factory(capsys, tmp_path: Path, models: Path) -> None:
+    line = _fail([models / "mlp_weights.pt"], capsys, tmp_path / "bundle")
+    assert "--factory" in line
+
+
+def test_rank_that_saves_nothing(capsys, tmp_path: Path, models: Path) -> None:
+    line = _fail(
+        [models / "encoder.pt", "--trust-pickle", "--rank", "1.0", "--solver", "svd"],
+        capsys, tmp_path / "bundle",
+    )
+    assert "saves parameters in no layer" in line
+    assert "--rank" in line
+
+
+def test_rank_on_torchscript_is_refused(capsys, tmp_path: Path, models: Path) -> None:
+    line = _fail(
+        [models / "mlp_traced.pt", "--input-shape", "x=2,16", "--rank", "0.5"],
+        capsys, tmp_path / "bundle",
+    )
+    assert "--rank" in line
+
+
+def test_asvd_on_non_text_model_needs_calibration(capsys, tmp_path: Path, models: Path) -> None:
+    line = _fail([models / "encoder.pt", "--trust-pickle", "--rank", "0.25"], capsys,
+                 tmp_path / "bundle")
+    assert "--calibration" in line
+
+
+def test_existing_output_without_force(capsys, tmp_path: Path, models: Path) -> None:
+    out_dir = tmp_path / "bundle"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("mine")
+    code, _, err = _cli(
+        [models / "encoder.pt", "--trust-pickle", "-q", *RUNS, "-o", out_dir], capsys
+    )
+    line = _assert_user_error(code, err)
+    assert "--force" in line
+    assert (out_dir / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lrt-")]
+
+
+def test_force_replaces_existing_output(capsys, tmp_path: Path, models: Path) -> None:
+    out_dir = tmp_path / "bundle"
+    out_dir.mkdir()
+    (out_dir / "stale.txt").write_text("old bundle")
+    code, out, err = _cli(
+        [models / "mlp_weights.pt", "--factory", "tiny_models:make_tiny_mlp",
+         "--input-shape", "x=2,16", "--force", "-q", *RUNS, "-o", out_dir],
+        capsys,
+    )
+    assert code == 0, err
+    assert not (out_dir / "stale.txt").exists()
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["source"]["format"] == "state-dict"
+    assert manifest["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 16]}]
+    assert "dense fp32" in out
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lrt-")]
+
+
+def test_export_that_fails_validation(capsys, tmp_path: Path, models: Path) -> None:
+    line = _fail([models / "noisy.pt", "--trust-pickle"], capsys, tmp_path / "bundle")
+    assert "output 'output'" in line
+    assert "max |diff|" in line
+
+
+def test_torchscript_without_input_shape(capsys, tmp_path: Path, models: Path) -> None:
+    line = _fail([models / "mlp_traced.pt"], capsys, tmp_path / "bundle")
+    assert "--input-shape" in line
+
+
+@pytest.mark.parametrize("spec", ["x=a,b", "x", "x=0,16", "=2,16"])
+def test_bad_input_shape(capsys, tmp_path: Path, models: Path, spec: str) -> None:
+    line = _fail([models / "mlp_traced.pt", "--input-shape", spec], capsys, tmp_path / "bundle")
+    assert "input shape" in line
+
+
+def test_unknown_input_dtype(capsys, tmp_path: Path, models: Path) -> None:
+    line = _fail([models / "mlp_traced.pt", "--input-shape", "x=2,16:float99"], capsys,
+                 tmp_path / "bundle")
+    assert "float99" in line
+
+
+@pytest.mark.parametrize("text", ["batch", "batch=0", "batch=x", "=1", "batch=1,"])
+def test_bad_fixed_shape(capsys, tmp_path: Path, models: Path, text: str) -> None:
+    err = _argparse_fail(
+        [models / "encoder.pt", "--trust-pickle", "--fixed-shape", text, "-o", tmp_path / "b"],
+        capsys,
+    )
+    assert "fixed shape" in err
+    _assert_nothing_written(tmp_path / "b")
+
+
+def test_fixed_shape_naming_unknown_dimension(capsys, tmp_path: Path, models: Path) -> None:
+    line = _fail([models / "encoder.pt", "--trust-pickle", "--fixed-shape", "sequence=16"],
+                 capsys, tmp_path / "bundle")
+    assert "sequence" in line and "batch" in line
+
+
+def test_output_parent_is_a_file(capsys, tmp_path: Path, models: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    code, _, err = _cli([models / "encoder.pt", "--trust-pickle", "-q", *RUNS, "-o",
+                         tmp_path / "afile" / "bundle"], capsys)
+    _assert_user_error(code, err)
+
+
+def test_fixed_batch_on_non_text_model(capsys, tmp_path: Path, models: Path) -> None:
+    out_dir = tmp_path / "bundle"
+    code, _, err = _cli([models / "encoder.pt", "--trust-pickle", "--fixed-shape", "batch=1",
+                         "-q", *RUNS, "-o", out_dir], capsys)
+    assert code == 0, err
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] == [1, 8]
+
+
+@pytest.mark.parametrize("argv", [["--rank", "half"], ["--quantize", "int4"]])
+def test_bad_option_values(capsys, tmp_path: Path, models: Path, argv: list[str]) -> None:
+    _argparse_fail([models / "encoder.pt", *argv, "-o", tmp_path / "b"], capsys)
+
+
+@pytest.mark.parametrize("argv", [["--runs", "0"], ["--rank", "0"], ["--rank", "1.5"]])
+def test_out_of_range_values(capsys, tmp_path: Path, models: Path, argv: list[str]) -> None:
+    code, _, err = _cli([models / "encoder.pt", "--trust-pickle", "-q", "-o",
+                         tmp_path / "bundle", *argv], capsys)
+    _assert_user_error(code, err)
+    _assert_nothing_written(tmp_path / "bundle")
+
+
+def test_subprocess_error_has_no_traceback(tmp_path: Path, models: Path) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p
+    )
+    out_dir = tmp_path / "bundle"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lrt_deploy.cli", str(models / "trap.pt"), "-q", *RUNS,
+         "-o", str(out_dir)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("lrt-export: error:")
+    assert "--trust-pickle" in lines[0]
+    assert proc.stdout == ""
+    _assert_nothing_written(out_dir)
+
+
+# --- successful runs ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mobile_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    out_dir = tmp_path_factory.mktemp("mobile") / "b"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main([
+            str(tiny_bert_dir), "--target", "mobile", "--rank", "0.5", "--quantize", "int8",
+            *RUNS, "-q", "-o", str(out_dir),
+        ])
+    return code, stdout.getvalue(), stderr.getvalue(), out_dir
+
+
+def test_mobile_bundle_files(mobile_bundle, tiny_bert_dir: Path) -> None:
+    code, _, err, out_dir = mobile_bundle
+    assert code == 0, err
+    assert "Traceback" not in err
+    names = {p.name for p in out_dir.iterdir()}
+    assert {
+        "model.onnx", "model.ort", "required_operators.config", "manifest.json",
+        "report.json", "report.md", "tokenizer.json",
+    } <= names
+    assert not [n for n in names if n.startswith(".")]
+    assert not [p for p in out_dir.parent.iterdir() if p.name.startswith(".lrt-")]
+    assert (out_dir / "tokenizer.json").read_bytes() == (
+        tiny_bert_dir / "tokenizer.json"
+    ).read_bytes()
+    config = (out_dir / "required_operators.config").read_text()
+    assert str(out_dir) not in config and str(tiny_bert_dir) not in config
+    report = json.loads((out_dir / "report.json").read_text())
+    assert isinstance(report, dict) and report
+
+
+def test_mobile_bundle_manifest(mobile_bundle, tiny_bert_dir: Path) -> None:
+    from lrt_deploy.load import source_hash
+
+    code, _, err, out_dir = mobile_bundle
+    assert code == 0, err
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert [i["name"] for i in manifest["inputs"]] == [
+        "input_ids", "attention_mask", "token_type_ids"
+    ]
+    for entry in manifest["inputs"]:
+        assert entry["dtype"] == "int64"
+        assert entry["shape"] == ["batch", "sequence"]
+    assert manifest["outputs"] == [
+        {"name": "sentence_embedding", "dtype": "float32", "shape": ["batch", 32]}
+    ]
+    assert manifest["opset"] == 18
+    assert manifest["target"]["name"] == "mobile"
+    assert manifest["target"]["quantize"] == "int8"
+    assert manifest["files"]["model"] == "model.ort"
+    assert manifest["variant"] == "LRT int8"
+
+    lowrank = manifest["lowrank"]
+    assert lowrank["origin"] == "post-training factorization"
+    assert lowrank["config"]["rank"] == 0.5
+    assert lowrank["layers"] and all(
+        isinstance(layer["rank"], int) for layer in lowrank["layers"]
+    )
+    factorized = [layer for layer in lowrank["layers"] if layer["action"] == "factorized"]
+    assert factorized and all(layer["rank"] == 16 for layer in factorized)
+    assert lowrank["params_after"] < lowrank["params_before"]
+
+    assert manifest["quantization"]["per_channel"] is True
+    assert manifest["quantization"]["quantized_ops"]["MatMulInteger"] > 0
+    assert 0.9 < manifest["fidelity"]["mean_cosine"] <= 1.0 + 1e-6
+    sizes = manifest["sizes"]
+    assert sizes["model_onnx_bytes"] == (out_dir / "model.onnx").stat().st_size
+    assert sizes["model_ort_bytes"] == (out_dir / "model.ort").stat().st_size
+    assert sizes["model_onnx_bytes"] < sizes["dense_fp32_onnx_bytes"]
+    assert manifest["source"]["sha256"] == source_hash(tiny_bert_dir)
+    assert manifest["tool"]["version"]
+    assert manifest["mobile"]["usability"]["ran"] is True
+    assert manifest["mobile"]["required_operators"]
+
+
+def test_mobile_bundle_table(mobile_bundle) -> None:
+    code, out, err, _ = mobile_bundle
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    labels = [row.split("|")[1].strip() for row in rows]
+    for label in ("dense fp32", "dense int8", "LRT fp32", "LRT int8"):
+        assert any(cell.startswith(label) for cell in labels), (label, labels)
+    assert any(cell == "LRT int8 (deployed)" for cell in labels)
+    assert any(cell == "dense fp32 (baseline)" for cell in labels)
+
+
+def test_mobile_bundle_runs_in_runtime(mobile_bundle) -> None:
+    from lrt_deploy.runtime import Session
+
+    code, _, err, out_dir = mobile_bundle
+    assert code == 0, err
+    session = Session(out_dir, threads=1)
+    assert session.model_path.name == "model.ort"
+    report = session.provider_report()
+    assert report["fell_back"] is True  # no NNAPI/CoreML/XNNPACK in the CPU-only wheel
+    assert report["active"] == ["CPUExecutionProvider"]
+    ids = np.array([[2, 7, 9, 10, 5, 11, 3]], dtype=np.int64)
+    outputs = session.run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    embedding = outputs["sentence_embedding"]
+    assert embedding.shape == (1, 32)
+    assert np.linalg.norm(embedding) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_mobile_bundle_permissions_follow_umask(mobile_bundle, tmp_path: Path) -> None:
+    code, _, err, out_dir = mobile_bundle
+    assert code == 0, err
+    reference_dir = tmp_path / "plain"
+    reference_dir.mkdir()
+    reference_file = reference_dir / "plain.txt"
+    reference_file.write_text("x")
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    if mode(reference_dir) == 0o700:
+        pytest.skip("umask 077: private modes are what the umask asks for anyway")
+
+    assert mode(out_dir) == mode(reference_dir)
+    assert {p.name: mode(p) for p in out_dir.iterdir()} == {
+        p.name: mode(reference_file) for p in out_dir.iterdir()
+    }
+
+
+def test_lowrank_by_design_default_output(capsys, tmp_path: Path, models: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli([models / "led.pt", "--trust-pickle", "--target", "cpu", "-q", *RUNS],
+                          capsys)
+    assert code == 0, err
+    out_dir = tmp_path / "out" / "led-cpu"
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    lowrank = manifest["lowrank"]
+    assert lowrank["origin"] == "by design"
+    assert [(layer["name"], layer["rank"]) for layer in lowrank["layers"]] == [("led", 4)]
+    assert manifest["target"]["name"] == "cpu"
+    assert "LRT fp32" in out
+    assert not (out_dir / "model.ort").exists()
+    assert "tokenizer" not in manifest["files"]
+
+
+def test_fixed_shape_bundle(capsys, tmp_path: Path, tiny_bert_dir: Path) -> None:
+    out_dir = tmp_path / "fixed"
+    code, out, err = _cli(
+        [tiny_bert_dir, "--target", "cpu", "--fixed-shape", "batch=1,sequence=16", "-q", *RUNS,
+         "-o", out_dir],
+        capsys,
+    )
+    assert code == 0, err
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert [i["shape"] for i in manifest["inputs"]] == [[1, 16]] * 3
+    assert manifest["outputs"][0]["shape"] == [1, 32]
+    assert manifest["target"]["fixed_shape"] == {"batch": 1, "sequence": 16}
+    assert manifest["benchmark"]["batch"] == 1 and manifest["benchmark"]["sequence"] == 16
+    assert "dense fp32" in out
