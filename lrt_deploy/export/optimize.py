@@ -24,11 +24,14 @@ class OptimizationResult:
     nodes_before: int
     nodes_after: int
     changes: dict[str, int] = field(default_factory=dict)
+    contrib_ops: frozenset[str] = frozenset()
 
     @property
     def fused(self) -> dict[str, int]:
-        """Op types the pass created (fused kernels such as SkipLayerNormalization)."""
-        return {op: n for op, n in self.changes.items() if n > 0}
+        """ONNX Runtime's fused kernels the pass created (com.microsoft ops such as
+        SkipLayerNormalization, FusedMatMul); plain ONNX ops it added (e.g. shape Gathers) are
+        only in ``changes``."""
+        return {op: n for op, n in self.changes.items() if n > 0 and op in self.contrib_ops}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -38,6 +41,13 @@ class OptimizationResult:
             "op_changes": self.changes,
             "fused": self.fused,
         }
+
+
+def _contrib_op_types(path: str | Path) -> frozenset[str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return frozenset(n.op_type for n in model.graph.node if n.domain == "com.microsoft")
 
 
 def optimize_graph(
@@ -72,6 +82,7 @@ def optimize_graph(
         nodes_before=sum(before.values()),
         nodes_after=sum(after.values()),
         changes=count_changes(before, after),
+        contrib_ops=_contrib_op_types(target),
     )
     logger.info("optimised (%s): %d -> %d nodes, fused %s", level, result.nodes_before,
                 result.nodes_after, result.fused)
