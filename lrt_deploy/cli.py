@@ -82,10 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep layers matching this name pattern dense (repeatable)")
 
     exp = parser.add_argument_group("export")
-    exp.add_argument("--quantize", choices=("int8", "none"), default="none",
-                     help="int8: dynamic quantisation, per-channel weights (default: none)")
+    exp.add_argument("--quantize", choices=("int8", "int4", "none"), default="none",
+                     help="int8: per-channel int8 weights (default: none); int4: 4-bit "
+                     "weight-only MatMulNBits")
+    exp.add_argument("--quant-format", choices=("dynamic", "qdq"), default="dynamic",
+                     help="int8 as dynamic quantisation (default) or static QDQ calibrated on "
+                     "the calibration data")
     exp.add_argument("--per-tensor", action="store_true",
                      help="one int8 scale per weight tensor instead of per channel")
+    exp.add_argument("--no-fusion", action="store_true",
+                     help="skip lrt-deploy's attention/GELU fusion (ORT's own passes still run)")
+    exp.add_argument("--no-float16", action="store_true",
+                     help="cuda: keep fp32 weights instead of fp16")
+    exp.add_argument("--tensorrt", action="store_true",
+                     help="cuda: list TensorRT before CUDA in the provider hints")
     exp.add_argument("--fixed-shape", type=_fixed_shape, metavar="NAME=SIZE,...",
                      help="fix symbolic dimensions, e.g. batch=1,sequence=128 (NNAPI/CoreML)")
     exp.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
@@ -119,10 +129,18 @@ def _run(args: argparse.Namespace) -> int:
     overrides: dict[str, object] = {
         "opset": args.opset,
         "optimization_level": args.optimization,
-        "quantize": None if args.quantize == "none" else args.quantize,
+        "quantize": "int8" if args.quantize == "int8" else None,
+        "weight_bits": 4 if args.quantize == "int4" else 8,
+        "quant_format": args.quant_format,
         "per_channel": not args.per_tensor,
         "fixed_shape": args.fixed_shape or {},
     }
+    if args.no_fusion:
+        overrides["fusion"] = False
+    if args.no_float16:
+        overrides["float16"] = False
+    if args.tensorrt:
+        overrides["tensorrt"] = True
     target = Target.from_name(args.target, **overrides)
     compress = None
     if args.rank is not None:

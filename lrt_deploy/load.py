@@ -89,6 +89,7 @@ class LoadedModel:
     source_path: Path | None = None
     tokenizer: Any = None
     max_length: int = 128
+    attention_shape: tuple[int, int] | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -329,12 +330,22 @@ def _load_huggingface(folder: Path, max_length: int) -> LoadedModel:
         kind=kind,
         tokenizer_file=tokenizer_file,
         tokenizer=tokenizer,
+        attention_shape=_attention_shape(backbone.config),
         max_length=min(
             max_length,
             getattr(tokenizer, "model_max_length", max_length),
             getattr(backbone.config, "max_position_embeddings", max_length),
         ),
     )
+
+
+def _attention_shape(config: Any) -> tuple[int, int] | None:
+    """(heads, hidden size) for the attention fusion, when the config states both."""
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if isinstance(heads, int) and isinstance(hidden, int) and hidden % heads == 0:
+        return heads, hidden
+    return None
 
 
 def _sentence_transformers_pooling(folder: Path) -> tuple[str, bool] | None:

@@ -291,8 +291,6 @@ def export_bundle(
     Returns:
         The manifest, report and per-variant measurements.
     """
-    from lrt_deploy.export.onnx_export import export_onnx
-
     settings = settings or BenchmarkSettings()
     if target.fixed_shape:
         # Latency is measured at the shape the graph is fixed to.
@@ -344,33 +342,19 @@ def export_bundle(
                 ("lrt", "LRT", loaded)
             ]
         variants: list[Variant] = []
+        calibration_feeds = None
+        if target.quantize and target.quant_format == "qdq":
+            progress("reading calibration data for static int8")
+            calibration_feeds = [
+                {n: t.numpy() for n, t in batch.items()}
+                for batch in calibration_batches(loaded, calibration)
+            ]
         for key, label, model in plan:
-            progress(f"exporting {label} to ONNX (opset {target.opset})")
-            raw = export_onnx(model, work / f"{key}.raw.onnx", opset=target.opset)
-            progress(f"validating {label} ONNX against PyTorch")
-            checks = _validate(raw, model, _validation_batches(model, evaluation))
-            progress(f"optimising {label} graph ({target.optimization_level})")
-            from lrt_deploy.export.optimize import optimize_graph
-
-            fp32 = work / f"{key}.fp32.onnx"
-            optimization = optimize_graph(raw, fp32, target.optimization_level).to_dict()
-            fp32 = _maybe_fix_shapes(fp32, target)
-            params = _count_params(model.module)
-            variants.append(Variant(
-                key=f"{key}-fp32", label=f"{label} fp32", onnx_path=fp32,
-                is_baseline=key == "dense" or len(plan) == 1, validation=checks,
-                optimization=optimization, params=params,
+            variants.extend(_build_variants(
+                key, label, model, plan_size=len(plan), target=target, work=work,
+                evaluation=evaluation, check_feeds=latency_inputs(loaded, settings),
+                calibration_feeds=calibration_feeds, progress=progress,
             ))
-            if target.quantize:
-                from lrt_deploy.export.quantize import quantize_int8
-
-                progress(f"quantising {label} to int8 (per_channel={target.per_channel})")
-                q = work / f"{key}.int8.onnx"
-                quant = quantize_int8(fp32, q, per_channel=target.per_channel).to_dict()
-                variants.append(Variant(
-                    key=f"{key}-int8", label=f"{label} int8", onnx_path=q,
-                    optimization=optimization, quantization=quant, params=params,
-                ))
         deployed = variants[-1]
         deployed.deployed = True
 
@@ -539,6 +523,89 @@ def _compress(
     return result, dense_loaded
 
 
+def _build_variants(
+    key: str,
+    label: str,
+    model: LoadedModel,
+    *,
+    plan_size: int,
+    target: Target,
+    work: Path,
+    evaluation: list[dict[str, Any]],
+    check_feeds: dict[str, np.ndarray],
+    calibration_feeds: list[dict[str, np.ndarray]] | None,
+    progress: ProgressFn,
+) -> list[Variant]:
+    """Export one model and derive its deployable variants: fp32 (optimised), then fp16 or
+    int8/int4 as the target asks. The dense model goes through exactly the same steps."""
+    from lrt_deploy.export.onnx_export import export_onnx
+    from lrt_deploy.export.reproducibility import normalize_for_reproducibility
+
+    progress(f"exporting {label} to ONNX (opset {target.opset})")
+    raw = export_onnx(model, work / f"{key}.raw.onnx", opset=target.opset)
+    # Drops exporter stack traces (absolute paths of this machine) so builds are reproducible.
+    normalize_for_reproducibility(raw)
+    progress(f"validating {label} ONNX against PyTorch")
+    checks = _validate(raw, model, _validation_batches(model, evaluation))
+    fp32 = work / f"{key}.fp32.onnx"
+    if target.fusion and model.attention_shape is not None:
+        from lrt_deploy.export.fusion import fuse_transformer
+
+        heads, hidden = model.attention_shape
+        progress(f"fusing {label} attention/GELU/LayerNorm, then ORT {target.optimization_level}")
+        optimization = fuse_transformer(
+            raw, fp32, num_heads=heads, hidden_size=hidden, level=target.optimization_level,
+            check_inputs=check_feeds,
+        ).to_dict()
+    else:
+        from lrt_deploy.export.optimize import optimize_graph
+
+        progress(f"optimising {label} graph ({target.optimization_level})")
+        optimization = optimize_graph(raw, fp32, target.optimization_level).to_dict()
+    fp32 = _maybe_fix_shapes(fp32, target)
+    params = _count_params(model.module)
+    variants = [Variant(
+        key=f"{key}-fp32", label=f"{label} fp32", onnx_path=fp32,
+        is_baseline=key == "dense" or plan_size == 1, validation=checks,
+        optimization=optimization, params=params,
+    )]
+    derived: tuple[str, Path, dict[str, Any]] | None = None
+    if target.float16:
+        from lrt_deploy.export.float16 import convert_float16
+
+        progress(f"converting {label} to fp16 (LayerNorm/Softmax kept fp32)")
+        path = work / f"{key}.fp16.onnx"
+        derived = ("fp16", path, convert_float16(fp32, path).to_dict())
+    elif target.weight_bits == 4:
+        from lrt_deploy.export.quantize import quantize_weights_4bit
+
+        progress(f"quantising {label} MatMul weights to 4 bits (MatMulNBits, block 32)")
+        path = work / f"{key}.int4.onnx"
+        derived = ("int4", path, quantize_weights_4bit(fp32, path, block_size=32).to_dict())
+    elif target.quantize and target.quant_format == "qdq":
+        from lrt_deploy.export.quantize import quantize_static_int8
+
+        progress(f"quantising {label} to static int8 QDQ (calibrated)")
+        path = work / f"{key}.int8.onnx"
+        derived = ("int8", path, quantize_static_int8(
+            fp32, path, calibration_feeds or [], per_channel=target.per_channel
+        ).to_dict())
+    elif target.quantize:
+        from lrt_deploy.export.quantize import quantize_int8
+
+        progress(f"quantising {label} to int8 (per_channel={target.per_channel})")
+        path = work / f"{key}.int8.onnx"
+        derived = ("int8", path, quantize_int8(fp32, path, per_channel=target.per_channel)
+                   .to_dict())
+    if derived is not None:
+        suffix, path, details = derived
+        variants.append(Variant(
+            key=f"{key}-{suffix}", label=f"{label} {suffix}", onnx_path=path,
+            optimization=optimization, quantization=details, params=params,
+        ))
+    return variants
+
+
 def _validate(path: Path, model: LoadedModel, batches: list[dict]) -> list[dict[str, Any]]:
     from lrt_deploy.export.validate import validate_onnx
 
@@ -642,7 +709,13 @@ def _write_bundle(
             "sha256": loaded.source_hash,
             "kind": loaded.kind,
         },
-        "target": target.to_dict(),
+        "target": {
+            **target.to_dict(),
+            "provider_hints": [
+                {"provider": name, "options": options}
+                for name, options in target.provider_hints()
+            ],
+        },
         "files": files,
         "inputs": tensor_info(model.graph.input),
         "outputs": tensor_info(model.graph.output),

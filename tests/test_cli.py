@@ -257,7 +257,7 @@ def test_fixed_batch_on_non_text_model(capsys, tmp_path: Path, models: Path) -> 
     assert manifest["inputs"][0]["shape"] == [1, 8]
 
 
-@pytest.mark.parametrize("argv", [["--rank", "half"], ["--quantize", "int4"]])
+@pytest.mark.parametrize("argv", [["--rank", "half"], ["--quantize", "int2"]])
 def test_bad_option_values(capsys, tmp_path: Path, models: Path, argv: list[str]) -> None:
     _argparse_fail([models / "encoder.pt", *argv, "-o", tmp_path / "b"], capsys)
 
@@ -449,3 +449,47 @@ def test_fixed_shape_bundle(capsys, tmp_path: Path, tiny_bert_dir: Path) -> None
     assert manifest["target"]["fixed_shape"] == {"batch": 1, "sequence": 16}
     assert manifest["benchmark"]["batch"] == 1 and manifest["benchmark"]["sequence"] == 16
     assert "dense fp32" in out
+
+
+# --- export options ----------------------------------------------------------------------------
+
+
+def _ops(path: Path) -> dict[str, int]:
+    from lrt_deploy.export.graph import op_counts
+
+    return dict(op_counts(path))
+
+
+@pytest.mark.parametrize(
+    "options, suffix, expected_op",
+    [
+        (["--quantize", "int4"], "int4", "MatMulNBits"),
+        (["--quantize", "int8", "--quant-format", "qdq"], "int8", "DequantizeLinear"),
+        (["--target", "cuda"], "fp16", "Cast"),
+    ],
+)
+def test_quantisation_and_precision_options(
+    capsys, tmp_path: Path, tiny_bert_dir: Path, options: list[str], suffix: str,
+    expected_op: str,
+) -> None:
+    out_dir = tmp_path / "bundle"
+    code, out, err = _cli([tiny_bert_dir, *options, "-q", *RUNS, "-o", out_dir], capsys)
+    assert code == 0, err
+    assert f"dense {suffix} (deployed)" in out
+    assert _ops(out_dir / "model.onnx").get(expected_op, 0) > 0
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["variant"] == f"dense {suffix}"
+    assert 0.9 < manifest["fidelity"]["mean_cosine"] <= 1.0 + 1e-6
+
+
+def test_fusion_on_by_default_and_off_on_request(
+    capsys, tmp_path: Path, tiny_bert_dir: Path
+) -> None:
+    fused, plain = tmp_path / "fused", tmp_path / "plain"
+    assert _cli([tiny_bert_dir, "-q", *RUNS, "-o", fused], capsys)[0] == 0
+    assert _cli([tiny_bert_dir, "--no-fusion", "-q", *RUNS, "-o", plain], capsys)[0] == 0
+    assert _ops(fused / "model.onnx").get("MultiHeadAttention") == 2
+    assert "MultiHeadAttention" not in _ops(plain / "model.onnx")
+    manifest = json.loads((fused / "manifest.json").read_text())
+    assert manifest["optimization"]["attention_layers"] == 2
+    assert manifest["optimization"]["max_abs_diff"] < 1e-4

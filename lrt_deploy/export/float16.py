@@ -1,0 +1,96 @@
+"""fp16 weights and compute for the cuda target, with precision-sensitive ops kept in fp32.
+
+Normalisation and softmax reduce over many values, where fp16's 10-bit mantissa and 65504 range
+lose the most (variance sums, exp of large logits); they stay fp32 with Casts around them. Inputs
+and outputs keep their types (``keep_io_types``), so the app's feeds do not change.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lrt_deploy.export.graph import count_changes, op_counts
+
+__all__ = ["FP32_OPS", "Float16Result", "convert_float16"]
+
+logger = logging.getLogger(__name__)
+
+FP32_OPS = (
+    "LayerNormalization",
+    "SkipLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "EmbedLayerNormalization",
+    "Softmax",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceL2",
+    "Pow",
+    "Sqrt",
+    "Erf",
+)
+
+
+@dataclass
+class Float16Result:
+    """What the fp16 conversion did."""
+
+    kept_fp32_ops: list[str]
+    casts_added: int
+    fp16_initializers: int
+    changes: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kept_fp32_ops": self.kept_fp32_ops,
+            "casts_added": self.casts_added,
+            "fp16_initializers": self.fp16_initializers,
+            "op_changes": self.changes,
+        }
+
+
+def convert_float16(
+    source: str | Path,
+    target: str | Path,
+    *,
+    keep_fp32_ops: tuple[str, ...] = FP32_OPS,
+    keep_io_types: bool = True,
+) -> Float16Result:
+    """Convert ``source`` to fp16, keeping ``keep_fp32_ops`` (and ONNX Runtime's own default
+    block list) in fp32.
+
+    Args:
+        source: fp32 ONNX file (fused or not; fuse first for the CUDA attention kernels).
+        target: Where the fp16 ONNX file goes.
+        keep_fp32_ops: Op types computed in fp32.
+        keep_io_types: Graph inputs and outputs stay fp32 (Casts are inserted inside).
+
+    Returns:
+        Ops kept in fp32, Casts added, fp16 initializer count.
+    """
+    import onnx
+    from onnx import TensorProto
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.load(str(source))
+    blocked = sorted({*DEFAULT_OP_BLOCK_LIST, *keep_fp32_ops})
+    converted = convert_float_to_float16(
+        model, keep_io_types=keep_io_types, op_block_list=blocked
+    )
+    onnx.save(converted, str(target))
+    before, after = op_counts(source), op_counts(target)
+    present = sorted(op for op in keep_fp32_ops if after.get(op))
+    result = Float16Result(
+        kept_fp32_ops=present,
+        casts_added=after.get("Cast", 0) - before.get("Cast", 0),
+        fp16_initializers=sum(
+            1 for init in converted.graph.initializer if init.data_type == TensorProto.FLOAT16
+        ),
+        changes=count_changes(before, after),
+    )
+    logger.info("converted to fp16: %d initializers, %d Casts, fp32 kept for %s",
+                result.fp16_initializers, result.casts_added, present)
+    return result
