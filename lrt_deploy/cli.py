@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     comp = parser.add_argument_group("compression")
     comp.add_argument("--rank", type=_rank,
                       help="factorize Linear layers to this rank (int) or fraction of full rank")
+    comp.add_argument("--budget", type=float, metavar="FRACTION",
+                      help="keep this fraction of the candidate layers' parameters, ranks "
+                      "allocated across layers by measured sensitivity (e.g. 0.7)")
+    comp.add_argument("--energy", type=float, metavar="FRACTION",
+                      help="per layer, the smallest rank keeping this fraction of the "
+                      "(whitened) spectrum energy (e.g. 0.95)")
+    comp.add_argument("--heal", type=int, default=0, metavar="STEPS",
+                      help="after factorizing, distil towards the dense model for STEPS steps "
+                      "on the calibration data (keeps the best; never worse)")
     comp.add_argument("--solver", choices=("asvd", "svd"), default="asvd",
                       help="asvd: activation-aware (calibrated) SVD (default); svd: plain SVD")
     comp.add_argument("--calibration", metavar="FILE",
@@ -142,10 +151,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.tensorrt:
         overrides["tensorrt"] = True
     target = Target.from_name(args.target, **overrides)
+    chosen = [flag for flag, value in (("--rank", args.rank), ("--budget", args.budget),
+                                         ("--energy", args.energy)) if value is not None]
+    if len(chosen) > 1:
+        raise _usage_error(f"{' and '.join(chosen)} exclude each other: choose one")
+    if args.heal < 0 or (args.heal and not chosen):
+        raise _usage_error("--heal needs a factorization (--rank, --budget or --energy) and "
+                           "a step count >= 1")
     compress = None
-    if args.rank is not None:
+    if chosen:
+        policy = {"--rank": "uniform", "--budget": "budget", "--energy": "energy"}[chosen[0]]
         compress = LowRankConfig(
             rank=args.rank,
+            policy=policy,
+            budget=args.budget,
+            energy=args.energy,
             solver=args.solver,
             factorize_embeddings=args.factorize_embeddings,
             skip=tuple(args.skip),
@@ -177,6 +197,7 @@ def _run(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         settings=settings,
         force=args.force,
+        heal_steps=args.heal,
         progress=progress,
     )
     print(result.report.to_markdown())

@@ -274,6 +274,7 @@ def export_bundle(
     calibration: str | Path | None = None,
     settings: BenchmarkSettings | None = None,
     force: bool = False,
+    heal_steps: int = 0,
     progress: ProgressFn = _noop,
 ) -> BundleResult:
     """Build a deployment bundle for ``loaded`` and measure it against the dense baseline.
@@ -286,6 +287,8 @@ def export_bundle(
         calibration: Text lines or ``.npz`` for activation-aware factorization.
         settings: Benchmark settings shared by all variants.
         force: Replace ``out_dir`` if it exists.
+        heal_steps: After factorizing, distil towards the dense model for this many steps
+            (keeps the best step; never worse than before).
         progress: Called with a short line as each stage starts.
 
     Returns:
@@ -316,10 +319,12 @@ def export_bundle(
             f"cannot create the output folder '{out_dir}': {exc.strerror or exc}; choose another -o"
         ) from exc
     try:
-        factorization = None
+        factorization, healing = None, None
         dense_loaded = loaded
         if compress is not None:
-            factorization, dense_loaded = _compress(loaded, compress, calibration, progress)
+            factorization, dense_loaded, healing = _compress(
+                loaded, compress, calibration, progress, heal_steps
+            )
 
         progress("preparing held-out evaluation data")
         evaluation = evaluation_batches(loaded, settings)
@@ -373,7 +378,8 @@ def export_bundle(
 
         progress("packaging the bundle")
         manifest = _write_bundle(
-            staging, loaded, target, variants, deployed, factorization, compress, settings
+            staging, loaded, target, variants, deployed, factorization, compress, settings,
+            healing,
         )
         report = _build_report(loaded, target, variants, factorization, settings, manifest)
         report.write(staging)
@@ -404,6 +410,7 @@ def _build_report(
             latency=v.latency,
             fidelity=v.fidelity,
             provider_report=v.provider,
+            notes=_healing_notes(manifest) if v.label.startswith("LRT") else [],
         )
         for v in variants
     ]
@@ -469,6 +476,17 @@ def _quiet_logger(name: str, *, enabled: bool) -> Iterator[None]:
         log.setLevel(level)
 
 
+def _healing_notes(manifest: dict[str, Any]) -> list[str]:
+    healing = (manifest.get("lowrank") or {}).get("healing")
+    if not healing:
+        return []
+    return [
+        f"healed {healing['steps_run']} steps in {healing['seconds']:.0f}s, kept step "
+        f"{healing['best_step']}; mean cosine on the {healing['selection_data']} "
+        f"{healing['before']['mean_cosine']:.4f} -> {healing['after']['mean_cosine']:.4f}"
+    ]
+
+
 def _lowrank_by_design(loaded: LoadedModel) -> list[dict[str, Any]]:
     """Low-rank units the model was built with, read from its modules or, for graphs whose
     module classes are gone (.pt2, TorchScript), from the shapes of its weights."""
@@ -494,10 +512,22 @@ def _lowrank_by_design(loaded: LoadedModel) -> list[dict[str, Any]]:
     return [{**layer, "action": "low-rank by design"} for layer in lowrank_layers_in_weights(state)]
 
 
+def describe_config(config: LowRankConfig) -> str:
+    """A short description of what a factorization config asks for, for progress and errors."""
+    if config.policy == "budget":
+        what = f"budget {config.budget:g} of the candidate parameters"
+    elif config.policy == "energy":
+        what = f"energy {config.energy:g} of each layer's spectrum"
+    else:
+        what = f"rank {config.rank}"
+    embeddings = ", embeddings too" if config.factorize_embeddings else ""
+    return f"{config.solver}, {what}{embeddings}"
+
+
 def _compress(
     loaded: LoadedModel, config: LowRankConfig, calibration: str | Path | None,
-    progress: ProgressFn,
-) -> tuple[FactorizationResult, LoadedModel]:
+    progress: ProgressFn, heal_steps: int = 0,
+) -> tuple[FactorizationResult, LoadedModel, dict[str, Any] | None]:
     from lrt_deploy.compress import factorize_
 
     if not loaded.can_compress:
@@ -508,19 +538,75 @@ def _compress(
         )
     dense_loaded = dataclasses.replace(loaded, module=copy.deepcopy(loaded.module))
     batches = None
-    if config.solver == "asvd":
+    if config.solver == "asvd" or heal_steps:
         progress("reading calibration data")
         batches = calibration_batches(loaded, calibration)
-    progress(f"factorizing ({config.solver}, rank {config.rank})")
-    result = factorize_(loaded.module, config, calibration=batches)
+    progress(f"factorizing ({describe_config(config)})")
+    result = factorize_(
+        loaded.module, config, calibration=batches if config.solver == "asvd" else None
+    )
     if not result.factorized:
         reasons = "; ".join(sorted({d.reason for d in result.kept_dense})[:3])
         raise LrtDeployError(
-            f"rank {config.rank} saves parameters in no layer ({reasons}): choose a smaller rank, "
-            "e.g. --rank 0.25"
+            f"{describe_config(config)} saves parameters in no layer ({reasons}): choose a "
+            "smaller rank or budget, e.g. --rank 0.25"
         )
     logger.info(result.summary())
-    return result, dense_loaded
+    healing = None
+    if heal_steps:
+        healing = _heal(loaded, dense_loaded, batches or [], heal_steps, progress)
+    return result, dense_loaded, healing
+
+
+def _heal(
+    loaded: LoadedModel, dense: LoadedModel, batches: list[dict[str, Any]], steps: int,
+    progress: ProgressFn,
+) -> dict[str, Any]:
+    """Distil the factorized model towards the dense one on calibration data.
+
+    The best step is chosen on the last fifth of the calibration batches, never on the
+    held-out text the report's fidelity is measured on.
+    """
+    from lrt_deploy.compress import heal_
+
+    if len(batches) < 2:
+        raise LrtDeployError(
+            "--heal needs at least two calibration batches: give more calibration data"
+        )
+    split = max(1, len(batches) // 5)
+    train, select = batches[:-split], batches[-split:]
+    progress(f"healing: {steps} distillation steps on {len(train)} calibration batches")
+    result = heal_(
+        loaded.module, dense.module, train, steps=steps, eval_batches=select,
+        hidden_modules=_block_names(loaded.module), progress=True,
+    )
+    progress(
+        f"healing kept step {result.best_step}: calibration-split mean cosine "
+        f"{result.before_mean_cosine:.4f} -> {result.after_mean_cosine:.4f}"
+    )
+    return {
+        "steps": steps,
+        "steps_run": result.steps_run,
+        "best_step": result.best_step,
+        "seconds": result.seconds,
+        "selection_data": "last fifth of the calibration batches",
+        "before": {"mean_cosine": result.before_mean_cosine,
+                   "worst_cosine": result.before_worst_cosine},
+        "after": {"mean_cosine": result.after_mean_cosine,
+                  "worst_cosine": result.after_worst_cosine},
+        "stopped_early": result.stopped_early,
+    }
+
+
+def _block_names(module: Any) -> list[str]:
+    """Names of the repeated blocks (the first ModuleList with several entries), whose outputs
+    healing matches besides the final output."""
+    import torch
+
+    for name, child in module.named_modules():
+        if isinstance(child, torch.nn.ModuleList) and len(child) > 1:
+            return [f"{name}.{index}" for index in range(len(child))]
+    return []
 
 
 def _build_variants(
@@ -657,6 +743,7 @@ def _write_bundle(
     factorization: FactorizationResult | None,
     compress: LowRankConfig | None,
     settings: BenchmarkSettings,
+    healing: dict[str, Any] | None,
 ) -> dict[str, Any]:
     import onnx
 
@@ -723,7 +810,7 @@ def _write_bundle(
         "variant": deployed.label,
         "quantization": deployed.quantization,
         "optimization": deployed.optimization,
-        "lowrank": _lowrank_section(loaded, factorization, compress),
+        "lowrank": _lowrank_section(loaded, factorization, compress, healing),
         "fidelity": deployed.fidelity,
         "validation": deployed.validation or variants[0].validation,
         "sizes": {
@@ -759,7 +846,7 @@ def _check_ort_runs(
 
 def _lowrank_section(
     loaded: LoadedModel, factorization: FactorizationResult | None,
-    compress: LowRankConfig | None,
+    compress: LowRankConfig | None, healing: dict[str, Any] | None,
 ) -> dict[str, Any] | None:
     if factorization is not None and compress is not None:
         return {
@@ -768,6 +855,7 @@ def _lowrank_section(
             "layers": [d.to_dict() for d in factorization.layers],
             "params_before": factorization.params_before,
             "params_after": factorization.params_after,
+            "healing": healing,
         }
     layers = _lowrank_by_design(loaded)
     if layers:

@@ -493,3 +493,49 @@ def test_fusion_on_by_default_and_off_on_request(
     manifest = json.loads((fused / "manifest.json").read_text())
     assert manifest["optimization"]["attention_layers"] == 2
     assert manifest["optimization"]["max_abs_diff"] < 1e-4
+
+
+# --- compression options -----------------------------------------------------------------------
+
+
+def test_budget_with_embeddings_and_healing(capsys, tmp_path: Path, tiny_bert_dir: Path) -> None:
+    out_dir = tmp_path / "bundle"
+    code, out, err = _cli([tiny_bert_dir, "--budget", "0.6", "--factorize-embeddings",
+                           "--heal", "5", "-q", *RUNS, "-o", out_dir], capsys)
+    assert code == 0, err
+    lowrank = json.loads((out_dir / "manifest.json").read_text())["lowrank"]
+    assert lowrank["config"]["policy"] == "budget"
+    assert lowrank["params_after"] <= 0.6 * lowrank["params_before"] * 1.05
+    # The tiny vocabulary (30 x 32) cannot save parameters, so it is considered and kept dense.
+    embeddings = [layer for layer in lowrank["layers"] if layer["kind"] == "embedding"]
+    assert embeddings and all(layer["action"] == "kept_dense" for layer in embeddings)
+    assert any(layer["action"] == "factorized" for layer in lowrank["layers"])
+    healing = lowrank["healing"]
+    assert healing["steps_run"] <= 5
+    assert healing["after"]["mean_cosine"] >= healing["before"]["mean_cosine"]
+    assert "healed" in out
+
+
+def test_energy_policy(capsys, tmp_path: Path, tiny_bert_dir: Path) -> None:
+    out_dir = tmp_path / "bundle"
+    code, _, err = _cli([tiny_bert_dir, "--energy", "0.9", "-q", *RUNS, "-o", out_dir], capsys)
+    assert code == 0, err
+    lowrank = json.loads((out_dir / "manifest.json").read_text())["lowrank"]
+    assert lowrank["config"]["policy"] == "energy"
+    assert all(layer["energy_kept"] >= 0.9 - 1e-6 for layer in lowrank["layers"]
+               if layer["action"] == "factorized")
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--rank", "0.5", "--budget", "0.5"], "exclude each other"),
+        (["--heal", "10"], "--heal needs a factorization"),
+        (["--budget", "1.5"], "budget"),
+    ],
+)
+def test_compression_option_errors(
+    capsys, tmp_path: Path, tiny_bert_dir: Path, argv: list[str], words: str
+) -> None:
+    line = _fail([tiny_bert_dir, *argv], capsys, tmp_path / "bundle")
+    assert words in line

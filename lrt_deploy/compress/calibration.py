@@ -1,17 +1,24 @@
-"""Streaming collection of per-layer input second moments ``E[x x^T]`` for activation-aware SVD."""
+"""Streaming calibration statistics: per-layer input second moments ``E[x x^T]`` of linear layers
+(activation-aware SVD) and index counts of embedding tables (frequency-weighted factorization)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 __all__ = [
+    "CalibrationStatistics",
+    "primary_output",
+    "EmbeddingIndexCounter",
     "InputCovarianceCollector",
+    "collect_calibration_statistics",
     "collect_input_covariances",
 ]
 
@@ -109,6 +116,163 @@ class InputCovarianceCollector:
         return result
 
 
+def primary_output(outputs: Any) -> torch.Tensor:
+    """The output fidelity is judged on: a tensor itself, a dict's first value, a Hugging Face
+    ``ModelOutput``'s ``last_hidden_state``, or a tuple's first tensor.
+
+    Raises:
+        TypeError: No tensor can be found in ``outputs``.
+    """
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if hasattr(outputs, "last_hidden_state") and outputs.last_hidden_state is not None:
+        return outputs.last_hidden_state
+    if isinstance(outputs, Mapping) and outputs:
+        return primary_output(next(iter(outputs.values())))
+    if isinstance(outputs, (tuple, list)) and outputs:
+        return primary_output(outputs[0])
+    raise TypeError(
+        f"cannot find the primary output in a {type(outputs).__name__}: return a tensor, a dict "
+        "of tensors or a ModelOutput"
+    )
+
+
+class EmbeddingIndexCounter:
+    """Count how often each row of chosen embedding tables is looked up.
+
+    The counts weight the rows when a table is factorized, so frequent tokens are fitted best.
+    Used like :class:`InputCovarianceCollector`, whose token mask convention it shares.
+
+    Args:
+        modules: Qualified name -> embedding to observe.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Embedding]) -> None:
+        self._modules = dict(modules)
+        self.counts: dict[str, torch.Tensor] = {
+            name: torch.zeros(module.num_embeddings, dtype=torch.float64)
+            for name, module in self._modules.items()
+        }
+        self._mask: torch.Tensor | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self) -> None:
+        """Register the forward pre-hooks (idempotent)."""
+        if self._handles:
+            return
+        for name, module in self._modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+
+    def detach(self) -> None:
+        """Remove the hooks; the counts are kept."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> EmbeddingIndexCounter:
+        self.attach()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.detach()
+
+    def set_token_mask(self, mask: torch.Tensor | None) -> None:
+        """Count only the ``[batch, seq]`` indices where ``mask`` is true (None: all).
+
+        Index tensors of another shape (e.g. BERT's ``[1, seq]`` position ids) are counted whole.
+        """
+        self._mask = None if mask is None else mask.detach().bool()
+
+    def _make_hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            indices = args[0].detach()
+            mask = self._mask
+            if mask is not None and indices.shape == mask.shape:
+                indices = indices[mask.to(indices.device)]
+            counts = self.counts[name]
+            counts += torch.bincount(indices.reshape(-1).cpu(), minlength=counts.numel()).double()
+
+        return hook
+
+
+@dataclass
+class CalibrationStatistics:
+    """What one calibration pass measured.
+
+    Attributes:
+        covariances: Linear layer name -> float64 ``E[x x^T]`` of its inputs.
+        index_counts: Embedding name -> float64 lookup count of each row.
+    """
+
+    covariances: dict[str, torch.Tensor] = field(default_factory=dict)
+    index_counts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _named_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    named = dict(model.named_modules())
+    modules = {}
+    for name in names:
+        if name not in named:
+            raise KeyError(f"model has no module named {name!r}")
+        modules[name] = named[name]
+    return modules
+
+
+def collect_calibration_statistics(
+    model: nn.Module,
+    linear_names: Iterable[str],
+    embedding_names: Iterable[str],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    mask_key: str | None = "attention_mask",
+) -> CalibrationStatistics:
+    """Run calibration batches through ``model`` once, measuring linear inputs and lookups.
+
+    The model runs in eval mode (restored afterwards) under ``torch.no_grad()``; tensors in each
+    batch are moved to the model's device.
+
+    Args:
+        model: Model called as ``model(**batch)``.
+        linear_names: Qualified names of the ``nn.Linear`` layers whose ``E[x x^T]`` to collect.
+        embedding_names: Qualified names of the ``nn.Embedding`` tables whose rows to count.
+        batches: Keyword-argument dicts for the model's forward; iterated once.
+        mask_key: Batch entry holding the ``[batch, seq]`` token mask that excludes padding
+            from the statistics (it is still passed to the model); None uses all tokens.
+
+    Returns:
+        The covariances and index counts.
+    """
+    linears = _named_modules(model, linear_names)
+    embeddings = _named_modules(model, embedding_names)
+    device = next(model.parameters(), torch.empty(0)).device
+
+    was_training = model.training
+    model.eval()
+    try:
+        with (
+            torch.no_grad(),
+            InputCovarianceCollector(linears) as collector,
+            EmbeddingIndexCounter(embeddings) as counter,
+        ):
+            # disable=None turns the bar off when stderr is not a terminal (CI, logs).
+            for batch in tqdm(batches, desc="calibration", unit="batch", disable=None):
+                inputs = {
+                    key: value.to(device) if isinstance(value, torch.Tensor) else value
+                    for key, value in batch.items()
+                }
+                mask = inputs.get(mask_key) if mask_key else None
+                collector.set_token_mask(mask)
+                counter.set_token_mask(mask)
+                model(**inputs)
+    finally:
+        model.train(was_training)
+    return CalibrationStatistics(collector.covariances(), counter.counts)
+
+
 def collect_input_covariances(
     model: nn.Module,
     module_names: Iterable[str],
@@ -130,26 +294,4 @@ def collect_input_covariances(
     Returns:
         Name -> float64 ``in x in`` second moment.
     """
-    named = dict(model.named_modules())
-    modules = {}
-    for name in module_names:
-        if name not in named:
-            raise KeyError(f"model has no module named {name!r}")
-        modules[name] = named[name]
-    device = next(model.parameters(), torch.empty(0)).device
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), InputCovarianceCollector(modules) as collector:
-            # disable=None turns the bar off when stderr is not a terminal (CI, logs).
-            for batch in tqdm(batches, desc="calibration", unit="batch", disable=None):
-                inputs = {
-                    key: value.to(device) if isinstance(value, torch.Tensor) else value
-                    for key, value in batch.items()
-                }
-                collector.set_token_mask(inputs.get(mask_key) if mask_key else None)
-                model(**inputs)
-    finally:
-        model.train(was_training)
-    return collector.covariances()
+    return collect_calibration_statistics(model, module_names, (), batches, mask_key).covariances

@@ -1,7 +1,9 @@
 """In-place factorization of a model's layers into low-rank pairs: ``factorize_``.
 
 A registry maps a layer type to a handler that builds its low-rank replacement; the model walker
-is generic and decides per layer (skip patterns, rank, parameter saving) before calling it.
+is generic and decides per layer (skip patterns, rank, parameter saving) before calling it. Each
+layer's spectrum is computed once: a rank policy (``lrt_deploy.compress.policies``) chooses ranks
+from it and the handler builds the factors from it.
 """
 
 from __future__ import annotations
@@ -13,10 +15,28 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from lrt_deploy.compress.calibration import collect_input_covariances
+from lrt_deploy.compress.calibration import (
+    CalibrationStatistics,
+    collect_calibration_statistics,
+    primary_output,
+)
 from lrt_deploy.compress.config import LowRankConfig, LowRankConfigError
-from lrt_deploy.compress.solvers import embedding_factors, svd_factors, whitened_svd_factors
+from lrt_deploy.compress.policies import (
+    RankChoice,
+    RankedLayer,
+    budget_ranks,
+    energy_ranks,
+    max_saving_rank,
+    spectrum_measure,
+)
+from lrt_deploy.compress.solvers import (
+    Spectrum,
+    embedding_spectrum,
+    svd_spectrum,
+    whitened_spectrum,
+)
 from lrt_deploy.nn.lowrank import LowRankEmbedding, LowRankLinear, is_lowrank_pair
 
 __all__ = [
@@ -39,14 +59,22 @@ class FactorizationContext:
         config: The run's configuration.
         input_covariance: ``E[x x^T]`` of the module's inputs when the handler asked for
             calibration statistics and the solver uses them, else None.
+        index_counts: Per-row lookup counts of an embedding on the calibration data when the
+            handler asked for them and the solver uses calibration, else None.
+        spectrum: The layer's spectrum, computed once by ``factorize_`` when the registration
+            provides a spectrum function (or a rank policy needed one); build the factors from
+            it rather than decomposing the weight again.
     """
 
     name: str
     config: LowRankConfig
     input_covariance: torch.Tensor | None = None
+    index_counts: torch.Tensor | None = None
+    spectrum: Spectrum | None = None
 
 
 Handler = Callable[[nn.Module, int, FactorizationContext], nn.Module | None]
+SpectrumFn = Callable[[nn.Module, FactorizationContext], Spectrum]
 
 
 @dataclass(frozen=True)
@@ -55,6 +83,8 @@ class _Registration:
     handler: Handler
     enabled: Callable[[LowRankConfig], bool]
     uses_input_covariance: bool
+    uses_index_counts: bool
+    spectrum: SpectrumFn | None
 
 
 _HANDLERS: dict[type[nn.Module], _Registration] = {}
@@ -66,6 +96,8 @@ def register_handler(
     kind: str | None = None,
     enabled: Callable[[LowRankConfig], bool] | None = None,
     uses_input_covariance: bool = False,
+    uses_index_counts: bool = False,
+    spectrum: SpectrumFn | None = None,
 ) -> Callable[[Handler], Handler]:
     """Register a handler building the low-rank replacement of ``module_type`` layers.
 
@@ -78,6 +110,10 @@ def register_handler(
         kind: Name in reports; defaults to the lower-cased class name.
         enabled: Whether the config asks for this kind of layer at all; default always.
         uses_input_covariance: Collect ``E[x x^T]`` of the layer's inputs for ``"asvd"``.
+        uses_index_counts: Count the layer's input indices (embedding lookups) for ``"asvd"``.
+        spectrum: ``spectrum(module, context) -> Spectrum`` giving the singular values the
+            layer's error is measured by, passed to the handler as ``context.spectrum``. Without
+            it, rank policies other than ``"uniform"`` use the plain SVD of ``weight``.
 
     Returns:
         A decorator registering ``handler(module, rank, context) -> nn.Module | None``; a
@@ -90,6 +126,8 @@ def register_handler(
             handler=handler,
             enabled=enabled or (lambda config: True),
             uses_input_covariance=uses_input_covariance,
+            uses_index_counts=uses_index_counts,
+            spectrum=spectrum,
         )
         return handler
 
@@ -103,21 +141,63 @@ def _registration_for(module: nn.Module) -> _Registration | None:
     return None
 
 
-@register_handler(nn.Linear, kind="linear", uses_input_covariance=True)
+def _linear_spectrum(module: nn.Linear, context: FactorizationContext) -> Spectrum:
+    if context.config.solver == "asvd" and context.input_covariance is not None:
+        return whitened_spectrum(module.weight, context.input_covariance, context.config.damping)
+    return svd_spectrum(module.weight)
+
+
+@register_handler(nn.Linear, kind="linear", uses_input_covariance=True, spectrum=_linear_spectrum)
 def _factorize_linear(module: nn.Linear, rank: int, context: FactorizationContext) -> LowRankLinear:
     weight = module.weight.detach()
-    if context.config.solver == "asvd" and context.input_covariance is not None:
-        decoder, encoder = whitened_svd_factors(
-            weight, context.input_covariance, rank, context.config.damping
-        )
-    else:
-        decoder, encoder = svd_factors(weight, rank)
+    spectrum = context.spectrum or _linear_spectrum(module, context)
+    decoder, encoder = spectrum.factors(rank)
     bias = None if module.bias is None else module.bias.detach()
     return LowRankLinear.from_factors(decoder.to(weight.dtype), encoder.to(weight.dtype), bias)
 
 
+#: Share of the embedding row weights spread evenly over all rows; the rest follows the
+#: calibration lookup counts. A calibration corpus sees only a small part of a 30k vocabulary,
+#: and held-out text uses tokens it never saw, so pure frequencies would let the fit ignore
+#: most rows; the even share keeps every row fitted while frequent tokens are fitted best.
+EMBEDDING_UNIFORM_SHARE = 0.5
+
+
+def embedding_row_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Row weights (summing to one) for factorizing an embedding looked up ``counts`` times.
+
+    A mix of the lookup frequencies and an even weight per row (see
+    ``EMBEDDING_UNIFORM_SHARE``). With weights summing to one the weighted spectrum measures the
+    mean squared error of a looked-up vector, the same per-token unit as the whitened error of a
+    linear layer, so the budget policy can trade rank between the table and the linear layers.
+
+    Args:
+        counts: Non-negative lookup count per row.
+
+    Returns:
+        float64 weights, one per row.
+    """
+    counts = counts.double()
+    uniform = torch.full_like(counts, 1.0 / counts.numel())
+    total = float(counts.sum())
+    if total == 0.0:
+        return uniform
+    return (1.0 - EMBEDDING_UNIFORM_SHARE) * counts / total + EMBEDDING_UNIFORM_SHARE * uniform
+
+
+def _embedding_spectrum(module: nn.Embedding, context: FactorizationContext) -> Spectrum:
+    counts = context.index_counts
+    if counts is None or float(counts.sum()) == 0.0:
+        return embedding_spectrum(module.weight)
+    return embedding_spectrum(module.weight, embedding_row_weights(counts))
+
+
 @register_handler(
-    nn.Embedding, kind="embedding", enabled=lambda config: config.factorize_embeddings
+    nn.Embedding,
+    kind="embedding",
+    enabled=lambda config: config.factorize_embeddings,
+    uses_index_counts=True,
+    spectrum=_embedding_spectrum,
 )
 def _factorize_embedding(
     module: nn.Embedding, rank: int, context: FactorizationContext
@@ -126,7 +206,8 @@ def _factorize_embedding(
         # max_norm renormalises dense rows at lookup time; a factored table cannot match it.
         return None
     weight = module.weight.detach()
-    codes, basis = embedding_factors(weight, rank)
+    spectrum = context.spectrum or _embedding_spectrum(module, context)
+    codes, basis = spectrum.factors(rank)
     return LowRankEmbedding.from_factors(
         codes.to(weight.dtype), basis.to(weight.dtype), module.padding_idx
     )
@@ -145,7 +226,10 @@ class LayerDecision:
         params_dense: Parameters of the dense layer (weight and bias).
         params_after: Parameters after the decision (``params_dense`` when kept dense).
         action: ``"factorized"`` or ``"kept_dense"``.
-        reason: Human-readable why.
+        reason: Human-readable why, including why this rank.
+        energy_kept: Fraction of the layer's spectrum energy the rank keeps (whitened for
+            ``"asvd"`` linears, frequency-weighted for embeddings); None when no spectrum was
+            computed (kept dense before a rank was chosen, or a handler without one).
     """
 
     name: str
@@ -157,6 +241,7 @@ class LayerDecision:
     params_after: int
     action: str
     reason: str
+    energy_kept: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
@@ -265,9 +350,40 @@ def _shared_weight_owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
+@dataclass
+class _Planned:
+    candidate: _Candidate
+    decision: LayerDecision
+    by_policy: bool  # the rank is left to the config's policy
+    spectrum: Spectrum | None = None
+
+
+def _judge_rank(decision: LayerDecision, rank: int, config: LowRankConfig, why: str) -> None:
+    """Factorize at ``rank`` unless that saves too few parameters; ``why`` names the source."""
+    rows, cols = decision.shape
+    decision.rank = rank
+    params_extra = decision.params_dense - rows * cols
+    params_lowrank = rank * (rows + cols) + params_extra
+    if params_lowrank >= decision.params_dense:
+        decision.reason = (
+            f"rank {rank} saves no parameters ({decision.params_dense:,} -> {params_lowrank:,})"
+        )
+        return
+    if params_lowrank > (1.0 - config.min_param_saving) * decision.params_dense:
+        saving = 1.0 - params_lowrank / decision.params_dense
+        decision.reason = (
+            f"rank {rank} saves only {saving:.1%} of parameters "
+            f"(min_param_saving is {config.min_param_saving:.1%})"
+        )
+        return
+    decision.action = "factorized"
+    decision.params_after = params_lowrank
+    decision.reason = why
+
+
 def _plan(
     candidate: _Candidate, config: LowRankConfig, owners: Mapping[int, list[str]]
-) -> LayerDecision:
+) -> _Planned:
     module = candidate.module
     rows, cols = module.weight.shape
     full_rank = min(rows, cols)
@@ -283,36 +399,185 @@ def _plan(
         action="kept_dense",
         reason="",
     )
+    planned = _Planned(candidate, decision, by_policy=False)
 
     pattern = config.skip_pattern(candidate.name)
     if pattern is not None:
         decision.reason = f"skipped by pattern {pattern!r}"
-        return decision
+        return planned
     others = sorted(set(owners.get(id(module.weight), [])) - {candidate.name})
     if others:
         decision.reason = f"weight is tied to {', '.join(others)}; factorizing would untie it"
-        return decision
+        return planned
 
-    rank = config.rank_for(candidate.name, full_rank)
-    decision.rank = rank
-    params_extra = params_dense - module.weight.numel()
-    params_lowrank = rank * (rows + cols) + params_extra
-    if params_lowrank >= params_dense:
-        decision.reason = (
-            f"rank {rank} saves no parameters ({params_dense:,} -> {params_lowrank:,})"
-        )
-        return decision
-    if params_lowrank > (1.0 - config.min_param_saving) * params_dense:
-        saving = 1.0 - params_lowrank / params_dense
-        decision.reason = (
-            f"rank {rank} saves only {saving:.1%} of parameters "
-            f"(min_param_saving is {config.min_param_saving:.1%})"
-        )
-        return decision
+    pinned = config.rank_override_for(candidate.name, full_rank)
+    if pinned is not None:
+        _judge_rank(decision, pinned, config, f"rank {pinned} from rank_overrides")
+    elif config.policy == "uniform":
+        rank = config.rank_for(candidate.name, full_rank)
+        _judge_rank(decision, rank, config, f"uniform rank {rank}")
+    elif max_saving_rank(rows, cols, params_dense - rows * cols, config.min_param_saving) < 1:
+        decision.reason = f"no rank of this {rows}x{cols} layer saves enough parameters"
+    else:
+        planned.by_policy = True
+    return planned
 
-    decision.action = "factorized"
-    decision.params_after = params_lowrank
-    return decision
+
+def _collect_statistics(
+    model: nn.Module,
+    config: LowRankConfig,
+    planned: list[_Planned],
+    calibration: Iterable[Mapping[str, torch.Tensor]] | None,
+) -> CalibrationStatistics:
+    needed = [p for p in planned if p.by_policy or p.decision.action == "factorized"]
+    if config.solver != "asvd" or not needed:
+        return CalibrationStatistics()
+    linear_names = [
+        p.candidate.name for p in needed if p.candidate.registration.uses_input_covariance
+    ]
+    embedding_names = [
+        p.candidate.name for p in needed if p.candidate.registration.uses_index_counts
+    ]
+    return collect_calibration_statistics(model, linear_names, embedding_names, calibration)
+
+
+def _context(
+    candidate: _Candidate,
+    config: LowRankConfig,
+    stats: CalibrationStatistics,
+    spectrum: Spectrum | None = None,
+) -> FactorizationContext:
+    return FactorizationContext(
+        name=candidate.name,
+        config=config,
+        input_covariance=stats.covariances.get(candidate.name),
+        index_counts=stats.index_counts.get(candidate.name),
+        spectrum=spectrum,
+    )
+
+
+def _spectrum(
+    planned: _Planned, config: LowRankConfig, stats: CalibrationStatistics
+) -> Spectrum | None:
+    candidate = planned.candidate
+    spectrum_fn = candidate.registration.spectrum
+    if spectrum_fn is not None:
+        return spectrum_fn(candidate.module, _context(candidate, config, stats))
+    # A policy needs singular values even from handlers that bring no spectrum of their own.
+    return svd_spectrum(candidate.module.weight) if planned.by_policy else None
+
+
+#: Calibration batches the budget policy runs per layer to measure its output gain.
+PROBE_BATCHES = 2
+
+
+def _probe_rank(decision: LayerDecision, config: LowRankConfig) -> int:
+    # The rank an even split of the budget would give the layer: the error level it will
+    # roughly see, so the measured gain is the one that matters for the allocation.
+    rows, cols = decision.shape
+    extra = decision.params_dense - rows * cols
+    limit = max_saving_rank(rows, cols, extra, config.min_param_saving)
+    return min(limit, max(1, round(config.budget * rows * cols / (rows + cols))))
+
+
+def _measure_output_gains(
+    model: nn.Module,
+    config: LowRankConfig,
+    planned: list[_Planned],
+    stats: CalibrationStatistics,
+    batches: list[Mapping[str, torch.Tensor]],
+) -> dict[str, float]:
+    """Model-output squared error per unit of each policy layer's own spectrum error.
+
+    Layers differ in how much of their error reaches the output (a residual stream and a
+    LayerNorm downstream shrink it, a wide projection can amplify it), so the raw errors of two
+    layers are not comparable. Each layer is truncated alone at its probe rank on ``batches``
+    and the ratio of the output's mean squared error to the layer's predicted error is its
+    gain; the budget policy then minimises the gain-weighted total error, a first-order model
+    of the output error.
+    """
+    device = next(model.parameters(), torch.empty(0)).device
+    inputs = [
+        {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        for batch in batches
+    ]
+    gains = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            reference = [primary_output(model(**batch)).float() for batch in inputs]
+            for p in tqdm(
+                [p for p in planned if p.by_policy], desc="output gains", unit="layer", disable=None
+            ):
+                candidate, decision = p.candidate, p.decision
+                rank = _probe_rank(decision, config)
+                error = p.spectrum.error(rank)
+                context = _context(candidate, config, stats, p.spectrum)
+                replacement = candidate.registration.handler(candidate.module, rank, context)
+                if error == 0.0 or replacement is None:
+                    gains[decision.name] = 1.0
+                    continue
+                setattr(candidate.parent, candidate.attribute, replacement)
+                try:
+                    damage = sum(
+                        (primary_output(model(**batch)).float() - ref).square().sum(-1).mean()
+                        for batch, ref in zip(inputs, reference, strict=True)
+                    ) / len(inputs)
+                finally:
+                    setattr(candidate.parent, candidate.attribute, candidate.module)
+                gains[decision.name] = float(damage) / error
+    finally:
+        model.train(was_training)
+    return gains
+
+
+def _apply_policy(
+    config: LowRankConfig, planned: list[_Planned], gains: Mapping[str, float]
+) -> None:
+    layers = []
+    for p in planned:
+        if p.by_policy:
+            rows, cols = p.decision.shape
+            extra = p.decision.params_dense - rows * cols
+            spectrum = p.spectrum
+            gain = gains.get(p.decision.name)
+            if gain is not None:
+                spectrum = Spectrum(
+                    spectrum.singular_values * gain**0.5, spectrum.method, spectrum._build
+                )
+            layers.append(
+                RankedLayer(
+                    name=p.decision.name,
+                    spectrum=spectrum,
+                    params_per_rank=rows + cols,
+                    params_fixed=extra,
+                    params_dense=p.decision.params_dense,
+                    max_rank=max_saving_rank(rows, cols, extra, config.min_param_saving),
+                )
+            )
+    if not layers:
+        return
+    choices: dict[str, RankChoice]
+    if config.policy == "energy":
+        choices = energy_ranks(layers, config.energy)
+    else:
+        total = sum(p.decision.params_dense for p in planned)
+        fixed = sum(p.decision.params_after for p in planned if not p.by_policy)
+        choices = budget_ranks(layers, config.budget * total - fixed)
+    for p in planned:
+        choice = choices.get(p.decision.name)
+        if choice is None:
+            continue
+        decision = p.decision
+        decision.energy_kept = choice.energy_kept
+        reason = choice.reason
+        if decision.name in gains:
+            reason += f" (output gain {gains[decision.name]:.3g})"
+        if choice.rank is None:
+            decision.reason = reason
+        else:
+            _judge_rank(decision, choice.rank, config, reason)
 
 
 def factorize_(
@@ -326,11 +591,13 @@ def factorize_(
 
     Candidate layers are the children (at any depth) of registered types, by default
     ``nn.Linear`` and, with ``config.factorize_embeddings``, ``nn.Embedding``. Modules that are
-    already low-rank units are left alone and listed in ``already_lowrank``.
+    already low-rank units are left alone and listed in ``already_lowrank``. Ranks come from
+    ``config.policy``: one rank for all (``"uniform"``), a spectrum-energy target per layer
+    (``"energy"``) or a parameter budget spread over the layers (``"budget"``).
 
     Args:
         model: Model to modify in place.
-        config: Ranks, solver and which layers to keep dense.
+        config: Ranks or rank policy, solver and which layers to keep dense.
         filter_fn: ``filter_fn(module, fqn) -> bool`` further choosing candidate layers.
         calibration: Keyword-argument dicts for ``model(**batch)``; required by
             ``solver="asvd"``, consumed in a single pass before any layer is replaced.
@@ -339,35 +606,40 @@ def factorize_(
         The decision made for each candidate layer.
 
     Raises:
-        LowRankConfigError: ``solver="asvd"`` without calibration batches.
+        LowRankConfigError: ``solver="asvd"`` without calibration batches, or a budget too
+            small for rank 1 in every layer it allocates.
     """
     if config.solver == "asvd" and calibration is None:
         raise LowRankConfigError(
             "solver='asvd' fits layer outputs and needs calibration batches: pass "
             "calibration=[{'input_ids': ..., 'attention_mask': ...}, ...] or use solver='svd'"
         )
+    measure_gains = config.policy == "budget" and config.budget_error == "output"
+    if measure_gains and calibration is not None:
+        # Measuring output gains runs a few batches again.
+        calibration = list(calibration)
     candidates, already_lowrank = _find_candidates(model, config, filter_fn)
     owners = _shared_weight_owners(model)
-    planned = [(candidate, _plan(candidate, config, owners)) for candidate in candidates]
-
-    covariances: dict[str, torch.Tensor] = {}
-    if config.solver == "asvd":
-        names = [
-            candidate.name
-            for candidate, decision in planned
-            if decision.action == "factorized" and candidate.registration.uses_input_covariance
-        ]
-        if names:
-            covariances = collect_input_covariances(model, names, calibration)
+    planned = [_plan(candidate, config, owners) for candidate in candidates]
+    stats = _collect_statistics(model, config, planned, calibration)
+    for p in planned:
+        if p.by_policy or p.decision.action == "factorized":
+            p.spectrum = _spectrum(p, config, stats)
+    gains: dict[str, float] = {}
+    if measure_gains and calibration:
+        gains = _measure_output_gains(model, config, planned, stats, calibration[:PROBE_BATCHES])
+    _apply_policy(config, planned, gains)
 
     result = FactorizationResult(already_lowrank=already_lowrank)
-    for candidate, decision in planned:
+    for p in planned:
+        candidate, decision = p.candidate, p.decision
         if decision.action == "factorized":
-            context = FactorizationContext(
-                name=candidate.name,
-                config=config,
-                input_covariance=covariances.get(candidate.name),
-            )
+            context = _context(candidate, config, stats, p.spectrum)
+            if p.spectrum is not None and decision.energy_kept is None:
+                decision.energy_kept = p.spectrum.energy_kept(decision.rank)
+                decision.reason += (
+                    f" keeps {decision.energy_kept:.1%} of {spectrum_measure(p.spectrum)} energy"
+                )
             replacement = candidate.registration.handler(candidate.module, decision.rank, context)
             if replacement is None:
                 decision.action = "kept_dense"
@@ -375,11 +647,14 @@ def factorize_(
                 decision.reason = f"the {type(candidate.module).__name__} handler declined it"
             else:
                 setattr(candidate.parent, candidate.attribute, replacement)
-                decision.params_after = sum(p.numel() for p in replacement.parameters())
-                solver = "asvd" if context.input_covariance is not None else "svd"
-                decision.reason = (
-                    f"{solver} rank {decision.rank} "
-                    f"({decision.params_dense:,} -> {decision.params_after:,} parameters)"
+                decision.params_after = sum(param.numel() for param in replacement.parameters())
+                if p.spectrum is not None:
+                    method = p.spectrum.method
+                else:
+                    method = "asvd" if context.input_covariance is not None else "svd"
+                decision.reason += (
+                    f"; {method} ({decision.params_dense:,} -> {decision.params_after:,} "
+                    "parameters)"
                 )
         if decision.action == "kept_dense":
             logger.info("keeping %s dense: %s", decision.name, decision.reason)

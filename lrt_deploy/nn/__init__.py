@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lrt_deploy.nn.linformer import LinformerSelfAttention
 from lrt_deploy.nn.lowrank import (
     LowRankEmbedding,
     LowRankLinear,
@@ -11,6 +12,7 @@ from lrt_deploy.nn.lowrank import (
 )
 
 __all__ = [
+    "LinformerSelfAttention",
     "LowRankEmbedding",
     "LowRankLinear",
     "is_lowrank_pair",

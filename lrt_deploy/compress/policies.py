@@ -1,0 +1,258 @@
+"""Rank policies: choose each layer's rank from its spectrum.
+
+``factorize_`` computes every candidate layer's :class:`~lrt_deploy.compress.solvers.Spectrum`
+once and hands the layers to a policy here; the chosen ranks are then built from the same
+spectra. Policies see plain numbers (spectra and parameter costs), never modules, so they are
+easy to test and to add to.
+
+With activation-aware whitening a layer's discarded squared singular values are exactly the mean
+squared error its output makes on the calibration inputs, so the budget policy can trade rank
+between layers by comparing error removed per parameter spent.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+
+from lrt_deploy.compress.config import LowRankConfigError
+from lrt_deploy.compress.solvers import Spectrum
+
+__all__ = [
+    "RankChoice",
+    "RankedLayer",
+    "budget_ranks",
+    "energy_ranks",
+    "max_saving_rank",
+    "spectrum_measure",
+]
+
+logger = logging.getLogger(__name__)
+
+_MEASURE = {"asvd": "whitened", "weighted-svd": "frequency-weighted", "svd": "weight"}
+
+
+def spectrum_measure(spectrum: Spectrum) -> str:
+    """Adjective naming what a spectrum's energy measures, for reasons shown to people."""
+    return _MEASURE.get(spectrum.method, spectrum.method)
+
+
+def max_saving_rank(rows: int, cols: int, extra: int, min_param_saving: float = 0.0) -> int:
+    """Largest rank whose low-rank form saves parameters (0 when none does).
+
+    Args:
+        rows: Weight rows.
+        cols: Weight columns.
+        extra: Parameters kept whatever the rank (a bias).
+        min_param_saving: Required saving, as in ``LowRankConfig``.
+
+    Returns:
+        The largest ``r <= min(rows, cols)`` with ``r * (rows + cols) + extra`` strictly below
+        the dense count and at most ``(1 - min_param_saving)`` of it.
+    """
+    dense = rows * cols + extra
+    per_rank = rows + cols
+    strictly_below = (rows * cols - 1) // per_rank
+    within_saving = int(((1.0 - min_param_saving) * dense - extra) // per_rank)
+    return max(0, min(strictly_below, within_saving, rows, cols))
+
+
+@dataclass(frozen=True)
+class RankedLayer:
+    """A layer a policy chooses a rank for.
+
+    Attributes:
+        name: Qualified module name.
+        spectrum: The layer's spectrum; its errors are what the policy trades.
+        params_per_rank: Parameters one more rank costs: ``rows + cols``.
+        params_fixed: Parameters kept whatever the rank (a bias).
+        params_dense: Parameters of the dense layer.
+        max_rank: Largest rank that saves parameters (see :func:`max_saving_rank`), >= 1.
+    """
+
+    name: str
+    spectrum: Spectrum
+    params_per_rank: int
+    params_fixed: int
+    params_dense: int
+    max_rank: int
+
+    def params_at(self, rank: int | None) -> int:
+        """Parameters at ``rank`` (None: dense)."""
+        if rank is None:
+            return self.params_dense
+        return rank * self.params_per_rank + self.params_fixed
+
+
+@dataclass(frozen=True)
+class RankChoice:
+    """A policy's choice for one layer.
+
+    Attributes:
+        rank: The rank, or None to keep the layer dense.
+        energy_kept: Fraction of the spectrum energy kept (1.0 when dense).
+        reason: Why, for the report.
+    """
+
+    rank: int | None
+    energy_kept: float
+    reason: str
+
+
+def energy_ranks(layers: Sequence[RankedLayer], energy: float) -> dict[str, RankChoice]:
+    """Per layer, the smallest rank keeping ``energy`` of its spectrum energy.
+
+    A layer whose rank would save no parameters stays dense.
+
+    Args:
+        layers: Layers to choose for.
+        energy: Fraction in (0, 1].
+
+    Returns:
+        Layer name -> choice.
+    """
+    choices = {}
+    for layer in layers:
+        rank = layer.spectrum.rank_for_energy(energy)
+        measure = spectrum_measure(layer.spectrum)
+        kept = layer.spectrum.energy_kept(rank)
+        if rank > layer.max_rank:
+            choices[layer.name] = RankChoice(
+                None,
+                1.0,
+                f"energy: keeping {energy:.1%} of {measure} energy needs rank {rank}, above "
+                f"{layer.max_rank}, the largest that saves parameters",
+            )
+        else:
+            choices[layer.name] = RankChoice(
+                rank,
+                kept,
+                f"energy: rank {rank} is the smallest keeping {energy:.1%} of {measure} energy "
+                f"({kept:.1%})",
+            )
+    return choices
+
+
+@dataclass(frozen=True)
+class _Segment:
+    efficiency: float  # error removed per parameter added
+    layer: int
+    index: int  # position in the layer's hull, so a layer's segments are taken in order
+    rank: int | None  # rank reached at the segment's end; None is dense
+    cost: int
+
+
+def _hull_segments(position: int, layer: RankedLayer) -> list[_Segment]:
+    """Segments of the lower convex hull of the layer's (parameters, error) options.
+
+    The options are ranks ``1..max_rank`` and dense (zero error). Error falls convexly with rank,
+    but the last jump to dense can be cheaper per unit of error than the ranks before it; on
+    the hull every layer's efficiency only falls, so one global greedy pass over all segments
+    sorted by efficiency is optimal up to the last segment that does not fit.
+    """
+    options: list[tuple[int, float, int | None]] = [
+        (layer.params_at(rank), layer.spectrum.error(rank), rank)
+        for rank in range(1, layer.max_rank + 1)
+    ]
+    options.append((layer.params_dense, 0.0, None))
+    hull: list[tuple[int, float, int | None]] = []
+    for point in options:
+        # Pop the last point while it lies on or above the chord from its predecessor to point.
+        while len(hull) >= 2:
+            (x0, y0, _), (x1, y1, _) = hull[-2], hull[-1]
+            if (y1 - y0) * (point[0] - x0) >= (point[1] - y0) * (x1 - x0):
+                hull.pop()
+            else:
+                break
+        hull.append(point)
+    return [
+        _Segment((y0 - y1) / (x1 - x0), position, index, rank, x1 - x0)
+        for index, ((x0, y0, _), (x1, y1, rank)) in enumerate(pairwise(hull))
+    ]
+
+
+def budget_ranks(layers: Sequence[RankedLayer], params_budget: float) -> dict[str, RankChoice]:
+    """Spread ``params_budget`` parameters over the layers with the least total error.
+
+    Every layer starts at rank 1; hull segments (see :func:`_hull_segments`) are then bought in
+    order of error removed per parameter, a layer stopping at its first segment that no longer
+    fits. Single ranks then fill what is left, best first, so the layers end within one rank
+    step (``rows + cols`` parameters) of the budget.
+
+    Args:
+        layers: Layers to choose for.
+        params_budget: Parameters the layers may have in total.
+
+    Returns:
+        Layer name -> choice; a layer whose best use of the budget is all its parameters stays
+        dense.
+
+    Raises:
+        LowRankConfigError: Even rank 1 everywhere exceeds the budget.
+    """
+    ranks: list[int | None] = [1] * len(layers)
+    spent = sum(layer.params_at(1) for layer in layers)
+    if spent > params_budget:
+        raise LowRankConfigError(
+            f"the budget leaves {params_budget:,.0f} parameters for the layers it allocates, "
+            f"but rank 1 everywhere already needs {spent:,}: raise budget, or skip fewer layers"
+        )
+    segments = sorted(
+        (s for position, layer in enumerate(layers) for s in _hull_segments(position, layer)),
+        key=lambda s: (-s.efficiency, s.layer, s.index),
+    )
+    next_index = [0] * len(layers)
+    stopped = [False] * len(layers)
+    for segment in segments:
+        if stopped[segment.layer] or segment.index != next_index[segment.layer]:
+            continue
+        if spent + segment.cost > params_budget:
+            stopped[segment.layer] = True
+            continue
+        spent += segment.cost
+        ranks[segment.layer] = segment.rank
+        next_index[segment.layer] += 1
+
+    # Fill the rest one rank at a time: the ranks skipped inside a hull segment that no longer
+    # fits are still worth their parameters.
+    heap = []
+    for position, layer in enumerate(layers):
+        rank = ranks[position]
+        if rank is not None and rank < layer.max_rank:
+            gain = float(layer.spectrum.singular_values[rank].square()) / layer.params_per_rank
+            heapq.heappush(heap, (-gain, position))
+    while heap:
+        _, position = heapq.heappop(heap)
+        layer = layers[position]
+        if spent + layer.params_per_rank > params_budget:
+            continue
+        spent += layer.params_per_rank
+        rank = ranks[position] + 1
+        ranks[position] = rank
+        if rank < layer.max_rank:
+            gain = float(layer.spectrum.singular_values[rank].square()) / layer.params_per_rank
+            heapq.heappush(heap, (-gain, position))
+
+    choices = {}
+    for layer, rank in zip(layers, ranks, strict=True):
+        measure = spectrum_measure(layer.spectrum)
+        if rank is None:
+            kept = layer.spectrum.energy_kept(layer.max_rank)
+            choices[layer.name] = RankChoice(
+                None,
+                1.0,
+                f"budget: dense is worth its parameters (rank {layer.max_rank}, the largest "
+                f"that saves any, keeps only {kept:.1%} of {measure} energy)",
+            )
+        else:
+            kept = layer.spectrum.energy_kept(rank)
+            choices[layer.name] = RankChoice(
+                rank, kept, f"budget: keeps {kept:.1%} of {measure} energy at rank {rank}"
+            )
+    logger.info(
+        "budget policy: %s of %s parameters allocated", f"{spent:,}", f"{params_budget:,.0f}"
+    )
+    return choices
