@@ -47,6 +47,7 @@ def load(name: str) -> Any:
 
 def measure(
     loaded_factory: Callable[[], Any], target: Any, compress: Any, settings: Any, tag: str,
+    heal_steps: int = 0,
 ) -> tuple[list[dict[str, Any]], Any]:
     """One export_bundle run; rows for every variant with ratios against its dense fp32."""
     from lrt_deploy.pipeline import export_bundle
@@ -55,6 +56,7 @@ def measure(
     with tempfile.TemporaryDirectory() as tmp:
         result = export_bundle(
             loaded_factory(), Path(tmp) / "bundle", target, compress=compress, settings=settings,
+            heal_steps=heal_steps,
             progress=lambda line: print("   " + line, file=sys.stderr, flush=True),
         )
     base = next(v for v in result.variants if v.is_baseline)

@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-.venv/bin/lrt-export all-MiniLM-L6-v2 --target mobile --rank 0.5 --quantize int8 \
+.venv/bin/lrt-export all-MiniLM-L6-v2 --target mobile --budget 0.9 --factorize-embeddings --quantize int8 \
     -o out/all-MiniLM-L6-v2-mobile --force "$@"

@@ -231,7 +231,7 @@ def test_layer_table_groups_repeated_blocks():
     _, rows = layer_table(layers)
     names = [row[0] for row in rows]
     assert names == [
-        "encoder.layer.*.attention.self.query",
+        "encoder.layer.0.attention.self.query",  # a group of one keeps its real name
         "encoder.layer.*.attention.self.key (x12)",
         "encoder.layer.*.intermediate.dense (x12)",
         "encoder.layer.*.attention.self.query (x11)",
@@ -274,3 +274,24 @@ def test_report_does_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
     )
     assert completed.returncode == 0, completed.stderr
+
+
+def test_layer_table_elides_numbers_of_differing_reasons():
+    layers = [
+        {
+            "name": f"encoder.layer.{i}.output.dense",
+            "shape": [384, 1536],
+            "rank": None,
+            "action": "kept_dense",
+            "reason": f"budget: dense is worth its parameters (rank 307, keeps only 99.{i}% of "
+            f"whitened energy) (output gain 0.00{i}1)",
+        }
+        for i in range(MAX_LAYER_ROWS + 1)
+    ]
+    _, rows = layer_table(layers)
+    assert len(rows) == 1
+    assert rows[0][0] == f"encoder.layer.*.output.dense (x{MAX_LAYER_ROWS + 1})"
+    assert rows[0][4] == (
+        "budget: dense is worth its parameters (rank …, keeps only …% of whitened energy) "
+        "(output gain …)"
+    )

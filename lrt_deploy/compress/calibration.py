@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -25,25 +25,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class InputCovarianceCollector:
-    """Accumulate ``sum x x^T`` and the token count of the inputs of chosen linear layers.
+_Hooks = TypeVar("_Hooks", bound="_InputHooks")
 
-    Memory is one ``in x in`` float64 matrix per layer, whatever the amount of data. Use as a
-    context manager so the hooks are always removed::
 
-        with InputCovarianceCollector({"fc1": model.fc1}) as collector:
-            collector.set_token_mask(batch["attention_mask"])
-            model(**batch)
-        cov = collector.covariances()["fc1"]
+class _InputHooks:
+    """Forward pre-hooks on named modules, removed on exit, with a shared token mask: the
+    lifecycle both calibration collectors need. Subclasses implement ``_observe``."""
 
-    Args:
-        modules: Qualified name -> linear layer to observe.
-    """
-
-    def __init__(self, modules: Mapping[str, nn.Linear]) -> None:
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
         self._modules = dict(modules)
-        self.sums: dict[str, torch.Tensor | None] = dict.fromkeys(self._modules)
-        self.counts: dict[str, int] = dict.fromkeys(self._modules, 0)
         self._mask: torch.Tensor | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -55,12 +45,12 @@ class InputCovarianceCollector:
             self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
 
     def detach(self) -> None:
-        """Remove the hooks; the accumulated statistics are kept."""
+        """Remove the hooks; what was accumulated is kept."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
-    def __enter__(self) -> InputCovarianceCollector:
+    def __enter__(self: _Hooks) -> _Hooks:
         self.attach()
         return self
 
@@ -76,19 +66,43 @@ class InputCovarianceCollector:
         """Restrict the next forward passes to the tokens where ``mask`` is true.
 
         Args:
-            mask: ``[batch, seq]`` mask (bool or 0/1) applied to inputs shaped
-                ``[batch, seq, in]``, so padding does not bias the statistics; None uses all
-                tokens. Inputs of other shapes are used whole.
+            mask: ``[batch, seq]`` mask (bool or 0/1), so padding does not bias the statistics;
+                None uses all tokens. Inputs whose leading dims differ from the mask's (e.g.
+                BERT's ``[1, seq]`` position ids) are used whole.
         """
         self._mask = None if mask is None else mask.detach().bool()
 
     def _make_hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(module: nn.Module, args: tuple) -> None:
-            self._accumulate(name, args[0])
+            self._observe(name, args[0])
 
         return hook
 
-    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+    def _observe(self, name: str, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class InputCovarianceCollector(_InputHooks):
+    """Accumulate ``sum x x^T`` and the token count of the inputs of chosen linear layers.
+
+    Memory is one ``in x in`` float64 matrix per layer, whatever the amount of data. Use as a
+    context manager so the hooks are always removed::
+
+        with InputCovarianceCollector({"fc1": model.fc1}) as collector:
+            collector.set_token_mask(batch["attention_mask"])
+            model(**batch)
+        cov = collector.covariances()["fc1"]
+
+    Args:
+        modules: Qualified name -> linear layer to observe.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Linear]) -> None:
+        super().__init__(modules)
+        self.sums: dict[str, torch.Tensor | None] = dict.fromkeys(self._modules)
+        self.counts: dict[str, int] = dict.fromkeys(self._modules, 0)
+
+    def _observe(self, name: str, x: torch.Tensor) -> None:
         mask = self._mask
         if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
             x = x[mask.to(x.device)]
@@ -137,7 +151,7 @@ def primary_output(outputs: Any) -> torch.Tensor:
     )
 
 
-class EmbeddingIndexCounter:
+class EmbeddingIndexCounter(_InputHooks):
     """Count how often each row of chosen embedding tables is looked up.
 
     The counts weight the rows when a table is factorized, so frequent tokens are fitted best.
@@ -148,56 +162,19 @@ class EmbeddingIndexCounter:
     """
 
     def __init__(self, modules: Mapping[str, nn.Embedding]) -> None:
-        self._modules = dict(modules)
+        super().__init__(modules)
         self.counts: dict[str, torch.Tensor] = {
             name: torch.zeros(module.num_embeddings, dtype=torch.float64)
             for name, module in self._modules.items()
         }
-        self._mask: torch.Tensor | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def attach(self) -> None:
-        """Register the forward pre-hooks (idempotent)."""
-        if self._handles:
-            return
-        for name, module in self._modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
-
-    def detach(self) -> None:
-        """Remove the hooks; the counts are kept."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> EmbeddingIndexCounter:
-        self.attach()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.detach()
-
-    def set_token_mask(self, mask: torch.Tensor | None) -> None:
-        """Count only the ``[batch, seq]`` indices where ``mask`` is true (None: all).
-
-        Index tensors of another shape (e.g. BERT's ``[1, seq]`` position ids) are counted whole.
-        """
-        self._mask = None if mask is None else mask.detach().bool()
-
-    def _make_hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
-        def hook(module: nn.Module, args: tuple) -> None:
-            indices = args[0].detach()
-            mask = self._mask
-            if mask is not None and indices.shape == mask.shape:
-                indices = indices[mask.to(indices.device)]
-            counts = self.counts[name]
-            counts += torch.bincount(indices.reshape(-1).cpu(), minlength=counts.numel()).double()
-
-        return hook
+    def _observe(self, name: str, indices: torch.Tensor) -> None:
+        indices = indices.detach()
+        mask = self._mask
+        if mask is not None and indices.shape == mask.shape:
+            indices = indices[mask.to(indices.device)]
+        counts = self.counts[name]
+        counts += torch.bincount(indices.reshape(-1).cpu(), minlength=counts.numel()).double()
 
 
 @dataclass

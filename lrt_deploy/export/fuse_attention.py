@@ -91,15 +91,10 @@ def fuse_attention(model: object, *, num_heads: int, hidden_size: int) -> int:
             num_heads=num_heads,
             scale=match.scale,
         )
-        position = list(graph.node).index(match.output_node)
-        graph.node.remove(match.output_node)
-        graph.node.insert(position, node)
-        index.rebuild()
+        index.replace_node(match.output_node, node)
         fused += 1
     if fused:
-        index.remove_dead_nodes()
-        if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        index.finish_contrib_fusion(model)
     logger.info("fused %d attention layers into MultiHeadAttention", fused)
     return fused
 

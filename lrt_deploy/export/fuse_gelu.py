@@ -41,15 +41,10 @@ def fuse_gelu(model: object) -> int:
         node = helper.make_node(
             "Gelu", [source], list(last.output), name=f"{erf.name}_Gelu", domain="com.microsoft"
         )
-        position = list(graph.node).index(last)
-        graph.node.remove(last)
-        graph.node.insert(position, node)
-        index.rebuild()
+        index.replace_node(last, node)
         fused += 1
     if fused:
-        index.remove_dead_nodes()
-        if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        index.finish_contrib_fusion(model)
     logger.info("fused %d GELUs", fused)
     return fused
 

@@ -88,6 +88,23 @@ class GraphIndex:
                 return helper.get_attribute_value(attr)
         return default
 
+    def replace_node(self, old: onnx.NodeProto, new: onnx.NodeProto) -> None:
+        """Put ``new`` where ``old`` stood (keeping topological order) and re-index."""
+        nodes = list(self.graph.node)
+        position = nodes.index(old)
+        self.graph.node.remove(old)
+        self.graph.node.insert(position, new)
+        self.rebuild()
+
+    def finish_contrib_fusion(self, model: onnx.ModelProto) -> None:
+        """After fusing into ``com.microsoft`` ops: drop what the fused nodes replaced and make
+        sure the model imports that domain."""
+        from onnx import helper
+
+        self.remove_dead_nodes()
+        if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
     def remove_dead_nodes(self) -> int:
         """Drop nodes none of whose outputs is read or a graph output, repeatedly, then drop
         initializers nothing reads. Returns the number of nodes removed."""

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 # Above this many layers the rank table groups layers that differ only by block index.
 MAX_LAYER_ROWS = 30
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*(?:e-?\d+)?")
 _MISSING = "-"
 _BYTES_PER_MB = 1e6
 
@@ -329,15 +331,21 @@ def layer_table(layers: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[
     ]
     if len(rows) <= MAX_LAYER_ROWS:
         return headers, rows
-    groups: dict[tuple[str, ...], int] = {}
-    for name, *decision in rows:
+    groups: dict[tuple[str, ...], list[list[str]]] = {}
+    for row in rows:
+        name, shape, rank, action, _ = row
         pattern = ".".join("*" if part.isdigit() else part for part in name.split("."))
-        key = (pattern, *decision)
-        groups[key] = groups.get(key, 0) + 1
-    grouped = [
-        [f"{pattern} (x{count})" if count > 1 else pattern, *decision]
-        for (pattern, *decision), count in groups.items()
-    ]
+        groups.setdefault((pattern, shape, rank, action), []).append(row)
+    grouped = []
+    for (pattern, shape, rank, action), members in groups.items():
+        if len(members) == 1:
+            grouped.append(members[0])
+            continue
+        reasons = {member[4] for member in members}
+        # Reasons that differ only in their measured numbers are shown once, numbers elided
+        # (each layer's own figures stay in manifest.json).
+        reason = reasons.pop() if len(reasons) == 1 else _NUMBER.sub("…", members[0][4])
+        grouped.append([f"{pattern} (x{len(members)})", shape, rank, action, reason])
     return headers, grouped
 
 
