@@ -50,11 +50,9 @@ def main() -> int:
     rows = []
     for index, name in enumerate(args.configs):
         options, heal = CONFIGS[name]
-        # Random-weight models have no meaningful activations to calibrate on.
-        solver = "asvd" if args.model == "minilm" else "svd"
         new, _ = measure(
             partial(load, args.model), Target.from_name(args.target, quantize="int8"),
-            LowRankConfig(solver=solver, **options), settings, name, heal_steps=heal,
+            LowRankConfig(**options), settings, name, heal_steps=heal,
         )
         rows.extend(r for r in new if index == 0 or not r["variant"].startswith("dense"))
     print(f"\n{args.model}, target {args.target}, batch 1, sequence 128, {args.threads} threads; "

@@ -40,11 +40,8 @@ def main() -> int:
         for name in args.targets:
             target = Target.from_name(name) if name == "cuda" else Target.from_name(
                 name, quantize="int8")
-            # Without calibration-aware ranks a random-weight model would make ASVD meaningless.
-            solver = "asvd" if model == "minilm" else "svd"
-            new, _ = measure(partial(load, model), target,
-                             LowRankConfig(rank=args.rank, solver=solver), settings,
-                             f"{model}/{name}")
+            new, _ = measure(partial(load, model), target, LowRankConfig(rank=args.rank),
+                             settings, f"{model}/{name}")
             rows.extend(new)
     print(f"\nbatch 1, sequence 128, {args.threads} threads; LRT rank {args.rank}; "
           "ratios vs dense fp32 of the same run")
