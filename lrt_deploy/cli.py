@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--quant-format", choices=("dynamic", "qdq"), default="dynamic",
                      help="int8 as dynamic quantisation (default) or static QDQ calibrated on "
                      "the calibration data")
+    exp.add_argument("--exclude-sensitive", type=int, default=0, metavar="N",
+                     help="with --quant-format qdq: keep the N MatMuls int8 hurts most in fp32")
     exp.add_argument("--per-tensor", action="store_true",
                      help="one int8 scale per weight tensor instead of per channel")
     exp.add_argument("--no-fusion", action="store_true",
@@ -141,6 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         "quantize": "int8" if args.quantize == "int8" else None,
         "weight_bits": 4 if args.quantize == "int4" else 8,
         "quant_format": args.quant_format,
+        "exclude_sensitive": args.exclude_sensitive,
         "per_channel": not args.per_tensor,
         "fixed_shape": args.fixed_shape or {},
     }

@@ -71,7 +71,8 @@ class LoadedModel:
         output_names: Names of the exported graph's outputs.
         dynamic_axes: Per input, axis index -> symbolic name.
         kind: ``text-embedding`` (fidelity by cosine of sentence embeddings), ``text-hidden``
-            (per-token hidden states) or ``generic``.
+            (per-token hidden states), ``text-logits`` (a classifier: top-1 agreement and KL
+            too) or ``generic``.
         tokenizer_file: ``tokenizer.json`` to ship with the bundle, when the model has one.
         source_hash: SHA-256 over the source file(s).
         tokenizer: A Hugging Face tokenizer for text models (used for calibration/evaluation).
@@ -270,7 +271,7 @@ def _load_huggingface(folder: Path, max_length: int) -> LoadedModel:
             "(save_pretrained output) or a model file"
         )
     try:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     except ImportError as exc:
         raise UnsupportedFormatError(
             "Hugging Face folders need transformers: pip install 'lrt-deploy[export]'"
@@ -279,8 +280,12 @@ def _load_huggingface(folder: Path, max_length: int) -> LoadedModel:
 
     # transformers draws a progress bar per weight file; our CLI prints its own stages.
     hf_logging.disable_progress_bar()
+    architectures = json.loads(config_path.read_text()).get("architectures") or []
+    # A classifier keeps its head so fidelity can be judged on its decisions (top-1, KL).
+    classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+    auto = AutoModelForSequenceClassification if classifier else AutoModel
     try:
-        backbone = AutoModel.from_pretrained(folder, local_files_only=True)
+        backbone = auto.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise CorruptModelError(
             f"cannot load the Hugging Face model in '{folder}': {_first_line(exc)}"
@@ -317,6 +322,9 @@ def _load_huggingface(folder: Path, max_length: int) -> LoadedModel:
 
         module = SentenceEmbedder(backbone, mode, normalize)
         fmt, kind, outputs = "sentence-transformers", "text-embedding", ["sentence_embedding"]
+    elif classifier:
+        module = backbone
+        fmt, kind, outputs = "huggingface", "text-logits", ["logits"]
     else:
         module = backbone
         fmt, kind, outputs = "huggingface", "text-hidden", ["last_hidden_state"]

@@ -223,11 +223,18 @@ def _fidelity(
     values = np.concatenate(cosines)
     ref_all = np.concatenate([r.reshape(-1) for r in reference])
     cand_all = np.concatenate([c.reshape(-1) for c in candidate])
-    return {
+    metrics = {
         "mean_cosine": float(values.mean()),
         "worst_cosine": float(values.min()),
         "sqnr_db": float(sqnr_db(ref_all, cand_all)),
     }
+    if loaded.kind == "text-logits":
+        from lrt_deploy.compress.fidelity import kl_divergence, top1_agreement
+
+        ref_logits, cand_logits = np.concatenate(reference), np.concatenate(candidate)
+        metrics["top1_agreement"] = top1_agreement(ref_logits, cand_logits)
+        metrics["kl_divergence"] = kl_divergence(ref_logits, cand_logits)
+    return metrics
 
 
 def _count_params(module: Any) -> int | None:
@@ -341,11 +348,13 @@ def export_bundle(
 
         work = staging / ".work"
         work.mkdir()
-        plan = [("dense", "dense", dense_loaded)]
-        if compress is not None or _lowrank_by_design(loaded):
-            plan = ([("dense", "dense", dense_loaded)] if compress is not None else []) + [
-                ("lrt", "LRT", loaded)
-            ]
+        # A factorized model is compared with its dense original; a model that is low-rank
+        # by design has no dense twin and is its own baseline.
+        by_design = compress is None and bool(_lowrank_by_design(loaded))
+        plan = [] if by_design else [("dense", "dense", dense_loaded)]
+        if compress is not None or by_design:
+            plan.append(("lrt", "LRT", loaded))
+        feeds = latency_inputs(loaded, settings)
         variants: list[Variant] = []
         calibration_feeds = None
         if target.quantize and target.quant_format == "qdq":
@@ -357,7 +366,7 @@ def export_bundle(
         for key, label, model in plan:
             variants.extend(_build_variants(
                 key, label, model, plan_size=len(plan), target=target, work=work,
-                evaluation=evaluation, check_feeds=latency_inputs(loaded, settings),
+                evaluation=evaluation, check_feeds=feeds,
                 calibration_feeds=calibration_feeds, progress=progress,
             ))
         deployed = variants[-1]
@@ -367,7 +376,6 @@ def export_bundle(
             f"measuring {len(variants)} variants: batch {settings.batch}, sequence "
             f"{settings.sequence}, {settings.threads} threads"
         )
-        feeds = latency_inputs(loaded, settings)
         for index, variant in enumerate(variants):
             # A provider fallback is warned about once (it is the same for every variant) and
             # written into the report's header for each run.
@@ -418,6 +426,7 @@ def _build_report(
     what = (
         "sentence embeddings" if loaded.kind == "text-embedding"
         else "hidden states of real tokens" if loaded.kind == "text-hidden"
+        else "logits (and their top-1 and KL)" if loaded.kind == "text-logits"
         else f"output '{loaded.output_names[0]}' rows"
     )
     source = (
@@ -673,8 +682,16 @@ def _build_variants(
 
         progress(f"quantising {label} to static int8 QDQ (calibrated)")
         path = work / f"{key}.int8.onnx"
+        excluded: list[str] = []
+        if target.exclude_sensitive:
+            from lrt_deploy.export.quantize import find_sensitive_nodes
+
+            ranked = find_sensitive_nodes(fp32, calibration_feeds or [])
+            excluded = [entry.node for entry in ranked[: target.exclude_sensitive]]
+            progress(f"keeping the {len(excluded)} most int8-sensitive MatMuls of {label} fp32")
         derived = ("int8", path, quantize_static_int8(
-            fp32, path, calibration_feeds or [], per_channel=target.per_channel
+            fp32, path, calibration_feeds or [], per_channel=target.per_channel,
+            nodes_to_exclude=excluded,
         ).to_dict())
     elif target.quantize:
         from lrt_deploy.export.quantize import quantize_int8
@@ -747,9 +764,13 @@ def _write_bundle(
 ) -> dict[str, Any]:
     import onnx
 
+    from lrt_deploy.export.external_data import load_model_proto, save_model_proto
+
     files: dict[str, str] = {"onnx": "model.onnx"}
-    model = onnx.load(str(deployed.onnx_path))
-    onnx.save(model, str(staging / "model.onnx"))
+    model = load_model_proto(deployed.onnx_path)
+    # Weights above the 2 GB protobuf limit go to model.onnx.data beside the graph.
+    if save_model_proto(model, staging / "model.onnx").external:
+        files["onnx_data"] = "model.onnx.data"
     mobile: dict[str, Any] = {}
     if target.ort_format:
         from lrt_deploy.export.mobile import (
@@ -814,13 +835,21 @@ def _write_bundle(
         "fidelity": deployed.fidelity,
         "validation": deployed.validation or variants[0].validation,
         "sizes": {
-            "model_onnx_bytes": (staging / "model.onnx").stat().st_size,
+            "model_onnx_bytes": model_bytes(staging / "model.onnx"),
             **({"model_ort_bytes": mobile["ort_bytes"]} if "ort_bytes" in mobile else {}),
             "dense_fp32_onnx_bytes": variants[0].file_bytes,
         },
         "params": {"deployed": deployed.params, "dense": variants[0].params},
         "mobile": mobile or None,
         "benchmark": settings.to_dict(),
+        "reproducibility": {
+            "onnx": "byte-identical for the same model, options and package versions: the "
+            "exporter's stack traces (local paths) are stripped",
+            **({"ort": "ONNX Runtime's ORT-format writer lays out its kernel tables from an "
+                "unordered map, so model.ort bytes can differ between conversions of the same "
+                "model.onnx while the graph and kernels are identical"}
+               if target.ort_format else {}),
+        },
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -539,3 +539,37 @@ def test_compression_option_errors(
 ) -> None:
     line = _fail([tiny_bert_dir, *argv], capsys, tmp_path / "bundle")
     assert words in line
+
+
+def test_classifier_fidelity_has_top1_and_kl(capsys, tmp_path: Path) -> None:
+    from tiny_models import save_tiny_bert
+
+    folder = tmp_path / "classifier"
+    save_tiny_bert(folder, sentence_transformers=False, classifier=True)
+    out_dir = tmp_path / "bundle"
+    code, out, err = _cli([folder, "--rank", "0.5", "--quantize", "int8", "-q", *RUNS, "-o",
+                           out_dir], capsys)
+    assert code == 0, err
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["outputs"][0]["name"] == "logits"
+    assert manifest["outputs"][0]["shape"][-1] == 3
+    fidelity = manifest["fidelity"]
+    assert 0.0 <= fidelity["top1_agreement"] <= 1.0
+    assert fidelity["kl_divergence"] >= 0.0
+    assert "Top-1 agreement" in out and "KL (nats)" in out
+
+
+def test_qdq_with_sensitive_nodes_excluded(capsys, tmp_path: Path, tiny_bert_dir: Path) -> None:
+    out_dir = tmp_path / "bundle"
+    code, _, err = _cli([tiny_bert_dir, "--quantize", "int8", "--quant-format", "qdq",
+                         "--exclude-sensitive", "2", "-q", *RUNS, "-o", out_dir], capsys)
+    assert code == 0, err
+    quantization = json.loads((out_dir / "manifest.json").read_text())["quantization"]
+    assert len(quantization["excluded_nodes"]) == 2
+    assert quantization["mode"] == "static-qdq"
+
+
+def test_exclude_sensitive_needs_qdq(capsys, tmp_path: Path, tiny_bert_dir: Path) -> None:
+    line = _fail([tiny_bert_dir, "--quantize", "int8", "--exclude-sensitive", "2"], capsys,
+                 tmp_path / "bundle")
+    assert "qdq" in line

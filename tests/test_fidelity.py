@@ -79,3 +79,16 @@ def test_fidelity_does_not_import_torch() -> None:
     repo_root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, check=False)
     assert result.returncode == 0
+
+
+def test_kl_divergence_known_values():
+    from lrt_deploy.compress.fidelity import kl_divergence
+
+    logits = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    assert kl_divergence(logits, logits) == pytest.approx(0.0, abs=1e-12)
+    # Adding a constant per row does not change a softmax.
+    assert kl_divergence(logits, logits + 3.0) == pytest.approx(0.0, abs=1e-12)
+    p = np.array([0.5, 0.5])
+    q = np.array([0.9, 0.1])
+    expected = float(np.sum(p * np.log(p / q)))
+    assert kl_divergence(np.log(p)[None], np.log(q)[None]) == pytest.approx(expected)

@@ -69,7 +69,9 @@ def make_tiny_mlp() -> TinyMLP:
     return TinyMLP().eval()
 
 
-def save_tiny_bert(folder, *, sentence_transformers: bool = True) -> None:
+def save_tiny_bert(
+    folder, *, sentence_transformers: bool = True, classifier: bool = False
+) -> None:
     """A 2-layer BERT with random weights, a WordPiece tokenizer, and (optionally) the
     sentence-transformers pooling files, saved as a Hugging Face folder."""
     import json
@@ -84,7 +86,13 @@ def save_tiny_bert(folder, *, sentence_transformers: bool = True) -> None:
         vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=64,
     )
-    BertModel(config).eval().save_pretrained(folder)
+    if classifier:
+        from transformers import BertForSequenceClassification
+
+        config.num_labels = 3
+        BertForSequenceClassification(config).eval().save_pretrained(folder)
+    else:
+        BertModel(config).eval().save_pretrained(folder)
     vocab_file = folder / "vocab.txt"
     vocab_file.write_text("\n".join(VOCAB) + "\n")
     BertTokenizerFast(vocab_file=str(vocab_file)).save_pretrained(folder)

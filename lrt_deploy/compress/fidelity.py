@@ -13,6 +13,7 @@ from numpy.typing import ArrayLike
 __all__ = [
     "cosine_per_row",
     "embedding_fidelity",
+    "kl_divergence",
     "max_abs_diff",
     "sqnr_db",
     "top1_agreement",
@@ -100,6 +101,28 @@ def top1_agreement(ref_logits: ArrayLike, cand_logits: ArrayLike) -> float:
     if ref.ndim == 0 or ref.size == 0:
         raise ValueError(f"top-1 needs non-empty logits with a class axis, got shape {ref.shape}")
     return float(np.mean(ref.argmax(axis=-1) == cand.argmax(axis=-1)))
+
+
+def kl_divergence(ref_logits: ArrayLike, cand_logits: ArrayLike) -> float:
+    """Mean KL(softmax(reference) || softmax(candidate)) over positions, in nats.
+
+    Args:
+        ref_logits: ``[..., classes]`` reference logits.
+        cand_logits: Candidate logits of the same shape.
+
+    Returns:
+        Mean divergence (0 when the distributions agree).
+    """
+    ref, cand = _pair(ref_logits, cand_logits)
+    if ref.ndim == 0 or ref.size == 0:
+        raise ValueError(f"KL needs non-empty logits with a class axis, got shape {ref.shape}")
+
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        shifted = x - x.max(axis=-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+    log_p, log_q = log_softmax(ref.astype(np.float64)), log_softmax(cand.astype(np.float64))
+    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)))
 
 
 def max_abs_diff(reference: ArrayLike, candidate: ArrayLike) -> float:

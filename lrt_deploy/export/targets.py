@@ -42,6 +42,8 @@ class Target:
         weight_bits: 8, or 4 for weight-only ``MatMulNBits`` (``quantize_weights_4bit``) in
             place of int8.
         tensorrt: List TensorRT before CUDA in the provider hints (``cuda`` only).
+        exclude_sensitive: With ``quant_format="qdq"``: keep this many MatMuls, those int8
+            hurts most on the calibration data, in fp32.
     """
 
     name: str
@@ -58,6 +60,7 @@ class Target:
     quant_format: str = "dynamic"
     weight_bits: int = 8
     tensorrt: bool = False
+    exclude_sensitive: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in TARGET_NAMES:
@@ -80,6 +83,11 @@ class Target:
         if self.float16 and (self.quantize or self.weight_bits == 4):
             raise LrtDeployError(
                 "float16 and quantisation exclude each other: choose fp16 weights or int8/int4"
+            )
+        if self.exclude_sensitive < 0 or (self.exclude_sensitive and self.quant_format != "qdq"):
+            raise LrtDeployError(
+                "exclude_sensitive applies to static QDQ int8 (quant_format qdq) and is a count "
+                ">= 0"
             )
         if self.tensorrt and self.name != "cuda":
             raise LrtDeployError("tensorrt applies to the cuda target only")

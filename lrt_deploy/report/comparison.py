@@ -360,7 +360,11 @@ def _markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> st
     return "\n".join(lines)
 
 
-_METRIC_TITLES = {"sqnr_db": "SQNR (dB)"}
+_METRIC_TITLES = {
+    "sqnr_db": "SQNR (dB)",
+    "top1_agreement": "Top-1 agreement",
+    "kl_divergence": "KL (nats)",
+}
 
 
 def _metric_title(metric: str) -> str:
