@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--energy", type=float, metavar="FRACTION",
                       help="per layer, the smallest rank keeping this fraction of the "
                       "(whitened) spectrum energy (e.g. 0.95)")
+    comp.add_argument("--fidelity-floor", type=float, metavar="COSINE",
+                      help="the smallest global budget whose model keeps this mean cosine to "
+                      "the dense model on a calibration split (e.g. 0.99); slower: it "
+                      "factorizes several times")
     comp.add_argument("--heal", type=int, default=0, metavar="STEPS",
                       help="after factorizing, distil towards the dense model for STEPS steps "
                       "on the calibration data (keeps the best; never worse)")
@@ -155,19 +159,23 @@ def _run(args: argparse.Namespace) -> int:
         overrides["tensorrt"] = True
     target = Target.from_name(args.target, **overrides)
     chosen = [flag for flag, value in (("--rank", args.rank), ("--budget", args.budget),
-                                         ("--energy", args.energy)) if value is not None]
+                                         ("--energy", args.energy),
+                                         ("--fidelity-floor", args.fidelity_floor))
+              if value is not None]
     if len(chosen) > 1:
         raise _usage_error(f"{' and '.join(chosen)} exclude each other: choose one")
     if args.heal < 0 or (args.heal and not chosen):
-        raise _usage_error("--heal needs a factorization (--rank, --budget or --energy) and "
-                           "a step count >= 1")
+        raise _usage_error("--heal needs a factorization (--rank, --budget, --energy or "
+                           "--fidelity-floor) and a step count >= 1")
     compress = None
     if chosen:
-        policy = {"--rank": "uniform", "--budget": "budget", "--energy": "energy"}[chosen[0]]
+        policy = {"--rank": "uniform", "--budget": "budget", "--energy": "energy",
+                  "--fidelity-floor": "budget"}[chosen[0]]
         compress = LowRankConfig(
             rank=args.rank,
             policy=policy,
-            budget=args.budget,
+            # With a fidelity floor the budget is searched; this is only its starting value.
+            budget=args.budget if args.fidelity_floor is None else 0.98,
             energy=args.energy,
             solver=args.solver,
             factorize_embeddings=args.factorize_embeddings,
@@ -201,6 +209,7 @@ def _run(args: argparse.Namespace) -> int:
         settings=settings,
         force=args.force,
         heal_steps=args.heal,
+        fidelity_floor=args.fidelity_floor,
         progress=progress,
     )
     print(result.report.to_markdown())

@@ -282,6 +282,7 @@ def export_bundle(
     settings: BenchmarkSettings | None = None,
     force: bool = False,
     heal_steps: int = 0,
+    fidelity_floor: float | None = None,
     progress: ProgressFn = _noop,
 ) -> BundleResult:
     """Build a deployment bundle for ``loaded`` and measure it against the dense baseline.
@@ -296,6 +297,8 @@ def export_bundle(
         force: Replace ``out_dir`` if it exists.
         heal_steps: After factorizing, distil towards the dense model for this many steps
             (keeps the best step; never worse than before).
+        fidelity_floor: With a budget config: search the smallest budget whose model keeps
+            this mean cosine to the dense model on a calibration split.
         progress: Called with a short line as each stage starts.
 
     Returns:
@@ -326,11 +329,11 @@ def export_bundle(
             f"cannot create the output folder '{out_dir}': {exc.strerror or exc}; choose another -o"
         ) from exc
     try:
-        factorization, healing = None, None
+        factorization, compression = None, {}
         dense_loaded = loaded
         if compress is not None:
-            factorization, dense_loaded, healing = _compress(
-                loaded, compress, calibration, progress, heal_steps
+            factorization, dense_loaded, compression = _compress(
+                loaded, compress, calibration, progress, heal_steps, fidelity_floor
             )
 
         progress("preparing held-out evaluation data")
@@ -386,8 +389,7 @@ def export_bundle(
 
         progress("packaging the bundle")
         manifest = _write_bundle(
-            staging, loaded, target, variants, deployed, factorization, compress, settings,
-            healing,
+            staging, loaded, target, variants, deployed, factorization, settings, compression,
         )
         report = _build_report(loaded, target, variants, factorization, settings, manifest)
         report.write(staging)
@@ -418,7 +420,7 @@ def _build_report(
             latency=v.latency,
             fidelity=v.fidelity,
             provider_report=v.provider,
-            notes=_healing_notes(manifest) if v.label.startswith("LRT") else [],
+            notes=_compression_notes(manifest) if v.label.startswith("LRT") else [],
         )
         for v in variants
     ]
@@ -485,15 +487,25 @@ def _quiet_logger(name: str, *, enabled: bool) -> Iterator[None]:
         log.setLevel(level)
 
 
-def _healing_notes(manifest: dict[str, Any]) -> list[str]:
-    healing = (manifest.get("lowrank") or {}).get("healing")
-    if not healing:
-        return []
-    return [
-        f"healed {healing['steps_run']} steps in {healing['seconds']:.0f}s, kept step "
-        f"{healing['best_step']}; mean cosine on the {healing['selection_data']} "
-        f"{healing['before']['mean_cosine']:.4f} -> {healing['after']['mean_cosine']:.4f}"
-    ]
+def _compression_notes(manifest: dict[str, Any]) -> list[str]:
+    """Budget search and healing, as lines under the table."""
+    lowrank = manifest.get("lowrank") or {}
+    notes = []
+    search = lowrank.get("budget_search")
+    if search:
+        tried = ", ".join(f"{t['budget']:.3f}: {t['mean_cosine']:.4f}" for t in search["trials"])
+        notes.append(
+            f"budget {search['budget']:.3f} is the smallest tried with mean cosine >= "
+            f"{search['floor']} on the {search['selection_data']} (tried {tried})"
+        )
+    healing = lowrank.get("healing")
+    if healing:
+        notes.append(
+            f"healed {healing['steps_run']} steps in {healing['seconds']:.0f}s, kept step "
+            f"{healing['best_step']}; mean cosine on the {healing['selection_data']} "
+            f"{healing['before']['mean_cosine']:.4f} -> {healing['after']['mean_cosine']:.4f}"
+        )
+    return notes
 
 
 def _lowrank_by_design(loaded: LoadedModel) -> list[dict[str, Any]]:
@@ -535,9 +547,9 @@ def describe_config(config: LowRankConfig) -> str:
 
 def _compress(
     loaded: LoadedModel, config: LowRankConfig, calibration: str | Path | None,
-    progress: ProgressFn, heal_steps: int = 0,
-) -> tuple[FactorizationResult, LoadedModel, dict[str, Any] | None]:
-    from lrt_deploy.compress import factorize_
+    progress: ProgressFn, heal_steps: int = 0, fidelity_floor: float | None = None,
+) -> tuple[FactorizationResult, LoadedModel, dict[str, Any]]:
+    from lrt_deploy.compress import factorize_, search_budget
 
     if not loaded.can_compress:
         raise UnsupportedOperationError(
@@ -546,14 +558,27 @@ def _compress(
             "original module (.pt with --trust-pickle, or a Hugging Face folder)"
         )
     dense_loaded = dataclasses.replace(loaded, module=copy.deepcopy(loaded.module))
-    batches = None
-    if config.solver == "asvd" or heal_steps:
+    batches: list[dict[str, Any]] = []
+    if config.solver == "asvd" or heal_steps or fidelity_floor is not None:
         progress("reading calibration data")
         batches = calibration_batches(loaded, calibration)
+    # Choices made on data (the budget for a fidelity floor, the best healing step) are judged
+    # on the last fifth of the calibration batches, never on the held-out test text.
+    fit, select = _split(batches) if heal_steps or fidelity_floor is not None else (batches, [])
+    solver_data = fit if config.solver == "asvd" else None
+    extra: dict[str, Any] = {}
+    if fidelity_floor is not None:
+        progress(f"searching the smallest budget with mean cosine >= {fidelity_floor}")
+        search = search_budget(
+            loaded.module, config, solver_data, select, fidelity_floor, progress=progress
+        )
+        config = dataclasses.replace(config, budget=search.budget)
+        extra["budget_search"] = {
+            **search.to_dict(), "selection_data": "last fifth of the calibration batches",
+        }
     progress(f"factorizing ({describe_config(config)})")
-    result = factorize_(
-        loaded.module, config, calibration=batches if config.solver == "asvd" else None
-    )
+    result = factorize_(loaded.module, config, calibration=solver_data)
+    extra["config"] = config.to_dict()
     if not result.factorized:
         reasons = "; ".join(sorted({d.reason for d in result.kept_dense})[:3])
         raise LrtDeployError(
@@ -561,29 +586,29 @@ def _compress(
             "smaller rank or budget, e.g. --rank 0.25"
         )
     logger.info(result.summary())
-    healing = None
     if heal_steps:
-        healing = _heal(loaded, dense_loaded, batches or [], heal_steps, progress)
-    return result, dense_loaded, healing
+        extra["healing"] = _heal(loaded, dense_loaded, fit, select, heal_steps, progress)
+    return result, dense_loaded, extra
+
+
+def _split(batches: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    if len(batches) < 2:
+        raise LrtDeployError(
+            "--heal and --fidelity-floor need at least two calibration batches: give more "
+            "calibration data"
+        )
+    split = max(1, len(batches) // 5)
+    return batches[:-split], batches[-split:]
 
 
 def _heal(
-    loaded: LoadedModel, dense: LoadedModel, batches: list[dict[str, Any]], steps: int,
-    progress: ProgressFn,
+    loaded: LoadedModel, dense: LoadedModel, train: list[dict[str, Any]],
+    select: list[dict[str, Any]], steps: int, progress: ProgressFn,
 ) -> dict[str, Any]:
-    """Distil the factorized model towards the dense one on calibration data.
-
-    The best step is chosen on the last fifth of the calibration batches, never on the
-    held-out text the report's fidelity is measured on.
-    """
+    """Distil the factorized model towards the dense one on ``train``, keeping the step that
+    does best on ``select``."""
     from lrt_deploy.compress import heal_
 
-    if len(batches) < 2:
-        raise LrtDeployError(
-            "--heal needs at least two calibration batches: give more calibration data"
-        )
-    split = max(1, len(batches) // 5)
-    train, select = batches[:-split], batches[-split:]
     progress(f"healing: {steps} distillation steps on {len(train)} calibration batches")
     result = heal_(
         loaded.module, dense.module, train, steps=steps, eval_batches=select,
@@ -758,9 +783,8 @@ def _write_bundle(
     variants: list[Variant],
     deployed: Variant,
     factorization: FactorizationResult | None,
-    compress: LowRankConfig | None,
     settings: BenchmarkSettings,
-    healing: dict[str, Any] | None,
+    compression: dict[str, Any],
 ) -> dict[str, Any]:
     import onnx
 
@@ -831,7 +855,7 @@ def _write_bundle(
         "variant": deployed.label,
         "quantization": deployed.quantization,
         "optimization": deployed.optimization,
-        "lowrank": _lowrank_section(loaded, factorization, compress, healing),
+        "lowrank": _lowrank_section(loaded, factorization, compression),
         "fidelity": deployed.fidelity,
         "validation": deployed.validation or variants[0].validation,
         "sizes": {
@@ -875,16 +899,17 @@ def _check_ort_runs(
 
 def _lowrank_section(
     loaded: LoadedModel, factorization: FactorizationResult | None,
-    compress: LowRankConfig | None, healing: dict[str, Any] | None,
+    compression: dict[str, Any],
 ) -> dict[str, Any] | None:
-    if factorization is not None and compress is not None:
+    if factorization is not None:
         return {
             "origin": "post-training factorization",
-            "config": compress.to_dict(),
+            "config": compression["config"],
             "layers": [d.to_dict() for d in factorization.layers],
             "params_before": factorization.params_before,
             "params_after": factorization.params_after,
-            "healing": healing,
+            "budget_search": compression.get("budget_search"),
+            "healing": compression.get("healing"),
         }
     layers = _lowrank_by_design(loaded)
     if layers:

@@ -573,3 +573,15 @@ def test_exclude_sensitive_needs_qdq(capsys, tmp_path: Path, tiny_bert_dir: Path
     line = _fail([tiny_bert_dir, "--quantize", "int8", "--exclude-sensitive", "2"], capsys,
                  tmp_path / "bundle")
     assert "qdq" in line
+
+
+def test_fidelity_floor_searches_a_budget(capsys, tmp_path: Path, tiny_bert_dir: Path) -> None:
+    out_dir = tmp_path / "bundle"
+    code, out, err = _cli([tiny_bert_dir, "--fidelity-floor", "0.95", "-q", *RUNS, "-o",
+                           out_dir], capsys)
+    assert code == 0, err
+    lowrank = json.loads((out_dir / "manifest.json").read_text())["lowrank"]
+    search = lowrank["budget_search"]
+    assert search["mean_cosine"] >= 0.95
+    assert lowrank["config"]["budget"] == search["budget"]
+    assert "smallest tried with mean cosine" in out

@@ -355,3 +355,65 @@ def test_embedding_factorization_under_budget_round_trip() -> None:
     assert _cosine(reference, model, _token_batches(5)) > 0.95
     data = json.loads(json.dumps(result.to_dict()))
     assert data["layers"][0]["energy_kept"] == pytest.approx(embed.energy_kept)
+
+
+def test_search_budget_finds_the_smallest_budget_meeting_the_floor():
+    import copy
+
+    from lrt_deploy.compress import LowRankConfig, search_budget
+    from lrt_deploy.compress.calibration import primary_output
+    from lrt_deploy.compress.fidelity import cosine_per_row
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
+                          nn.Linear(32, 16)).eval()
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    wrapped = Wrapped(model)
+    generator = torch.Generator().manual_seed(1)
+    basis = torch.randn(6, 32, generator=generator)
+    batches = [{"x": torch.randn(64, 6, generator=generator) @ basis
+                + 0.05 * torch.randn(64, 32, generator=generator)} for _ in range(4)]
+    config = LowRankConfig(policy="budget", budget=0.9, solver="asvd")
+    result = search_budget(wrapped, config, batches[:3], batches[3:], floor=0.98, steps=4)
+    assert result.mean_cosine >= 0.98
+    assert result.trials[0]["budget"] == pytest.approx(0.98)
+    passing = [t["budget"] for t in result.trials if t["mean_cosine"] >= 0.98]
+    assert result.budget == min(passing)
+    # The input model is untouched and the chosen budget reproduces the measured fidelity.
+    assert all(isinstance(m, nn.Linear) for m in model if not isinstance(m, nn.ReLU))
+    from lrt_deploy.compress import factorize_
+
+    candidate = copy.deepcopy(wrapped)
+    factorize_(candidate, LowRankConfig(policy="budget", budget=result.budget, solver="asvd"),
+               calibration=batches[:3])
+    with torch.no_grad():
+        score = cosine_per_row(primary_output(wrapped(**batches[3])).numpy(),
+                               primary_output(candidate(**batches[3])).numpy()).mean()
+    assert score == pytest.approx(result.mean_cosine, abs=1e-6)
+
+
+def test_search_budget_unreachable_floor_is_an_error():
+    from lrt_deploy.compress import LowRankConfig, LowRankConfigError, search_budget
+
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    batches = [{"x": torch.randn(16, 32)} for _ in range(2)]
+    with pytest.raises(LowRankConfigError, match="lower --fidelity-floor"):
+        search_budget(Net().eval(), LowRankConfig(policy="budget", budget=0.5, solver="svd"),
+                      None, batches[1:], floor=0.999999, high=0.3)

@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 __all__ = [
+    "BudgetSearchResult",
     "CalibrationStatistics",
     "EmbeddingIndexCounter",
     "FactorizationContext",
@@ -34,6 +35,7 @@ __all__ = [
     "factorize_",
     "heal_",
     "kl_divergence",
+    "search_budget",
     "max_abs_diff",
     "primary_output",
     "register_handler",
@@ -71,6 +73,8 @@ _SUBMODULE_OF = {
     "factorize_": "factorize",
     "heal_": "heal",
     "kl_divergence": "fidelity",
+    "search_budget": "search",
+    "BudgetSearchResult": "search",
     "max_abs_diff": "fidelity",
     "register_handler": "factorize",
     "primary_output": "calibration",
