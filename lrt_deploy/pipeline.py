@@ -411,6 +411,8 @@ def _build_report(
 ) -> Any:
     from lrt_deploy.report import ComparisonReport, VariantResult
 
+    # Notes on how the low-rank model was made are shown once, under its first row.
+    first_lrt = next((v for v in variants if v.label.startswith("LRT")), None)
     results = [
         VariantResult(
             name=v.label + (" (deployed)" if v.deployed else ""),
@@ -420,7 +422,7 @@ def _build_report(
             latency=v.latency,
             fidelity=v.fidelity,
             provider_report=v.provider,
-            notes=_compression_notes(manifest) if v.label.startswith("LRT") else [],
+            notes=_compression_notes(manifest) if v is first_lrt else [],
         )
         for v in variants
     ]
