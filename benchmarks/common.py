@@ -104,10 +104,11 @@ def size_fidelity_chart(rows: list[dict[str, Any]], path: Path, title: str) -> N
     for r in rows:
         marker = "s" if r["variant"].startswith("dense") else "o"
         ax.scatter(r["size_mb"], r["mean_cosine"], marker=marker)
-        ax.annotate(f"{r['variant']} {r['run']}", (r["size_mb"], r["mean_cosine"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+        label = r["variant"] if r["variant"].startswith("dense") else f"{r['variant']} {r['run']}"
+        ax.annotate(label, (r["size_mb"], r["mean_cosine"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
     front, best = [], -1.0
-    for r in sorted(rows, key=lambda r: r["size_mb"], reverse=True)[::-1]:
+    for r in sorted(rows, key=lambda r: r["size_mb"]):
         if r["mean_cosine"] > best:
             front.append(r)
             best = r["mean_cosine"]
