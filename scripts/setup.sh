@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # Create .venv and install lrt-deploy with everything the export path and the tests need.
 # Pins come from constraints.txt (torch 2.13.0 CPU build: an unpinned torch would pull CUDA wheels).
+# pip's output goes to .venv/setup.log and is shown only when the install fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $("$PYTHON" --version)" >&2
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+echo "setup: installing lrt-deploy and its pinned dependencies (log: .venv/setup.log)" >&2
+if ! { .venv/bin/python -m pip install --upgrade pip &&
+       .venv/bin/python -m pip install -c constraints.txt -e ".[dev]"; } > .venv/setup.log 2>&1; then
+    cat .venv/setup.log >&2
+    echo "setup: pip install failed (full log above)" >&2
+    exit 1
+fi
