@@ -17,9 +17,8 @@ import argparse
 import json
 import sys
 from functools import partial
-from pathlib import Path
 
-from common import MODELS, load, measure, print_table, size_fidelity_chart
+from common import MODELS, add_measurement_args, load, measure, print_table, size_fidelity_chart
 
 CONFIGS = {
     "rank0.5": ({"rank": 0.5}, 0),
@@ -37,9 +36,7 @@ def main() -> int:
     parser.add_argument("--model", default="minilm", choices=MODELS)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--target", default="cpu", choices=("cpu", "mobile"))
-    parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_measurement_args(parser)
     args = parser.parse_args()
 
     from lrt_deploy.compress import LowRankConfig

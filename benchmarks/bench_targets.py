@@ -14,9 +14,8 @@ import argparse
 import json
 import sys
 from functools import partial
-from pathlib import Path
 
-from common import MODELS, load, measure, print_table
+from common import MODELS, add_measurement_args, load, measure, print_table
 
 
 def main() -> int:
@@ -25,9 +24,7 @@ def main() -> int:
     parser.add_argument("--targets", nargs="+", default=["cpu", "mobile", "cuda"],
                         choices=("cpu", "mobile", "cuda"))
     parser.add_argument("--rank", type=float, default=0.5)
-    parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_measurement_args(parser)
     args = parser.parse_args()
 
     from lrt_deploy.compress import LowRankConfig

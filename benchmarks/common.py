@@ -17,6 +17,13 @@ from typing import Any
 MODELS = ("minilm", "bert-base")
 
 
+def add_measurement_args(parser: Any) -> None:
+    """The options every benchmark shares: timed runs, threads, where results go."""
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+
+
 def load(name: str) -> Any:
     """all-MiniLM-L6-v2 (real weights), or a BERT-base-sized model built from a config with
     random weights (right for size and speed, meaningless for accuracy) and MiniLM's tokenizer

@@ -24,8 +24,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _check_rank(rank: int, full_rank: int) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full_rank:
+def _check_rank(rank: int, full_rank: int | None = None) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if full_rank is not None and rank > full_rank:
         raise ValueError(
             f"rank must be an int in [1, {full_rank}] (the full rank of this layer), got {rank!r}"
         )
@@ -58,8 +60,7 @@ class LowRankLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        _check_rank(rank)
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
@@ -184,8 +185,7 @@ class LowRankEmbedding(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        _check_rank(rank)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.rank = rank
