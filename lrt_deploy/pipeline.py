@@ -7,7 +7,6 @@ Python users run the same code (``lrt_deploy.export_bundle``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import datetime
@@ -16,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lrt_deploy._logs import quiet_loggers
 from lrt_deploy.errors import BundleExistsError, LrtDeployError, UnsupportedOperationError
 from lrt_deploy.export.graph import model_bytes
 from lrt_deploy.export.targets import Target
@@ -382,7 +382,8 @@ def export_bundle(
         for index, variant in enumerate(variants):
             # A provider fallback is warned about once (it is the same for every variant) and
             # written into the report's header for each run.
-            with _quiet_logger("lrt_deploy.runtime", enabled=index > 0):
+            quiet = ("lrt_deploy.runtime",) if index > 0 else ()
+            with quiet_loggers(*quiet):
                 _measure(variant, loaded, measured, ref_arrays, masks, feeds, target, settings)
             if index == 0 and variant.provider.get("fell_back"):
                 progress(f"provider fallback: {variant.provider.get('message')}")
@@ -475,18 +476,6 @@ def _build_report(
         quantisation=next((v.quantization for v in variants if v.quantization), {}) or {},
         provider_messages=messages,
     )
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str, *, enabled: bool) -> Iterator[None]:
-    log = logging.getLogger(name)
-    level = log.level
-    if enabled:
-        log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def _compression_notes(manifest: dict[str, Any]) -> list[str]:

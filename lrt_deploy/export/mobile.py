@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lrt_deploy._logs import quiet_loggers
 from lrt_deploy.errors import LrtDeployError
 
 __all__ = [
@@ -75,13 +76,9 @@ def write_required_operators(ort_model: str | Path, target: str | Path) -> list[
     """
     from onnxruntime.tools.ort_format_model.utils import create_config_from_models
 
-    ort_logger = logging.getLogger("ort_format_model.utils")
-    level = ort_logger.level
-    ort_logger.setLevel(logging.WARNING)  # it announces each config file it writes at INFO
-    try:
+    # It announces each config file it writes at INFO.
+    with quiet_loggers("ort_format_model.utils", level=logging.WARNING):
         create_config_from_models([Path(ort_model)], Path(target), enable_type_reduction=False)
-    finally:
-        ort_logger.setLevel(level)
     lines = Path(target).read_text().splitlines()
     # The generated header names the absolute path of the model on this machine; keep only the
     # file name so the bundle does not leak local paths and is reproducible.

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lrt_deploy._logs import quiet_loggers
 from lrt_deploy.errors import LrtDeployError
 
 if TYPE_CHECKING:
@@ -38,20 +39,13 @@ class ExportError(LrtDeployError):
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """Silence the exporter's progress prints and known-harmless warnings; restore afterwards."""
-    noisy = [
-        logging.getLogger(name)
-        for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
-    ]
-    levels = [log.level for log in noisy]
-    for log in noisy:
-        log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for log, level in zip(noisy, levels, strict=True):
-            log.setLevel(level)
+    with (
+        quiet_loggers("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"),
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _weight_bytes(module: object) -> int:

@@ -3,15 +3,15 @@ excluded nodes, a per-node sensitivity finder, and 4-bit weight-only ``MatMulNBi
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lrt_deploy._logs import quiet_loggers
 from lrt_deploy.export.graph import count_changes, op_counts
 
 __all__ = [
@@ -74,7 +74,7 @@ def quantize_int8(
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quiet_root_logger():
+    with quiet_loggers(""):  # ORT's quantisers log hints on the root logger
         quantize_dynamic(
             str(source),
             str(target),
@@ -96,19 +96,6 @@ def quantize_int8(
     )
     logger.info("quantised int8 (per_channel=%s): %s", per_channel, result.quantized_ops)
     return result
-
-
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """ORT's quantisation tools log hints (pre-processing, calibration progress) on the root
-    logger; silence them below ERROR for the call and restore the level afterwards."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def _quantized_ops(path: str | Path) -> dict[str, int]:
@@ -199,7 +186,7 @@ def quantize_static_int8(
             "them to one length, or use minmax"
         )
     reader = _reader(batches, _graph_input_names(source))
-    with _quiet_root_logger():
+    with quiet_loggers(""):  # ORT's quantisers log hints on the root logger
         quantize_static(
             str(source),
             str(target),
@@ -391,7 +378,7 @@ def quantize_weights_4bit(
         accuracy_level=accuracy_level,
         nodes_to_exclude=excluded,
     )
-    with _quiet_root_logger():
+    with quiet_loggers(""):  # ORT's quantisers log hints on the root logger
         quantizer.process()
     quantizer.model.save_model_to_file(str(target))
     before, after = op_counts(source), op_counts(target)
