@@ -25,7 +25,7 @@ import numpy as np
 
 from lrt_deploy._logs import quiet_loggers
 from lrt_deploy.errors import BundleExistsError, LrtDeployError, UnsupportedOperationError
-from lrt_deploy.export.graph import model_bytes
+from lrt_deploy.export.graph import default_opset, model_bytes
 from lrt_deploy.export.targets import Target
 
 if TYPE_CHECKING:
@@ -329,11 +329,26 @@ def export_bundle(
             f"cannot create the output folder '{out_dir}': {exc.strerror or exc}; choose another -o"
         ) from exc
     try:
+        if compress is not None and not loaded.can_compress:
+            raise UnsupportedOperationError(
+                f"--rank needs an nn.Module to factorize, but '{loaded.name}' is a "
+                f"{loaded.format} graph whose layers cannot be swapped: export it without "
+                "--rank, or load the original module (.pt with --trust-pickle, or a Hugging "
+                "Face folder)"
+            )
+        qdq = bool(target.quantize) and target.quant_format == "qdq"
+        # Read once: factorization, healing, the budget search and static int8 share it.
+        batches: list[dict[str, Any]] = []
+        if qdq or (compress is not None and (
+            compress.solver == "asvd" or heal_steps or fidelity_floor is not None
+        )):
+            progress("reading calibration data")
+            batches = calibration_batches(loaded, calibration)
         factorization, compression = None, {}
         dense_loaded = loaded
         if compress is not None:
             factorization, dense_loaded, compression = _compress(
-                loaded, compress, calibration, progress, heal_steps, fidelity_floor
+                loaded, compress, batches, progress, heal_steps, fidelity_floor
             )
 
         progress("preparing held-out evaluation data")
@@ -353,19 +368,15 @@ def export_bundle(
         work.mkdir()
         # A factorized model is compared with its dense original; a model that is low-rank
         # by design has no dense twin and is its own baseline.
-        by_design = compress is None and bool(_lowrank_by_design(loaded))
-        plan = [] if by_design else [("dense", "dense", dense_loaded)]
-        if compress is not None or by_design:
+        design_layers = _lowrank_by_design(loaded) if compress is None else []
+        plan = [] if design_layers else [("dense", "dense", dense_loaded)]
+        if compress is not None or design_layers:
             plan.append(("lrt", "LRT", loaded))
         feeds = latency_inputs(loaded, settings)
         variants: list[Variant] = []
-        calibration_feeds = None
-        if target.quantize and target.quant_format == "qdq":
-            progress("reading calibration data for static int8")
-            calibration_feeds = [
-                {n: t.numpy() for n, t in batch.items()}
-                for batch in calibration_batches(loaded, calibration)
-            ]
+        calibration_feeds = (
+            [{n: t.numpy() for n, t in batch.items()} for batch in batches] if qdq else None
+        )
         for key, label, model in plan:
             variants.extend(_build_variants(
                 key, label, model, plan_size=len(plan), target=target, work=work,
@@ -390,7 +401,8 @@ def export_bundle(
 
         progress("packaging the bundle")
         manifest = _write_bundle(
-            staging, loaded, target, variants, deployed, factorization, settings, compression,
+            staging, loaded, target, variants, deployed, settings, feeds,
+            _lowrank_section(factorization, compression, design_layers),
         )
         report = _build_report(loaded, target, variants, factorization, settings, manifest)
         report.write(staging)
@@ -537,22 +549,12 @@ def describe_config(config: LowRankConfig) -> str:
 
 
 def _compress(
-    loaded: LoadedModel, config: LowRankConfig, calibration: str | Path | None,
+    loaded: LoadedModel, config: LowRankConfig, batches: list[dict[str, Any]],
     progress: ProgressFn, heal_steps: int = 0, fidelity_floor: float | None = None,
 ) -> tuple[FactorizationResult, LoadedModel, dict[str, Any]]:
     from lrt_deploy.compress import factorize_, search_budget
 
-    if not loaded.can_compress:
-        raise UnsupportedOperationError(
-            f"--rank needs an nn.Module to factorize, but '{loaded.name}' is a {loaded.format} "
-            "graph whose layers cannot be swapped: export it without --rank, or load the "
-            "original module (.pt with --trust-pickle, or a Hugging Face folder)"
-        )
     dense_loaded = dataclasses.replace(loaded, module=copy.deepcopy(loaded.module))
-    batches: list[dict[str, Any]] = []
-    if config.solver == "asvd" or heal_steps or fidelity_floor is not None:
-        progress("reading calibration data")
-        batches = calibration_batches(loaded, calibration)
     # Choices made on data (the budget for a fidelity floor, the best healing step) are judged
     # on the last fifth of the calibration batches, never on the held-out test text.
     fit, select = _split(batches) if heal_steps or fidelity_floor is not None else (batches, [])
@@ -773,9 +775,9 @@ def _write_bundle(
     target: Target,
     variants: list[Variant],
     deployed: Variant,
-    factorization: FactorizationResult | None,
     settings: BenchmarkSettings,
-    compression: dict[str, Any],
+    feeds: dict[str, np.ndarray],
+    lowrank: dict[str, Any] | None,
 ) -> dict[str, Any]:
     import onnx
 
@@ -800,7 +802,7 @@ def _write_bundle(
         mobile["required_operators"] = write_required_operators(
             staging / "model.ort", staging / "required_operators.config"
         )
-        _check_ort_runs(staging / "model.ort", loaded, deployed, settings)
+        _check_ort_runs(staging / "model.ort", deployed, feeds, settings.threads)
         mobile["ort_bytes"] = (staging / "model.ort").stat().st_size
     if target.check_mobile_usability:
         mobile["usability"] = check_mobile_usability(staging / "model.onnx").to_dict()
@@ -842,11 +844,11 @@ def _write_bundle(
         "files": files,
         "inputs": tensor_info(model.graph.input),
         "outputs": tensor_info(model.graph.output),
-        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "opset": default_opset(model),
         "variant": deployed.label,
         "quantization": deployed.quantization,
         "optimization": deployed.optimization,
-        "lowrank": _lowrank_section(loaded, factorization, compression),
+        "lowrank": lowrank,
         "fidelity": deployed.fidelity,
         "validation": deployed.validation or variants[0].validation,
         "sizes": {
@@ -871,14 +873,13 @@ def _write_bundle(
 
 
 def _check_ort_runs(
-    ort_path: Path, loaded: LoadedModel, deployed: Variant, settings: BenchmarkSettings
+    ort_path: Path, deployed: Variant, feeds: dict[str, np.ndarray], threads: int
 ) -> None:
     """The .ort file must load and agree with the .onnx it came from."""
     from lrt_deploy.runtime import Session
 
-    feeds = latency_inputs(loaded, settings)
-    ort_out = Session(ort_path, threads=settings.threads).run(feeds)
-    onnx_out = Session(deployed.onnx_path, threads=settings.threads).run(feeds)
+    ort_out = Session(ort_path, threads=threads).run(feeds)
+    onnx_out = Session(deployed.onnx_path, threads=threads).run(feeds)
     for name, value in onnx_out.items():
         diff = float(np.abs(ort_out[name] - value).max(initial=0.0))
         if diff > 1e-4:
@@ -889,8 +890,8 @@ def _check_ort_runs(
 
 
 def _lowrank_section(
-    loaded: LoadedModel, factorization: FactorizationResult | None,
-    compression: dict[str, Any],
+    factorization: FactorizationResult | None, compression: dict[str, Any],
+    design_layers: list[dict[str, Any]],
 ) -> dict[str, Any] | None:
     if factorization is not None:
         return {
@@ -902,7 +903,6 @@ def _lowrank_section(
             "budget_search": compression.get("budget_search"),
             "healing": compression.get("healing"),
         }
-    layers = _lowrank_by_design(loaded)
-    if layers:
-        return {"origin": "by design", "layers": layers}
+    if design_layers:
+        return {"origin": "by design", "layers": design_layers}
     return None

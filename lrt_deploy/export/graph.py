@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
-__all__ = ["op_counts", "count_changes", "model_bytes"]
+__all__ = ["op_counts", "count_changes", "default_opset", "model_bytes"]
 
 
 def op_counts(path: str | Path) -> Counter[str]:
@@ -38,3 +39,8 @@ def model_bytes(path: str | Path) -> int:
     size = path.stat().st_size
     data = path.with_name(path.name + ".data")
     return size + (data.stat().st_size if data.exists() else 0)
+
+
+def default_opset(model: Any) -> int:
+    """The default-domain (``ai.onnx``) opset an ``onnx.ModelProto`` imports."""
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))

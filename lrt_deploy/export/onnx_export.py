@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from lrt_deploy._logs import quiet_loggers
 from lrt_deploy.errors import LrtDeployError
+from lrt_deploy.export.graph import default_opset
 
 if TYPE_CHECKING:
     from lrt_deploy.load import LoadedModel
@@ -127,8 +128,7 @@ def export_onnx(loaded: LoadedModel, path: str | Path, *, opset: int = 18) -> Pa
 def _default_opset(path: Path) -> int:
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return default_opset(onnx.load(str(path), load_external_data=False))
 
 
 def _dynamic_shapes(loaded: LoadedModel, module: object) -> object:
