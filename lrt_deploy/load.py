@@ -17,9 +17,10 @@ import importlib
 import inspect
 import json
 import logging
+import pickle
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,7 +92,6 @@ class LoadedModel:
     tokenizer: Any = None
     max_length: int = 128
     attention_shape: tuple[int, int] | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def input_names(self) -> list[str]:
@@ -252,15 +252,11 @@ def load_model(
     if str(path) in MODEL_ALIASES and not Path(str(path)).exists():
         loaded.name = str(path)
     loaded.source_hash = source_hash(resolved)
-    if isinstance(loaded.module, _torch_module_type()):
-        loaded.module.eval()
-    return loaded
-
-
-def _torch_module_type() -> type:
     import torch
 
-    return torch.nn.Module
+    if isinstance(loaded.module, torch.nn.Module):
+        loaded.module.eval()
+    return loaded
 
 
 def _load_huggingface(folder: Path, max_length: int) -> LoadedModel:
@@ -410,7 +406,7 @@ def _load_file(
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle_error_types() as exc:
+    except pickle.UnpicklingError as exc:
         # torch prefixes every safe-unpickler failure with "Weights only load failed"; only an
         # unsupported global (a class to import and run) means "this is a pickled module".
         if "Unsupported global" not in str(exc):
@@ -455,12 +451,6 @@ def _load_file(
     raise UnsupportedFormatError(
         f"'{path.name}' holds a {type(obj).__name__}, not a model or a state dict"
     )
-
-
-def pickle_error_types() -> tuple[type[BaseException], ...]:
-    import pickle
-
-    return (pickle.UnpicklingError,)
 
 
 def _call_factory(factory: str) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lrt_deploy.errors import LrtDeployError
@@ -136,9 +136,6 @@ class Target:
                 f"unknown target '{name}': choose one of {', '.join(TARGET_NAMES)}"
             )
         return getattr(cls, name)(**overrides)
-
-    def with_options(self, **overrides: Any) -> Target:
-        return replace(self, **overrides)
 
     def provider_hints(self) -> list[tuple[str, dict[str, str]]]:
         """``(provider, options)`` pairs for ``onnxruntime.InferenceSession(providers=...)``.
