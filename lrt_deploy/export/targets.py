@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from lrt_deploy.errors import LrtDeployError
@@ -154,6 +154,10 @@ class Target:
                 }))
             hints.append((provider, {}))
         return hints
+
+    def with_options(self, **overrides: Any) -> Target:
+        """A copy with ``overrides`` applied field by field (validated like any Target)."""
+        return replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
