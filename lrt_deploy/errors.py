@@ -2,6 +2,11 @@
 
 All of them subclass :class:`LrtDeployError` (a ``ValueError``), which the CLI turns into a
 one-line message and exit code 2. Anything else is a bug and keeps its traceback.
+
+This module imports nothing (not even the rest of ``lrt_deploy``), so the torch-free runtime
+can raise these errors too. Errors that belong to one stage (``LowRankConfigError`` in
+``compress``, ``InputError`` in ``runtime``) are defined there, as subclasses of
+:class:`LrtDeployError`; :class:`UnknownTargetError` is here because export and runtime share it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ __all__ = [
     "ExportValidationError",
     "LrtDeployError",
     "ModelNotFoundError",
+    "UnknownTargetError",
     "UnsupportedFormatError",
     "UnsupportedOperationError",
     "UntrustedPickleError",
@@ -53,3 +59,7 @@ class ExportValidationError(LrtDeployError):
 
 class BundleExistsError(LrtDeployError):
     """The output folder exists and overwriting was not asked for."""
+
+
+class UnknownTargetError(LrtDeployError):
+    """The deployment target name is not one of the presets (``cpu``, ``cuda``, ``mobile``)."""

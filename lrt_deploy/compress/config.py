@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from lrt_deploy.errors import LrtDeployError
+
 __all__ = [
     "BUDGET_ERRORS",
     "POLICIES",
@@ -20,7 +22,7 @@ POLICIES = ("uniform", "energy", "budget")
 BUDGET_ERRORS = ("output", "layer")
 
 
-class LowRankConfigError(ValueError):
+class LowRankConfigError(LrtDeployError):
     """A factorization setting is invalid or inconsistent with the inputs given."""
 
 

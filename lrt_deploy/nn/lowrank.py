@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from lrt_deploy.nn.factors import embedding_factors, svd_factors
+
 __all__ = [
     "lowrank_layers_in_weights",
     "LowRankEmbedding",
@@ -127,9 +129,6 @@ class LowRankLinear(nn.Module):
         Returns:
             A new layer with ``linear``'s device and dtype; exact when ``rank`` is the full rank.
         """
-        # Imported here because lrt_deploy.compress builds on this module.
-        from lrt_deploy.compress.solvers import svd_factors
-
         _check_rank(rank, min(linear.in_features, linear.out_features))
         decoder_weight, encoder_weight = svd_factors(linear.weight.detach(), rank)
         dtype = linear.weight.dtype
@@ -254,8 +253,6 @@ class LowRankEmbedding(nn.Module):
         Returns:
             A new module with ``embedding``'s device, dtype and padding row.
         """
-        from lrt_deploy.compress.solvers import embedding_factors
-
         if embedding.max_norm is not None:
             raise ValueError("embeddings with max_norm cannot be factorized; keep them dense")
         _check_rank(rank, min(embedding.num_embeddings, embedding.embedding_dim))

@@ -1,7 +1,8 @@
 """Torch-free runtime: run an exported bundle with onnxruntime and numpy only.
 
-Nothing here imports torch, onnx or other ``lrt_deploy`` subpackages, so an application can
-ship this package with just ``numpy`` and ``onnxruntime`` (``tokenizers`` for text input).
+Nothing here imports torch, onnx or other ``lrt_deploy`` subpackages (only the dependency-free
+``lrt_deploy.errors``), so an application can ship this package with just ``numpy`` and
+``onnxruntime`` (``tokenizers`` for text input).
 """
 
 from __future__ import annotations

@@ -16,12 +16,16 @@ from typing import Any
 
 import onnxruntime as ort
 
+from lrt_deploy.errors import UnknownTargetError
+
 __all__ = [
     "CPU_PROVIDER",
     "TARGETS",
+    "TARGET_PROVIDERS",
     "ProviderResolution",
     "UnknownTargetError",
     "canonical_provider_name",
+    "check_target_name",
     "fallback_message",
     "providers_for_target",
     "resolve_providers",
@@ -30,11 +34,36 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CPU_PROVIDER = "CPUExecutionProvider"
-TARGETS = ("cpu", "cuda", "mobile")
+
+#: The one table of deployment targets and their execution providers, best first. Export
+#: (``lrt_deploy.export.targets``) writes these into the manifest; the runtime requests them.
+#: Mobile lists every accelerator; :func:`providers_for_target` keeps the running platform's.
+TARGET_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "cpu": (CPU_PROVIDER,),
+    "cuda": ("CUDAExecutionProvider", CPU_PROVIDER),
+    "mobile": (
+        "NnapiExecutionProvider",
+        "CoreMLExecutionProvider",
+        "XnnpackExecutionProvider",
+        CPU_PROVIDER,
+    ),
+}
+TARGETS = tuple(TARGET_PROVIDERS)
+TENSORRT_PROVIDER = "TensorrtExecutionProvider"
+# Mobile accelerators that exist on one platform family only.
+_PLATFORM_ACCELERATORS = {
+    "android": "NnapiExecutionProvider",
+    "apple": "CoreMLExecutionProvider",
+}
 
 
-class UnknownTargetError(ValueError):
-    """Raised when a target name is not one of :data:`TARGETS`."""
+def check_target_name(name: str) -> str:
+    """Return ``name`` if it is a known target, else raise :class:`UnknownTargetError`."""
+    if name not in TARGET_PROVIDERS:
+        raise UnknownTargetError(
+            f"unknown target '{name}': choose one of {', '.join(TARGETS)}"
+        )
+    return name
 
 
 def _platform_family(platform: str | None) -> str:
@@ -67,17 +96,15 @@ def providers_for_target(
     Raises:
         UnknownTargetError: If ``name`` is not a known target.
     """
-    target = name.lower()
-    if target == "cpu":
-        return [CPU_PROVIDER]
-    if target == "cuda":
-        gpu = ["TensorrtExecutionProvider"] if tensorrt else []
-        return [*gpu, "CUDAExecutionProvider", CPU_PROVIDER]
+    target = check_target_name(name.lower())
+    providers = list(TARGET_PROVIDERS[target])
     if target == "mobile":
-        family = _platform_family(platform)
-        accelerator = {"android": ["NnapiExecutionProvider"], "apple": ["CoreMLExecutionProvider"]}
-        return [*accelerator.get(family, []), "XnnpackExecutionProvider", CPU_PROVIDER]
-    raise UnknownTargetError(f"unknown target {name!r}; valid targets are: {', '.join(TARGETS)}")
+        keep = _PLATFORM_ACCELERATORS.get(_platform_family(platform))
+        others = set(_PLATFORM_ACCELERATORS.values()) - {keep}
+        providers = [p for p in providers if p not in others]
+    if target == "cuda" and tensorrt:
+        providers.insert(0, TENSORRT_PROVIDER)
+    return providers
 
 
 @dataclass(frozen=True)

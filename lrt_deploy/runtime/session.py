@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from lrt_deploy.errors import LrtDeployError
+
 from .providers import (
     CPU_PROVIDER,
     ProviderResolution,
@@ -61,7 +63,7 @@ _OPTIMIZATION_LEVELS = {
 }
 
 
-class InputError(ValueError):
+class InputError(LrtDeployError):
     """Raised when feeds do not match the model's inputs; the message says how to fix them."""
 
 
