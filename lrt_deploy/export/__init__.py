@@ -4,10 +4,31 @@ Passes, one per module: ``onnx_export`` (torch -> ONNX), ``validate``, ``fusion`
 (``fuse_transformer``: ``fuse_attention`` + ``fuse_gelu`` + ORT ``extended``), ``optimize``,
 ``quantize`` (dynamic int8, static QDQ int8, sensitivity, 4-bit weights), ``float16`` (cuda),
 ``mobile`` (ORT format), ``external_data`` (> 2 GB models), ``reproducibility``.
+Composed per target: ``precision`` (typed recipes and their passes), ``targets`` (presets),
+``build`` (export -> validate -> optimise -> precision, per model), ``bundle`` (manifest and
+atomic write).
 """
 
 from __future__ import annotations
 
+from lrt_deploy.export.precision import (
+    DynamicInt8,
+    Float16,
+    Int4WeightOnly,
+    Precision,
+    StaticInt8,
+    precision_from_dict,
+)
 from lrt_deploy.export.targets import TARGET_NAMES, Target, UnknownTargetError
 
-__all__ = ["TARGET_NAMES", "Target", "UnknownTargetError"]
+__all__ = [
+    "TARGET_NAMES",
+    "DynamicInt8",
+    "Float16",
+    "Int4WeightOnly",
+    "Precision",
+    "StaticInt8",
+    "Target",
+    "UnknownTargetError",
+    "precision_from_dict",
+]

@@ -1,19 +1,27 @@
-"""Target presets: what a deployment target needs from export, as overridable dataclasses."""
+"""Target presets: what a deployment target needs from export, as overridable dataclasses.
+
+Target names and their execution providers come from one table,
+:data:`lrt_deploy.runtime.providers.TARGET_PROVIDERS`, which the runtime uses too. The numeric
+precision of the deployed graph is one typed recipe (:mod:`lrt_deploy.export.precision`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from lrt_deploy.errors import LrtDeployError
+from lrt_deploy.errors import LrtDeployError, UnknownTargetError
+from lrt_deploy.export.precision import Float16, Precision
+from lrt_deploy.runtime.providers import (
+    TARGET_PROVIDERS,
+    TARGETS,
+    TENSORRT_PROVIDER,
+    check_target_name,
+)
 
 __all__ = ["Target", "TARGET_NAMES", "UnknownTargetError"]
 
-TARGET_NAMES = ("cpu", "cuda", "mobile")
-
-
-class UnknownTargetError(LrtDeployError):
-    """The target name is not one of the presets."""
+TARGET_NAMES = TARGETS
 
 
 @dataclass(frozen=True)
@@ -23,71 +31,45 @@ class Target:
     Attributes:
         name: Preset name: ``cpu``, ``cuda`` or ``mobile``.
         providers: ONNX Runtime execution providers to try, best first (written to the manifest;
-            the runtime falls back to CPU and says so when one is missing).
+            the runtime falls back to CPU and says so when one is missing). Empty: the preset's
+            list from ``TARGET_PROVIDERS``.
         opset: ONNX opset of the exported graph.
         optimization_level: Offline ORT graph optimisation: ``basic`` or ``extended``. ``all``
             adds layout transforms specific to the exporting machine, so it is never saved.
-        quantize: ``None`` or ``"int8"`` (dynamic, weights int8, activations quantised at run time).
-        per_channel: Quantise weights per output channel (keeps MiniLM at ~0.99 cosine, where
-            per-tensor drops it to ~0.96).
+        precision: The deployed variant's precision recipe (``Float16()``, ``DynamicInt8()``,
+            ``StaticInt8(...)``, ``Int4WeightOnly(...)``), or ``None`` to deploy fp32.
         ort_format: Also write ``model.ort`` and ``required_operators.config`` for ORT Mobile.
         fixed_shape: Symbolic dimension name -> size, fixed in the graph (NNAPI/CoreML need it).
         check_mobile_usability: Run ONNX Runtime's NNAPI/CoreML usability checker.
         fusion: Fuse attention/GELU/LayerNorm with ``export.fusion.fuse_transformer`` before
             ORT's optimisation (transformers only; needs the head count and width).
-        float16: Convert to fp16 with normalisation and softmax kept in fp32
-            (``export.float16.convert_float16``); meant for ``cuda``.
-        quant_format: With ``quantize="int8"``: ``dynamic`` (``quantize_int8``) or ``qdq``
-            (static, calibrated: ``quantize_static_int8``).
-        weight_bits: 8, or 4 for weight-only ``MatMulNBits`` (``quantize_weights_4bit``) in
-            place of int8.
         tensorrt: List TensorRT before CUDA in the provider hints (``cuda`` only).
-        exclude_sensitive: With ``quant_format="qdq"``: keep this many MatMuls, those int8
-            hurts most on the calibration data, in fp32.
     """
 
     name: str
-    providers: tuple[str, ...]
+    providers: tuple[str, ...] = ()
     opset: int = 18
     optimization_level: str = "extended"
-    quantize: str | None = None
-    per_channel: bool = True
+    precision: Precision | None = None
     ort_format: bool = False
     fixed_shape: dict[str, int] = field(default_factory=dict)
     check_mobile_usability: bool = False
     fusion: bool = False
-    float16: bool = False
-    quant_format: str = "dynamic"
-    weight_bits: int = 8
     tensorrt: bool = False
-    exclude_sensitive: int = 0
 
     def __post_init__(self) -> None:
-        if self.name not in TARGET_NAMES:
-            raise UnknownTargetError(
-                f"unknown target '{self.name}': choose one of {', '.join(TARGET_NAMES)}"
-            )
+        check_target_name(self.name)
+        if not self.providers:
+            object.__setattr__(self, "providers", TARGET_PROVIDERS[self.name])
         if self.optimization_level not in ("basic", "extended"):
             raise LrtDeployError(
                 f"optimization_level '{self.optimization_level}' is not portable: use basic or "
                 "extended"
             )
-        if self.quantize not in (None, "int8"):
-            raise LrtDeployError(f"quantize '{self.quantize}' is not supported: use int8 or none")
-        if self.quant_format not in ("dynamic", "qdq"):
+        if self.precision is not None and not isinstance(self.precision, Precision):
             raise LrtDeployError(
-                f"quant_format '{self.quant_format}' is not supported: use dynamic or qdq"
-            )
-        if self.weight_bits not in (8, 4):
-            raise LrtDeployError(f"weight_bits must be 8 or 4, got {self.weight_bits!r}")
-        if self.float16 and (self.quantize or self.weight_bits == 4):
-            raise LrtDeployError(
-                "float16 and quantisation exclude each other: choose fp16 weights or int8/int4"
-            )
-        if self.exclude_sensitive < 0 or (self.exclude_sensitive and self.quant_format != "qdq"):
-            raise LrtDeployError(
-                "exclude_sensitive applies to static QDQ int8 (quant_format qdq) and is a count "
-                ">= 0"
+                f"precision must be a recipe such as DynamicInt8() or None, got "
+                f"{self.precision!r}"
             )
         if self.tensorrt and self.name != "cuda":
             raise LrtDeployError("tensorrt applies to the cuda target only")
@@ -97,19 +79,14 @@ class Target:
     @classmethod
     def cpu(cls, **overrides: Any) -> Target:
         """Desktop/server CPU: transformer fusions, then ORT's portable optimisation."""
-        return cls(name="cpu", providers=("CPUExecutionProvider",),
-                   **{"fusion": True, **overrides})
+        return cls(name="cpu", **{"fusion": True, **overrides})
 
     @classmethod
     def cuda(cls, **overrides: Any) -> Target:
-        """NVIDIA GPU: CUDA provider first, CPU as fallback; fp16 weights unless quantised."""
-        quantised = overrides.get("quantize") or overrides.get("weight_bits", 8) == 4
-        defaults: dict[str, Any] = {"fusion": True, "float16": not quantised}
-        return cls(
-            name="cuda",
-            providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
-            **{**defaults, **overrides},
-        )
+        """NVIDIA GPU: CUDA provider first, CPU as fallback; fp16 unless another precision is
+        given (``precision=None`` keeps fp32)."""
+        defaults: dict[str, Any] = {"fusion": True, "precision": Float16()}
+        return cls(name="cuda", **{**defaults, **overrides})
 
     @classmethod
     def mobile(cls, **overrides: Any) -> Target:
@@ -117,25 +94,12 @@ class Target:
         defaults: dict[str, Any] = {
             "ort_format": True, "check_mobile_usability": True, "fusion": True,
         }
-        return cls(
-            name="mobile",
-            providers=(
-                "NnapiExecutionProvider",
-                "CoreMLExecutionProvider",
-                "XnnpackExecutionProvider",
-                "CPUExecutionProvider",
-            ),
-            **{**defaults, **overrides},
-        )
+        return cls(name="mobile", **{**defaults, **overrides})
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> Target:
         """The preset called ``name`` with ``overrides`` applied field by field."""
-        if name not in TARGET_NAMES:
-            raise UnknownTargetError(
-                f"unknown target '{name}': choose one of {', '.join(TARGET_NAMES)}"
-            )
-        return getattr(cls, name)(**overrides)
+        return getattr(cls, check_target_name(name))(**overrides)
 
     def provider_hints(self) -> list[tuple[str, dict[str, str]]]:
         """``(provider, options)`` pairs for ``onnxruntime.InferenceSession(providers=...)``.
@@ -147,8 +111,9 @@ class Target:
         hints: list[tuple[str, dict[str, str]]] = []
         for provider in self.providers:
             if provider == "CUDAExecutionProvider" and self.tensorrt:
-                hints.append(("TensorrtExecutionProvider", {
-                    "trt_fp16_enable": "True" if self.float16 else "False",
+                fp16 = isinstance(self.precision, Float16)
+                hints.append((TENSORRT_PROVIDER, {
+                    "trt_fp16_enable": "True" if fp16 else "False",
                     "trt_engine_cache_enable": "True",
                     "trt_engine_cache_path": "trt_cache",
                 }))
@@ -160,6 +125,8 @@ class Target:
         return replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields; ``precision`` as its recipe dict (or ``None``)."""
         data = asdict(self)
         data["providers"] = list(self.providers)
+        data["precision"] = None if self.precision is None else self.precision.to_dict()
         return data

@@ -1,0 +1,269 @@
+"""Precision recipes: typed configs, each owning its validation and the pass that applies it.
+
+In the style of torchao's config-type -> handler registry: a recipe is a frozen dataclass
+(:class:`Float16`, :class:`DynamicInt8`, :class:`StaticInt8`, :class:`Int4WeightOnly`) that
+checks its own fields, round-trips through a dict (the manifest records it), and has one
+handler registered for its type. :func:`apply_precision` looks the handler up, so the build
+applies whichever recipe a target holds without a chain of conditions, and a new precision is
+one dataclass plus one ``@register_precision`` function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+
+from lrt_deploy.errors import LrtDeployError
+
+__all__ = [
+    "DynamicInt8",
+    "Float16",
+    "Int4WeightOnly",
+    "Precision",
+    "PrecisionContext",
+    "StaticInt8",
+    "apply_precision",
+    "precision_from_dict",
+    "register_precision",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _check_bool(value: Any, what: str) -> None:
+    if not isinstance(value, bool):
+        raise LrtDeployError(f"{what} must be True or False, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Base of the precision recipes. Subclasses set the class attributes below.
+
+    Attributes:
+        kind: Stable name written to the manifest (``precision_from_dict`` reads it back).
+        suffix: Short name of the variant it builds (``fp16``, ``int8``, ``int4``).
+        needs_calibration: True when the pass needs calibration inputs.
+    """
+
+    kind: ClassVar[str] = ""
+    suffix: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"kind": ..., **fields}``, JSON-ready; :func:`precision_from_dict` inverts it."""
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    def describe(self) -> str:
+        """One line for progress output."""
+        return self.kind
+
+
+@dataclass(frozen=True)
+class Float16(Precision):
+    """fp16 weights and activations, LayerNorm/Softmax kept fp32 (``convert_float16``)."""
+
+    kind: ClassVar[str] = "float16"
+    suffix: ClassVar[str] = "fp16"
+
+    def describe(self) -> str:
+        return "fp16 (LayerNorm/Softmax kept fp32)"
+
+
+@dataclass(frozen=True)
+class DynamicInt8(Precision):
+    """Dynamic int8: int8 weights, activations quantised at run time (``quantize_int8``).
+
+    Attributes:
+        per_channel: One scale per output channel (keeps MiniLM at ~0.99 cosine, where one
+            scale per tensor drops it to ~0.96).
+    """
+
+    kind: ClassVar[str] = "dynamic-int8"
+    suffix: ClassVar[str] = "int8"
+    per_channel: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bool(self.per_channel, "DynamicInt8.per_channel")
+
+    def describe(self) -> str:
+        return f"int8 (per_channel={self.per_channel})"
+
+
+@dataclass(frozen=True)
+class StaticInt8(Precision):
+    """Static int8 in QDQ format, activation ranges calibrated (``quantize_static_int8``).
+
+    Attributes:
+        per_channel: One weight scale per output channel.
+        exclude_sensitive: Keep this many MatMuls, those int8 hurts most on the calibration
+            data (``find_sensitive_nodes``), in fp32.
+    """
+
+    kind: ClassVar[str] = "static-int8"
+    suffix: ClassVar[str] = "int8"
+    needs_calibration: ClassVar[bool] = True
+    per_channel: bool = True
+    exclude_sensitive: int = 0
+
+    def __post_init__(self) -> None:
+        _check_bool(self.per_channel, "StaticInt8.per_channel")
+        count = self.exclude_sensitive
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise LrtDeployError(
+                f"exclude_sensitive is a count of MatMuls >= 0, got {count!r}: e.g. "
+                "--exclude-sensitive 6"
+            )
+
+    def describe(self) -> str:
+        return "static int8 QDQ (calibrated)"
+
+
+@dataclass(frozen=True)
+class Int4WeightOnly(Precision):
+    """4-bit weight-only ``MatMulNBits`` in blocks along the input dimension
+    (``quantize_weights_4bit``); activations stay float, no calibration needed.
+
+    Attributes:
+        block: Weights per scale; a power of two >= 16 (ONNX Runtime's kernel requires it).
+    """
+
+    kind: ClassVar[str] = "int4-weight-only"
+    suffix: ClassVar[str] = "int4"
+    block: int = 32
+
+    def __post_init__(self) -> None:
+        block = self.block
+        if (isinstance(block, bool) or not isinstance(block, int) or block < 16
+                or block & (block - 1)):
+            raise LrtDeployError(
+                f"Int4WeightOnly block must be a power of two >= 16, got {block!r}: e.g. 32"
+            )
+
+    def describe(self) -> str:
+        return f"4-bit weights (MatMulNBits, block {self.block})"
+
+
+@dataclass(frozen=True)
+class PrecisionContext:
+    """Plain values a precision pass may need besides its source and destination.
+
+    Attributes:
+        calibration: Named input arrays per batch (recipes with ``needs_calibration``).
+        label: Which model this is (``dense``, ``LRT``), for progress lines.
+        progress: Called with a short line as the pass starts and at notable steps.
+    """
+
+    calibration: Sequence[Mapping[str, np.ndarray]] = ()
+    label: str = "model"
+    progress: Callable[[str], None] = lambda _line: None
+
+
+_P = TypeVar("_P", bound=Precision)
+Handler = Callable[[Any, Path, Path, PrecisionContext], dict[str, Any]]
+_HANDLERS: dict[type[Precision], Handler] = {}
+_KINDS: dict[str, type[Precision]] = {}
+
+
+def register_precision(
+    config_type: type[_P],
+) -> Callable[[Callable[[_P, Path, Path, PrecisionContext], dict[str, Any]]], Handler]:
+    """Register the pass for ``config_type``: ``handler(recipe, source, target, context)``
+    writes ``target`` from the fp32 graph ``source`` and returns what it did (a dict)."""
+
+    def decorate(handler: Handler) -> Handler:
+        _HANDLERS[config_type] = handler
+        _KINDS[config_type.kind] = config_type
+        return handler
+
+    return decorate
+
+
+def apply_precision(
+    precision: Precision, source: Path, target: Path, context: PrecisionContext
+) -> dict[str, Any]:
+    """Apply ``precision``'s registered pass to ``source``, writing ``target``.
+
+    Raises:
+        LrtDeployError: No pass is registered for the recipe's type.
+    """
+    handler = _HANDLERS.get(type(precision))
+    if handler is None:
+        raise LrtDeployError(
+            f"no precision pass is registered for {type(precision).__name__}: register one "
+            "with lrt_deploy.export.precision.register_precision"
+        )
+    return handler(precision, Path(source), Path(target), context)
+
+
+def precision_from_dict(data: Mapping[str, Any] | None) -> Precision | None:
+    """Rebuild a recipe from :meth:`Precision.to_dict` output (``None`` stays ``None``)."""
+    if data is None:
+        return None
+    fields = dict(data)
+    kind = fields.pop("kind", None)
+    config_type = _KINDS.get(kind)
+    if config_type is None:
+        raise LrtDeployError(
+            f"unknown precision kind {kind!r}: choose one of {', '.join(sorted(_KINDS))}"
+        )
+    known = {f.name for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise LrtDeployError(f"unknown {config_type.__name__} fields {unknown}")
+    return config_type(**fields)
+
+
+@register_precision(Float16)
+def _float16(recipe: Float16, source: Path, target: Path, context: PrecisionContext) -> dict:
+    from lrt_deploy.export.float16 import convert_float16
+
+    context.progress(f"converting {context.label} to fp16 (LayerNorm/Softmax kept fp32)")
+    return convert_float16(source, target).to_dict()
+
+
+@register_precision(DynamicInt8)
+def _dynamic_int8(
+    recipe: DynamicInt8, source: Path, target: Path, context: PrecisionContext
+) -> dict:
+    from lrt_deploy.export.quantize import quantize_int8
+
+    context.progress(f"quantising {context.label} to int8 (per_channel={recipe.per_channel})")
+    return quantize_int8(source, target, per_channel=recipe.per_channel).to_dict()
+
+
+@register_precision(StaticInt8)
+def _static_int8(
+    recipe: StaticInt8, source: Path, target: Path, context: PrecisionContext
+) -> dict:
+    from lrt_deploy.export.quantize import find_sensitive_nodes, quantize_static_int8
+
+    context.progress(f"quantising {context.label} to static int8 QDQ (calibrated)")
+    calibration = list(context.calibration)
+    excluded: list[str] = []
+    if recipe.exclude_sensitive:
+        ranked = find_sensitive_nodes(source, calibration)
+        excluded = [entry.node for entry in ranked[: recipe.exclude_sensitive]]
+        context.progress(
+            f"keeping the {len(excluded)} most int8-sensitive MatMuls of {context.label} fp32"
+        )
+    return quantize_static_int8(
+        source, target, calibration, per_channel=recipe.per_channel, nodes_to_exclude=excluded,
+    ).to_dict()
+
+
+@register_precision(Int4WeightOnly)
+def _int4_weight_only(
+    recipe: Int4WeightOnly, source: Path, target: Path, context: PrecisionContext
+) -> dict:
+    from lrt_deploy.export.quantize import quantize_weights_4bit
+
+    context.progress(
+        f"quantising {context.label} MatMul weights to 4 bits (MatMulNBits, block {recipe.block})"
+    )
+    return quantize_weights_4bit(source, target, block_size=recipe.block).to_dict()
