@@ -40,6 +40,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from lrt_deploy.compress import LowRankConfig
+    from lrt_deploy.export.precision import DynamicInt8
     from lrt_deploy.export.targets import Target
     from lrt_deploy.pipeline import BenchmarkSettings
 
@@ -48,7 +49,7 @@ def main() -> int:
     for index, name in enumerate(args.configs):
         options, heal = CONFIGS[name]
         new, _ = measure(
-            partial(load, args.model), Target.from_name(args.target, quantize="int8"),
+            partial(load, args.model), Target.from_name(args.target, precision=DynamicInt8()),
             LowRankConfig(**options), settings, name, heal_steps=heal,
         )
         rows.extend(r for r in new if index == 0 or not r["variant"].startswith("dense"))

@@ -20,16 +20,16 @@ def main() -> int:
     args = parser.parse_args()
 
     from lrt_deploy.compress import LowRankConfig, factorize_
+    from lrt_deploy.data.readers import calibration_batches, latency_inputs
     from lrt_deploy.export.fusion import fuse_transformer
     from lrt_deploy.export.graph import op_counts
     from lrt_deploy.export.onnx_export import export_onnx
     from lrt_deploy.export.optimize import optimize_graph
     from lrt_deploy.load import load_model
-    from lrt_deploy.pipeline import BenchmarkSettings, calibration_batches, latency_inputs
     from lrt_deploy.runtime import Session, measure_latency
 
     model = load_model("all-MiniLM-L6-v2")
-    feeds = latency_inputs(model, BenchmarkSettings())
+    feeds = latency_inputs(model, batch=1, sequence=128)
     heads, hidden = model.attention_shape
     folder = Path(tempfile.mkdtemp(prefix="bench-fusion-"))
     graphs = {}

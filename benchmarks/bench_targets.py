@@ -28,6 +28,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from lrt_deploy.compress import LowRankConfig
+    from lrt_deploy.export.precision import DynamicInt8
     from lrt_deploy.export.targets import Target
     from lrt_deploy.pipeline import BenchmarkSettings
 
@@ -36,7 +37,7 @@ def main() -> int:
     for model in args.models:
         for name in args.targets:
             target = Target.from_name(name) if name == "cuda" else Target.from_name(
-                name, quantize="int8")
+                name, precision=DynamicInt8())
             new, _ = measure(partial(load, model), target, LowRankConfig(rank=args.rank),
                              settings, f"{model}/{name}")
             rows.extend(new)

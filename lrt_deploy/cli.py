@@ -8,6 +8,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lrt_deploy.errors import LrtDeployError
+
+if TYPE_CHECKING:
+    from lrt_deploy.export.precision import Precision
 
 __all__ = ["main", "build_parser"]
 
@@ -144,17 +150,14 @@ def _run(args: argparse.Namespace) -> int:
     overrides: dict[str, object] = {
         "opset": args.opset,
         "optimization_level": args.optimization,
-        "quantize": "int8" if args.quantize == "int8" else None,
-        "weight_bits": 4 if args.quantize == "int4" else 8,
-        "quant_format": args.quant_format,
-        "exclude_sensitive": args.exclude_sensitive,
-        "per_channel": not args.per_tensor,
         "fixed_shape": args.fixed_shape or {},
     }
+    precision = _precision(args)
+    if precision is not None or args.no_float16:
+        # Otherwise the preset's own precision stays (fp16 on cuda).
+        overrides["precision"] = precision
     if args.no_fusion:
         overrides["fusion"] = False
-    if args.no_float16:
-        overrides["float16"] = False
     if args.tensorrt:
         overrides["tensorrt"] = True
     target = Target.from_name(args.target, **overrides)
@@ -217,15 +220,30 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _precision(args: argparse.Namespace) -> Precision | None:
+    """The precision recipe the quantisation flags ask for, or ``None`` (fp32, or the preset's).
+
+    Raises:
+        LrtDeployError: ``--exclude-sensitive`` without static int8.
+    """
+    from lrt_deploy.export.precision import DynamicInt8, Int4WeightOnly, StaticInt8
+
+    static = args.quantize == "int8" and args.quant_format == "qdq"
+    if args.exclude_sensitive and not static:
+        raise _usage_error(
+            "--exclude-sensitive applies to static int8: add --quantize int8 --quant-format qdq"
+        )
+    if args.quantize == "int4":
+        return Int4WeightOnly(block=32)
+    if static:
+        return StaticInt8(per_channel=not args.per_tensor, exclude_sensitive=args.exclude_sensitive)
+    if args.quantize == "int8":
+        return DynamicInt8(per_channel=not args.per_tensor)
+    return None
+
+
 def _usage_error(message: str) -> Exception:
-    from lrt_deploy.errors import LrtDeployError
-
     return LrtDeployError(message)
-
-
-def _is_user_error(exc: BaseException) -> bool:
-    """Errors our code raised about the user's input (all are ValueError subclasses)."""
-    return isinstance(exc, ValueError) and type(exc).__module__.startswith("lrt_deploy.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("lrt-export: interrupted; no bundle was written", file=sys.stderr)
         return 130
     except Exception as exc:
-        if not _is_user_error(exc):
+        if not isinstance(exc, LrtDeployError):
             raise
         print(f"lrt-export: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

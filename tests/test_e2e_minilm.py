@@ -21,7 +21,7 @@ def minilm():
 
 def _heldout_cosine(dense, candidate, loaded) -> float:
     from lrt_deploy.compress.fidelity import cosine_per_row
-    from lrt_deploy.pipeline import read_text_lines
+    from lrt_deploy.data.readers import read_text_lines
 
     lines = read_text_lines(None, "heldout.txt")[:64]
     batch = loaded.tokenize(lines)
@@ -35,7 +35,7 @@ def test_activation_aware_svd_beats_plain_svd_on_minilm(minilm):
     import dataclasses
 
     from lrt_deploy.compress import LowRankConfig, factorize_
-    from lrt_deploy.pipeline import calibration_batches
+    from lrt_deploy.data.readers import calibration_batches
 
     calibration = calibration_batches(minilm, None)
     scores: dict[str, float] = {}
@@ -57,6 +57,7 @@ def test_activation_aware_svd_beats_plain_svd_on_minilm(minilm):
 
 def test_minilm_mobile_bundle_end_to_end(minilm, tmp_path):
     from lrt_deploy.compress import LowRankConfig
+    from lrt_deploy.export.precision import DynamicInt8
     from lrt_deploy.export.targets import Target
     from lrt_deploy.pipeline import BenchmarkSettings, export_bundle
     from lrt_deploy.runtime import Session, TextEncoder
@@ -65,7 +66,7 @@ def test_minilm_mobile_bundle_end_to_end(minilm, tmp_path):
     result = export_bundle(
         minilm,
         out,
-        Target.mobile(quantize="int8"),
+        Target.mobile(precision=DynamicInt8()),
         compress=LowRankConfig(rank=0.5),
         settings=BenchmarkSettings(runs=5, warmup=2),
     )

@@ -25,6 +25,7 @@ from lrt_deploy.export import mobile  # noqa: E402
 from lrt_deploy.export.graph import count_changes, model_bytes, op_counts  # noqa: E402
 from lrt_deploy.export.onnx_export import export_onnx  # noqa: E402
 from lrt_deploy.export.optimize import optimize_graph  # noqa: E402
+from lrt_deploy.export.precision import DynamicInt8  # noqa: E402
 from lrt_deploy.export.quantize import quantize_int8  # noqa: E402
 from lrt_deploy.export.targets import TARGET_NAMES, Target, UnknownTargetError  # noqa: E402
 from lrt_deploy.export.validate import validate_onnx  # noqa: E402
@@ -358,7 +359,7 @@ def test_target_presets() -> None:
     assert TARGET_NAMES == ("cpu", "cuda", "mobile")
     cpu = Target.from_name("cpu")
     assert cpu.providers == ("CPUExecutionProvider",)
-    assert not cpu.ort_format and cpu.quantize is None
+    assert not cpu.ort_format and cpu.precision is None
     cuda = Target.from_name("cuda")
     assert cuda.providers[0] == "CUDAExecutionProvider"
     assert cuda.providers[-1] == "CPUExecutionProvider"
@@ -374,10 +375,10 @@ def test_target_presets() -> None:
 
 def test_target_overrides() -> None:
     target = Target.from_name(
-        "mobile", quantize="int8", per_channel=False, opset=17, fixed_shape={"batch": 1},
+        "mobile", precision=DynamicInt8(per_channel=False), opset=17, fixed_shape={"batch": 1},
         ort_format=False,
     )
-    assert target.quantize == "int8" and target.per_channel is False
+    assert target.precision == DynamicInt8(per_channel=False)
     assert target.opset == 17 and target.fixed_shape == {"batch": 1}
     assert target.ort_format is False  # an override beats the preset default
     assert target.check_mobile_usability is True
@@ -395,8 +396,8 @@ def test_unknown_target_raises() -> None:
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"quantize": "int4"},
-        {"quantize": "fp16"},
+        {"precision": "int4"},
+        {"precision": "fp16"},
         {"optimization_level": "all"},
         {"fixed_shape": {"batch": 0}},
     ],

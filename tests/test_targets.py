@@ -23,6 +23,13 @@ from lrt_deploy.export.external_data import (  # noqa: E402
 from lrt_deploy.export.float16 import convert_float16  # noqa: E402
 from lrt_deploy.export.graph import model_bytes, op_counts  # noqa: E402
 from lrt_deploy.export.onnx_export import export_onnx  # noqa: E402
+from lrt_deploy.export.precision import (  # noqa: E402
+    DynamicInt8,
+    Float16,
+    Int4WeightOnly,
+    StaticInt8,
+    precision_from_dict,
+)
 from lrt_deploy.export.reproducibility import normalize_for_reproducibility  # noqa: E402
 from lrt_deploy.export.targets import Target  # noqa: E402
 from lrt_deploy.load import load_model  # noqa: E402
@@ -69,25 +76,25 @@ def test_preset_defaults() -> None:
     for name in ("cpu", "cuda", "mobile"):
         target = Target.from_name(name)
         assert target.fusion is True
-        assert target.float16 is (name == "cuda")
-        assert target.quant_format == "dynamic" and target.weight_bits == 8
+        assert target.precision == (Float16() if name == "cuda" else None)
         assert target.tensorrt is False
-        assert target.to_dict()["weight_bits"] == 8
-    # A quantised cuda target keeps fp32 activations/weights outside the int8 MatMuls.
-    assert Target.cuda(quantize="int8").float16 is False
-    assert Target.cuda(weight_bits=4).float16 is False
-    # Plain construction changes nothing the caller did not ask for.
-    plain = Target(name="cpu", providers=("CPUExecutionProvider",))
-    assert plain.fusion is False and plain.float16 is False
+        expected = {"kind": "float16"} if name == "cuda" else None
+        assert target.to_dict()["precision"] == expected
+    # A quantised cuda target holds that precision instead of fp16; precision=None keeps fp32.
+    assert Target.cuda(precision=DynamicInt8()).precision == DynamicInt8()
+    assert Target.cuda(precision=Int4WeightOnly()).precision == Int4WeightOnly(block=32)
+    assert Target.cuda(precision=None).precision is None
+    # Plain construction changes nothing the caller did not ask for; providers from the table.
+    plain = Target(name="cpu")
+    assert plain.fusion is False and plain.precision is None
+    assert plain.providers == ("CPUExecutionProvider",)
 
 
 @pytest.mark.parametrize(
     "name, overrides",
     [
-        ("cpu", {"quant_format": "static"}),
-        ("cpu", {"weight_bits": 2}),
-        ("cuda", {"float16": True, "quantize": "int8"}),
-        ("cuda", {"float16": True, "weight_bits": 4}),
+        ("cpu", {"precision": "int8"}),
+        ("cpu", {"precision": {"kind": "dynamic-int8"}}),
         ("cpu", {"tensorrt": True}),
     ],
 )
@@ -96,17 +103,48 @@ def test_invalid_new_fields_raise(name: str, overrides: dict) -> None:
         Target.from_name(name, **overrides)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: DynamicInt8(per_channel="yes"),
+        lambda: StaticInt8(exclude_sensitive=-1),
+        lambda: StaticInt8(exclude_sensitive=1.5),
+        lambda: Int4WeightOnly(block=24),
+        lambda: Int4WeightOnly(block=8),
+    ],
+)
+def test_invalid_precision_recipes_raise(make) -> None:
+    with pytest.raises(LrtDeployError):
+        make()
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [Float16(), DynamicInt8(per_channel=False), StaticInt8(per_channel=True, exclude_sensitive=6),
+     Int4WeightOnly(block=64)],
+)
+def test_precision_round_trips_through_dict(recipe) -> None:
+    data = recipe.to_dict()
+    assert data["kind"] == recipe.kind
+    assert precision_from_dict(data) == recipe
+    assert precision_from_dict(None) is None
+    with pytest.raises(LrtDeployError, match="unknown precision kind"):
+        precision_from_dict({"kind": "int3"})
+    with pytest.raises(LrtDeployError, match="unknown"):
+        precision_from_dict({**data, "bits": 3})
+
+
 def test_provider_hints() -> None:
     assert Target.cpu().provider_hints() == [("CPUExecutionProvider", {})]
     plain = Target.cuda().provider_hints()
     assert [p for p, _ in plain] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    trt = Target.cuda(tensorrt=True, float16=True).provider_hints()
+    trt = Target.cuda(tensorrt=True, precision=Float16()).provider_hints()
     assert [p for p, _ in trt] == [
         "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider",
     ]
     assert trt[0][1]["trt_fp16_enable"] == "True"
     assert trt[0][1]["trt_engine_cache_enable"] == "True"
-    fp32 = Target.cuda(tensorrt=True, float16=False)
+    fp32 = Target.cuda(tensorrt=True, precision=None)
     assert fp32.provider_hints()[0][1]["trt_fp16_enable"] == "False"
 
 

@@ -12,6 +12,10 @@ from typing import Any
 
 __all__ = [
     "BudgetSearchResult",
+    "CompressionOutcome",
+    "compress_model",
+    "describe_config",
+    "output_fidelity",
     "CalibrationStatistics",
     "EmbeddingIndexCounter",
     "FactorizationContext",
@@ -62,6 +66,10 @@ _SUBMODULE_OF = {
     "RankChoice": "policies",
     "RankedLayer": "policies",
     "Spectrum": "solvers",
+    "CompressionOutcome": "recipe",
+    "compress_model": "recipe",
+    "describe_config": "recipe",
+    "output_fidelity": "fidelity",
     "budget_ranks": "policies",
     "collect_calibration_statistics": "calibration",
     "collect_input_covariances": "calibration",

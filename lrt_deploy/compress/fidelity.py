@@ -6,12 +6,14 @@ numpy only (no torch), so the same code scores PyTorch and ONNX Runtime outputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 __all__ = [
     "cosine_per_row",
+    "output_fidelity",
     "embedding_fidelity",
     "kl_divergence",
     "max_abs_diff",
@@ -129,3 +131,45 @@ def max_abs_diff(reference: ArrayLike, candidate: ArrayLike) -> float:
     """Largest absolute element-wise difference (0.0 for empty arrays)."""
     ref, cand = _pair(reference, candidate)
     return float(np.max(np.abs(ref - cand))) if ref.size else 0.0
+
+
+def output_fidelity(
+    kind: str,
+    reference: Sequence[np.ndarray],
+    candidate: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray | None],
+) -> dict[str, float]:
+    """The fidelity metrics for a model of ``kind``, over several batches of its primary output.
+
+    Every kind gets the mean and worst per-row cosine and the SQNR; ``text-hidden`` rows are
+    only the real tokens (``masks``: the attention masks), ``text-logits`` adds top-1
+    agreement and KL divergence.
+
+    Args:
+        kind: ``LoadedModel.kind``: ``text-embedding``, ``text-hidden``, ``text-logits``, ...
+        reference: Per batch, the reference model's primary output.
+        candidate: Per batch, the candidate's primary output (same shapes).
+        masks: Per batch, the attention mask or ``None``.
+
+    Returns:
+        Metric name -> value.
+    """
+    cosines = []
+    for ref, cand, mask in zip(reference, candidate, masks, strict=True):
+        if kind == "text-hidden" and mask is not None:
+            keep = mask.astype(bool)
+            ref, cand = ref[keep], cand[keep]
+        cosines.append(cosine_per_row(ref, cand))
+    values = np.concatenate(cosines)
+    ref_all = np.concatenate([r.reshape(-1) for r in reference])
+    cand_all = np.concatenate([c.reshape(-1) for c in candidate])
+    metrics = {
+        "mean_cosine": float(values.mean()),
+        "worst_cosine": float(values.min()),
+        "sqnr_db": float(sqnr_db(ref_all, cand_all)),
+    }
+    if kind == "text-logits":
+        ref_logits, cand_logits = np.concatenate(reference), np.concatenate(candidate)
+        metrics["top1_agreement"] = top1_agreement(ref_logits, cand_logits)
+        metrics["kl_divergence"] = kl_divergence(ref_logits, cand_logits)
+    return metrics

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ComparisonReport", "VariantResult", "format_table", "layer_table", "variant_table"]
+__all__ = [
+    "ComparisonReport",
+    "VariantResult",
+    "format_table",
+    "format_value",
+    "layer_table",
+    "variant_table",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +242,7 @@ class ComparisonReport:
         lines += [format_table(self), ""]
         baseline = self.baseline
         lines += [
-            f"Ratios are against {baseline.name!r}, measured in the same run."
+            f"Ratios are against {baseline.name}, measured in the same run."
             if baseline
             else "No variant is marked as baseline, so no ratios are shown.",
             "",
@@ -246,7 +253,9 @@ class ComparisonReport:
             lines += ["## Notes", "", *notes, ""]
         if self.quantisation:
             lines += ["## Quantisation", ""]
-            lines += [f"- {key}: {value}" for key, value in self.quantisation.items()] + [""]
+            lines += [
+                f"- {key}: {format_value(value)}" for key, value in self.quantisation.items()
+            ] + [""]
         if self.optimisation:
             lines += ["## Graph optimisation", "", "| Variant | Op counts |", "| --- | --- |"]
             for name, counts in self.optimisation.items():
@@ -305,7 +314,10 @@ def variant_table(report: ComparisonReport) -> tuple[list[str], list[list[str]]]
                 _format_number(variant.latency.get("median_ms"), 2),
                 _format_number(variant.latency.get("p90_ms"), 2),
                 _format_ratio(report.speedup(variant)),
-                *(_format_number(variant.fidelity.get(metric), 4) for metric in metrics),
+                *(
+                    _format_number(variant.fidelity.get(metric), _METRIC_DIGITS.get(metric, 4))
+                    for metric in metrics
+                ),
             ]
         )
     return headers, rows
@@ -365,6 +377,26 @@ _METRIC_TITLES = {
     "top1_agreement": "Top-1 agreement",
     "kl_divergence": "KL (nats)",
 }
+
+
+# Decimals a metric carries: an SQNR is good to about 0.1 dB on a few thousand values.
+_METRIC_DIGITS = {"sqnr_db": 1}
+
+
+def format_value(value: Any) -> str:
+    """A setting or count as plain words: ``{"MatMulInteger": 36}`` -> ``MatMulInteger 36``,
+    lists joined by commas, ``True`` -> ``yes``; never a Python repr."""
+    if value is None or value == {} or value == []:
+        return _MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {format_value(item)}" for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(format_value(item) for item in value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def _metric_title(metric: str) -> str:

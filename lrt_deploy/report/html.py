@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from html import escape
 from typing import TYPE_CHECKING
 
-from .comparison import layer_table, variant_table
+from .comparison import format_value, layer_table, variant_table
 
 if TYPE_CHECKING:
     from .comparison import ComparisonReport
@@ -135,7 +135,7 @@ def to_html(report: ComparisonReport) -> str:
         items = "".join(f"<li>{escape(note)}</li>" for note in notes)
         body.append(f"<h2>Notes</h2><ul>{items}</ul>")
     if report.quantisation:
-        rows = [[str(key), str(value)] for key, value in report.quantisation.items()]
+        rows = [[str(key), format_value(value)] for key, value in report.quantisation.items()]
         body += ["<h2>Quantisation</h2>", _html_table(["Setting", "Value"], rows)]
     if report.optimisation:
         rows = [

@@ -7,7 +7,7 @@ Nothing here imports torch, onnx or other ``lrt_deploy`` subpackages (only the d
 
 from __future__ import annotations
 
-from .benchmark import LatencyStats, measure_latency, peak_rss_mb
+from .benchmark import LatencyStats, ModelMeasurement, measure_latency, measure_model, peak_rss_mb
 from .providers import (
     ProviderResolution,
     UnknownTargetError,
@@ -20,12 +20,14 @@ from .text import TextEncoder
 __all__ = [
     "InputError",
     "LatencyStats",
+    "ModelMeasurement",
     "ProviderResolution",
     "Session",
     "TensorSpec",
     "TextEncoder",
     "UnknownTargetError",
     "measure_latency",
+    "measure_model",
     "peak_rss_mb",
     "providers_for_target",
     "resolve_providers",

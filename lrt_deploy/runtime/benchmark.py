@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import onnxruntime as ort
 
 from .session import Session
 
-__all__ = ["LatencyStats", "measure_latency", "peak_rss_mb"]
+__all__ = ["LatencyStats", "ModelMeasurement", "measure_latency", "measure_model", "peak_rss_mb"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,54 @@ def measure_latency(
         min_ms=float(timings.min()),
         runs=len(timings_ms),
     )
+
+
+@dataclass
+class ModelMeasurement:
+    """One model measured in one session: its outputs on evaluation batches and its latency.
+
+    Attributes:
+        outputs: Per evaluation batch, the requested output.
+        latency: Timed runs on the latency feeds.
+        provider: ``Session.provider_report()`` of the session that ran.
+    """
+
+    outputs: list[np.ndarray]
+    latency: LatencyStats
+    provider: dict[str, Any] = field(default_factory=dict)
+
+
+def measure_model(
+    path: str | Path,
+    *,
+    providers: Sequence[str],
+    threads: int,
+    evaluation: Sequence[Mapping[str, np.ndarray]],
+    output: str,
+    feeds: Mapping[str, np.ndarray],
+    warmup: int = 5,
+    runs: int = 30,
+) -> ModelMeasurement:
+    """Open ``path`` once, run it on every ``evaluation`` batch, then time it on ``feeds``.
+
+    Args:
+        path: ``.onnx`` or ``.ort`` file.
+        providers: Execution providers to request, best first (fallback is reported).
+        threads: Intra-op threads.
+        evaluation: Input batches whose ``output`` is returned (for fidelity).
+        output: Name of the output to collect.
+        feeds: The fixed latency inputs.
+        warmup: Untimed runs before timing.
+        runs: Timed runs.
+
+    Returns:
+        The :class:`ModelMeasurement`.
+    """
+    session = Session(path, providers=list(providers), threads=threads)
+    provider = session.provider_report()
+    outputs = [session.run(batch, [output])[output] for batch in evaluation]
+    latency = measure_latency(session, feeds, warmup=warmup, runs=runs)
+    return ModelMeasurement(outputs, latency, provider)
 
 
 def peak_rss_mb() -> float | None:

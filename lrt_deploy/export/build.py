@@ -1,0 +1,156 @@
+"""Build the variants of one model for a target: export -> validate -> optimise -> precision.
+
+Every model of a run (the dense baseline and the low-rank one) goes through exactly the same
+steps, so their measured differences come from the compression alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lrt_deploy.export.precision import PrecisionContext, apply_precision
+from lrt_deploy.export.targets import Target
+
+if TYPE_CHECKING:
+    from lrt_deploy.load import LoadedModel
+
+__all__ = ["Variant", "build_variants", "count_params"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Variant:
+    """One built graph and what was measured on it.
+
+    Attributes:
+        key: File-name stem, e.g. ``dense-fp32``, ``lrt-int8``.
+        label: Display name, e.g. ``LRT int8``.
+        onnx_path: The graph (in the run's work folder).
+        is_baseline: The variant every other is compared with.
+        deployed: The variant written to the bundle.
+        validation: Per validation batch, the check against PyTorch.
+        optimization: What graph optimisation/fusion did.
+        quantization: What the precision pass did (``None`` for fp32).
+        fidelity: Metric -> value against the reference PyTorch outputs (after measuring).
+        latency: ``LatencyStats.to_dict()`` (after measuring).
+        file_bytes: Size of the graph and its external data.
+        params: Parameter count of the source module, when known.
+        provider: ``Session.provider_report()`` of the measuring session.
+    """
+
+    key: str
+    label: str
+    onnx_path: Path
+    is_baseline: bool = False
+    deployed: bool = False
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    optimization: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
+    fidelity: dict[str, float] = field(default_factory=dict)
+    latency: dict[str, float] = field(default_factory=dict)
+    file_bytes: int = 0
+    params: int | None = None
+    provider: dict[str, Any] = field(default_factory=dict)
+
+
+def count_params(module: Any) -> int | None:
+    """Parameter count of an ``nn.Module``; ``None`` for graphs (TorchScript, .pt2)."""
+    import torch
+
+    if isinstance(module, torch.nn.Module):
+        return sum(p.numel() for p in module.parameters())
+    return None
+
+
+def build_variants(
+    key: str,
+    label: str,
+    model: LoadedModel,
+    *,
+    target: Target,
+    work: Path,
+    is_baseline: bool,
+    validation_batches: Sequence[dict[str, Any]],
+    check_feeds: Mapping[str, np.ndarray],
+    calibration_feeds: Sequence[Mapping[str, np.ndarray]] = (),
+    progress: Callable[[str], None] = lambda _line: None,
+) -> list[Variant]:
+    """Export one model and derive its deployable variants: fp32 (optimised), then the
+    target's precision recipe when it has one.
+
+    Args:
+        key: File-name stem and variant key prefix (``dense``, ``lrt``).
+        label: Display prefix (``dense``, ``LRT``).
+        model: The model to export.
+        target: Opset, optimisation level, fusion, fixed shape and precision to build.
+        work: Folder for the intermediate graphs.
+        is_baseline: Mark the fp32 variant as the run's baseline.
+        validation_batches: Inputs the exported graph is checked against PyTorch on.
+        check_feeds: Inputs the fused graph is checked against the unfused one on.
+        calibration_feeds: Named input arrays for precision recipes that calibrate.
+        progress: Called with a short line as each step starts.
+
+    Returns:
+        The fp32 variant, then the precision variant when the target has one.
+    """
+    from lrt_deploy.export.onnx_export import export_onnx
+    from lrt_deploy.export.reproducibility import normalize_for_reproducibility
+    from lrt_deploy.export.validate import validate_onnx
+
+    progress(f"exporting {label} to ONNX (opset {target.opset})")
+    raw = export_onnx(model, work / f"{key}.raw.onnx", opset=target.opset)
+    # Drops exporter stack traces (absolute paths of this machine) so builds are reproducible.
+    normalize_for_reproducibility(raw)
+    progress(f"validating {label} ONNX against PyTorch")
+    checks = [c.to_dict() for c in validate_onnx(raw, model.forward, list(validation_batches))]
+    fp32 = work / f"{key}.fp32.onnx"
+    if target.fusion and model.attention_shape is not None:
+        from lrt_deploy.export.fusion import fuse_transformer
+
+        heads, hidden = model.attention_shape
+        progress(f"fusing {label} attention/GELU/LayerNorm, then ORT {target.optimization_level}")
+        optimization = fuse_transformer(
+            raw, fp32, num_heads=heads, hidden_size=hidden, level=target.optimization_level,
+            check_inputs=dict(check_feeds),
+        ).to_dict()
+    else:
+        from lrt_deploy.export.optimize import optimize_graph
+
+        progress(f"optimising {label} graph ({target.optimization_level})")
+        optimization = optimize_graph(raw, fp32, target.optimization_level).to_dict()
+    fp32 = _maybe_fix_shapes(fp32, target.fixed_shape)
+    params = count_params(model.module)
+    variants = [Variant(
+        key=f"{key}-fp32", label=f"{label} fp32", onnx_path=fp32, is_baseline=is_baseline,
+        validation=checks, optimization=optimization, params=params,
+    )]
+    precision = target.precision
+    if precision is not None:
+        suffix = precision.suffix
+        path = work / f"{key}.{suffix}.onnx"
+        context = PrecisionContext(
+            calibration=list(calibration_feeds), label=label, progress=progress
+        )
+        details = apply_precision(precision, fp32, path, context)
+        variants.append(Variant(
+            key=f"{key}-{suffix}", label=f"{label} {suffix}", onnx_path=path,
+            optimization=optimization, quantization=details, params=params,
+        ))
+    return variants
+
+
+def _maybe_fix_shapes(path: Path, fixed_shape: Mapping[str, int]) -> Path:
+    if not fixed_shape:
+        return path
+    from lrt_deploy.export.mobile import fix_input_shapes
+
+    fixed = path.with_name(path.name.replace(".onnx", ".fixed.onnx"))
+    fix_input_shapes(path, fixed, dict(fixed_shape))
+    return fixed

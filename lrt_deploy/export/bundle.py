@@ -1,0 +1,230 @@
+"""The deployment bundle: the output folder's safety, the manifest, the atomic write.
+
+A bundle is written into a private staging folder beside the destination and renamed into
+place only when complete (:func:`staging_folder`, :func:`commit`), so a failed or interrupted
+export leaves nothing behind and a replaced bundle is never seen half-written.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lrt_deploy import __version__
+from lrt_deploy.errors import BundleExistsError, LrtDeployError
+from lrt_deploy.export.build import Variant
+from lrt_deploy.export.graph import default_opset, model_bytes
+from lrt_deploy.export.targets import Target
+
+__all__ = [
+    "FORMAT_VERSION",
+    "check_ort_runs",
+    "commit",
+    "prepare_out_dir",
+    "staging_folder",
+    "write_bundle",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def prepare_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuse an existing ``out_dir`` unless ``force``, and a file in its place always.
+
+    Raises:
+        BundleExistsError: With the fix (``--force`` or another ``-o``).
+    """
+    if out_dir.exists() and not force:
+        raise BundleExistsError(
+            f"output folder '{out_dir}' already exists: pass --force to replace it or choose "
+            "another -o"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BundleExistsError(f"output path '{out_dir}' is a file: choose a folder with -o")
+
+
+@contextmanager
+def staging_folder(out_dir: Path, force: bool):  # type: ignore[no-untyped-def]
+    """Check ``out_dir``, then yield a fresh staging folder beside it; the folder is removed
+    when the block raises (a finished bundle is moved away by :func:`commit` first)."""
+    prepare_out_dir(out_dir, force)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".lrt-export-", dir=out_dir.parent))
+    except OSError as exc:
+        raise BundleExistsError(
+            f"cannot create the output folder '{out_dir}': {exc.strerror or exc}; choose another -o"
+        ) from exc
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def commit(staging: Path, out_dir: Path) -> None:
+    """Move the finished bundle into place; an existing one (with --force) is replaced whole."""
+    # mkdtemp/mkstemp create private (0700/0600) entries; a bundle is shared like any output.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    for path in staging.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    if out_dir.exists():
+        trash = Path(tempfile.mkdtemp(prefix=".lrt-old-", dir=out_dir.parent))
+        os.replace(out_dir, trash / "old")
+        os.replace(staging, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)
+
+
+def check_ort_runs(
+    ort_path: Path, onnx_path: Path, feeds: Mapping[str, np.ndarray], threads: int
+) -> None:
+    """The .ort file must load and agree with the .onnx it came from.
+
+    Raises:
+        LrtDeployError: An output differs by more than 1e-4.
+    """
+    from lrt_deploy.runtime import Session
+
+    ort_out = Session(ort_path, threads=threads).run(dict(feeds))
+    onnx_out = Session(onnx_path, threads=threads).run(dict(feeds))
+    for name, value in onnx_out.items():
+        diff = float(np.abs(ort_out[name] - value).max(initial=0.0))
+        if diff > 1e-4:
+            raise LrtDeployError(
+                f"model.ort output '{name}' differs from model.onnx by {diff:.3g}; report this "
+                "as a bug with the model"
+            )
+
+
+def _tensor_info(values: Iterable[Any]) -> list[dict[str, Any]]:
+    import onnx
+
+    out = []
+    for value in values:
+        tensor = value.type.tensor_type
+        shape = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
+        out.append({
+            "name": value.name,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+            "shape": shape,
+        })
+    return out
+
+
+def write_bundle(
+    staging: Path,
+    *,
+    target: Target,
+    deployed: Variant,
+    reference: Variant,
+    source: dict[str, Any],
+    tokenizer_file: Path | None,
+    benchmark: dict[str, Any],
+    feeds: Mapping[str, np.ndarray],
+    threads: int,
+    lowrank: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Write the deployed graph (and ``.ort``, operator config, tokenizer) and
+    ``manifest.json`` into ``staging``.
+
+    Args:
+        staging: The staging folder.
+        target: What the bundle was built for (recorded, and decides ``.ort`` packaging).
+        deployed: The variant to ship.
+        reference: The run's first (fp32) variant: its validation and size are recorded.
+        source: ``name``, ``format``, ``sha256`` and ``kind`` of the source model.
+        tokenizer_file: ``tokenizer.json`` to ship, or ``None``.
+        benchmark: How latency and fidelity were measured (recorded as given).
+        feeds: Inputs the ``.ort`` file is checked against the ``.onnx`` on.
+        threads: Intra-op threads for that check.
+        lowrank: The manifest's ``lowrank`` section, or ``None``.
+
+    Returns:
+        The manifest written.
+    """
+    from lrt_deploy.export.external_data import load_model_proto, save_model_proto
+
+    files: dict[str, str] = {"onnx": "model.onnx"}
+    model = load_model_proto(deployed.onnx_path)
+    # Weights above the 2 GB protobuf limit go to model.onnx.data beside the graph.
+    if save_model_proto(model, staging / "model.onnx").external:
+        files["onnx_data"] = "model.onnx.data"
+    mobile: dict[str, Any] = {}
+    if target.ort_format:
+        from lrt_deploy.export.mobile import to_ort_format, write_required_operators
+
+        to_ort_format(staging / "model.onnx", staging / "model.ort")
+        files["ort"] = "model.ort"
+        files["required_operators"] = "required_operators.config"
+        mobile["required_operators"] = write_required_operators(
+            staging / "model.ort", staging / "required_operators.config"
+        )
+        check_ort_runs(staging / "model.ort", deployed.onnx_path, feeds, threads)
+        mobile["ort_bytes"] = (staging / "model.ort").stat().st_size
+    if target.check_mobile_usability:
+        from lrt_deploy.export.mobile import check_mobile_usability
+
+        mobile["usability"] = check_mobile_usability(staging / "model.onnx").to_dict()
+    files["model"] = files.get("ort", "model.onnx")
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
+        files["tokenizer"] = "tokenizer.json"
+    files["report"] = "report.json"
+
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "lrt-deploy", "version": __version__},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": dict(source),
+        "target": {
+            **target.to_dict(),
+            "provider_hints": [
+                {"provider": name, "options": options}
+                for name, options in target.provider_hints()
+            ],
+        },
+        "files": files,
+        "inputs": _tensor_info(model.graph.input),
+        "outputs": _tensor_info(model.graph.output),
+        "opset": default_opset(model),
+        "variant": deployed.label,
+        "quantization": deployed.quantization,
+        "optimization": deployed.optimization,
+        "lowrank": lowrank,
+        "fidelity": deployed.fidelity,
+        "validation": deployed.validation or reference.validation,
+        "sizes": {
+            "model_onnx_bytes": model_bytes(staging / "model.onnx"),
+            **({"model_ort_bytes": mobile["ort_bytes"]} if "ort_bytes" in mobile else {}),
+            "dense_fp32_onnx_bytes": reference.file_bytes,
+        },
+        "params": {"deployed": deployed.params, "dense": reference.params},
+        "mobile": mobile or None,
+        "benchmark": dict(benchmark),
+        "reproducibility": {
+            "onnx": "byte-identical for the same model, options and package versions: the "
+            "exporter's stack traces (local paths) are stripped",
+            **({"ort": "ONNX Runtime's ORT-format writer lays out its kernel tables from an "
+                "unordered map, so model.ort bytes can differ between conversions of the same "
+                "model.onnx while the graph and kernels are identical"}
+               if target.ort_format else {}),
+        },
+    }
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,146 @@
+"""The report of one export run, built from its typed results (never re-read from a manifest).
+
+:func:`run_report` turns the measured variants (``export.build.Variant``), the compression
+outcome (``compress.recipe.CompressionOutcome``) and how things were measured into a
+:class:`~lrt_deploy.report.comparison.ComparisonReport`, with the wording of its header,
+its fidelity line and its notes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .comparison import ComparisonReport, VariantResult
+
+if TYPE_CHECKING:
+    from lrt_deploy.compress.heal import HealResult
+    from lrt_deploy.compress.recipe import CompressionOutcome
+    from lrt_deploy.compress.search import BudgetSearchResult
+    from lrt_deploy.export.build import Variant
+
+__all__ = ["compression_notes", "fidelity_description", "run_report"]
+
+_COMPARED = {
+    "text-embedding": "sentence embeddings",
+    "text-hidden": "hidden states of real tokens",
+    "text-logits": "logits (and their top-1 and KL)",
+}
+
+
+def fidelity_description(
+    kind: str, output_name: str, is_text: bool, compressed: bool
+) -> str:
+    """What the fidelity columns compare, on which inputs, against which reference."""
+    what = _COMPARED.get(kind, f"output '{output_name}' rows")
+    source = (
+        "the shipped held-out sentences (heldout.txt, never used for calibration)"
+        if is_text
+        else "the example inputs"
+    )
+    reference = "dense PyTorch fp32 model" if compressed else "PyTorch fp32 model"
+    return f"cosine of {what} vs the {reference} on {source}"
+
+
+def _search_note(search: BudgetSearchResult, selection: str) -> str:
+    tried = ", ".join(f"{t['budget']:.3f}: {t['mean_cosine']:.4f}" for t in search.trials)
+    return (
+        f"budget {search.budget:.3f} is the smallest tried with mean cosine >= "
+        f"{search.floor} on the {selection} (tried {tried})"
+    )
+
+
+def _healing_note(healing: HealResult, selection: str) -> str:
+    return (
+        f"healed {healing.steps_run} steps in {healing.seconds:.0f}s, kept step "
+        f"{healing.best_step}; mean cosine on the {selection} "
+        f"{healing.before_mean_cosine:.4f} -> {healing.after_mean_cosine:.4f}"
+    )
+
+
+def compression_notes(outcome: CompressionOutcome | None) -> list[str]:
+    """Budget search and healing, as lines under the table."""
+    if outcome is None:
+        return []
+    from lrt_deploy.compress.recipe import SELECTION_DATA
+
+    notes = []
+    if outcome.budget_search is not None:
+        notes.append(_search_note(outcome.budget_search, SELECTION_DATA))
+    if outcome.healing is not None:
+        notes.append(_healing_note(outcome.healing, SELECTION_DATA))
+    return notes
+
+
+def _layer_rows(
+    outcome: CompressionOutcome | None, design_layers: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    if outcome is not None:
+        return [
+            {"name": d.name, "shape": list(d.shape), "rank": d.rank, "action": d.action,
+             "reason": d.reason}
+            for d in outcome.factorization.layers
+        ]
+    return [
+        {"name": layer["name"], "shape": layer.get("shape"), "rank": layer.get("rank"),
+         "action": layer.get("action", "low-rank by design"), "reason": layer.get("reason", "")}
+        for layer in design_layers
+    ]
+
+
+def run_report(
+    *,
+    title: str,
+    variants: Sequence[Variant],
+    measured_on: Mapping[str, Any],
+    threads: int,
+    fidelity_inputs: str,
+    compression: CompressionOutcome | None = None,
+    design_layers: Sequence[Mapping[str, Any]] = (),
+) -> ComparisonReport:
+    """The comparison report of one run.
+
+    Args:
+        title: Header, e.g. ``"all-MiniLM-L6-v2 (huggingface) -> target cpu"``.
+        variants: Measured variants, baseline first; ``deployed`` marks the shipped one.
+        measured_on: ``{"batch", "sequence"}`` for text models, ``{"inputs"}`` otherwise.
+        threads: Intra-op threads of every measurement.
+        fidelity_inputs: :func:`fidelity_description` of the fidelity columns.
+        compression: How the low-rank model was made (its notes go under its first row).
+        design_layers: Low-rank-by-design layers when nothing was factorized.
+    """
+    # Notes on how the low-rank model was made are shown once, under its first row.
+    first_lrt = next((v for v in variants if v.label.startswith("LRT")), None)
+    notes = compression_notes(compression)
+    results = [
+        VariantResult(
+            name=v.label + (" (deployed)" if v.deployed else ""),
+            file_bytes=v.file_bytes,
+            is_baseline=v.is_baseline,
+            params=v.params,
+            latency=v.latency,
+            fidelity=v.fidelity,
+            provider_report=v.provider,
+            notes=list(notes) if v is first_lrt else [],
+        )
+        for v in variants
+    ]
+    provider = variants[0].provider
+    messages = sorted({v.provider.get("message") for v in variants if v.provider.get("message")})
+    return ComparisonReport(
+        model=title,
+        variants=results,
+        settings={
+            **measured_on,
+            "threads": threads,
+            "provider_requested": provider.get("requested"),
+            "provider_active": provider.get("active"),
+            "fidelity_inputs": fidelity_inputs,
+        },
+        layers=_layer_rows(compression, design_layers),
+        optimisation={
+            v.label: v.optimization.get("fused", {}) for v in variants if v.optimization
+        },
+        quantisation=next((v.quantization for v in variants if v.quantization), {}) or {},
+        provider_messages=messages,
+    )
