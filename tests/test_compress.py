@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import lrt_deploy.compress.factorize as factorize_module
+import lrt_deploy.compress.handlers as handlers_module
 from lrt_deploy.compress import (
     FactorizationResult,
     InputCovarianceCollector,
@@ -430,7 +430,7 @@ def test_factorize_skips_existing_lowrank_units_and_tied_weights() -> None:
 
 
 def test_register_handler_for_custom_type(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(factorize_module, "_HANDLERS", dict(factorize_module._HANDLERS))
+    monkeypatch.setattr(handlers_module, "_HANDLERS", dict(handlers_module._HANDLERS))
 
     class Scaled(nn.Module):
         def __init__(self) -> None:

@@ -56,7 +56,7 @@ __all__ = [
 _SUBMODULE_OF = {
     "CalibrationStatistics": "calibration",
     "EmbeddingIndexCounter": "calibration",
-    "FactorizationContext": "factorize",
+    "FactorizationContext": "handlers",
     "FactorizationResult": "factorize",
     "HealResult": "heal",
     "InputCovarianceCollector": "calibration",
@@ -84,7 +84,7 @@ _SUBMODULE_OF = {
     "search_budget": "search",
     "BudgetSearchResult": "search",
     "max_abs_diff": "fidelity",
-    "register_handler": "factorize",
+    "register_handler": "handlers",
     "primary_output": "calibration",
     "sqnr_db": "fidelity",
     "svd_factors": "solvers",
