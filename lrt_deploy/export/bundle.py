@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ def prepare_out_dir(out_dir: Path, force: bool) -> None:
 
 
 @contextmanager
-def staging_folder(out_dir: Path, force: bool):  # type: ignore[no-untyped-def]
+def staging_folder(out_dir: Path, force: bool) -> Iterator[Path]:
     """Check ``out_dir``, then yield a fresh staging folder beside it; the folder is removed
     when the block raises (a finished bundle is moved away by :func:`commit` first)."""
     prepare_out_dir(out_dir, force)
