@@ -7,6 +7,7 @@ one-line message and exit code 2. Anything else is a bug and keeps its traceback
 from __future__ import annotations
 
 __all__ = [
+    "BundleError",
     "BundleExistsError",
     "CorruptModelError",
     "ExampleInputsError",
@@ -53,3 +54,7 @@ class ExportValidationError(LrtDeployError):
 
 class BundleExistsError(LrtDeployError):
     """The output folder exists and overwriting was not asked for."""
+
+
+class BundleError(LrtDeployError):
+    """A bundle cannot be used: unreadable manifest, a file outside it, a checksum mismatch."""

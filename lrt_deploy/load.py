@@ -12,11 +12,13 @@ Formats, detected from the file's content rather than trusted from its extension
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
 import json
 import logging
+import math
 import pickle
 import zipfile
 from collections.abc import Sequence
@@ -24,9 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lrt_deploy._unpickle import was_refused
 from lrt_deploy.errors import (
     CorruptModelError,
     ExampleInputsError,
+    LrtDeployError,
     ModelNotFoundError,
     UnsupportedFormatError,
     UntrustedPickleError,
@@ -47,6 +51,14 @@ MODEL_ALIASES = {
 }
 
 _TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+#: dtypes an example input can have: what ONNX export and ONNX Runtime take as graph inputs.
+_EXAMPLE_DTYPES = (
+    "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8",
+    "bool",
+)
+#: The example is only traced and validated on; 16M elements (64 MB of float32) is ample.
+_MAX_EXAMPLE_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,9 @@ class LoadedModel:
     tokenizer: Any = None
     max_length: int = 128
     attention_shape: tuple[int, int] | None = None
+    #: Text models: ``vocab_size`` and ``max_sequence`` (position embeddings) the graph accepts;
+    #: the manifest carries them so the runtime can refuse ids and lengths the model cannot take.
+    text_limits: dict[str, int] | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -146,21 +161,39 @@ class LoadedModel:
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """Turn a path or a shipped-model alias into an existing path, or raise a one-line error."""
+    """Turn a path or a shipped-model alias into an existing path, or raise a one-line error.
+
+    A bare alias (``all-MiniLM-L6-v2``) means the shipped model even when a file or folder of
+    that name sits in the working directory: a stray or planted local file must not stand in
+    for it. Write a path (``./all-MiniLM-L6-v2``) to load the local one. Which was used is
+    logged when both exist.
+    """
     text = str(path)
     candidate = Path(text).expanduser()
-    if candidate.exists():
-        return candidate
     if text in MODEL_ALIASES:
         module_name, attr, install = MODEL_ALIASES[text]
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
+            if candidate.exists():
+                logger.warning(
+                    "using the local '%s' (the shipped model of that name is not installed: %s)",
+                    text, install,
+                )
+                return candidate
             raise ModelNotFoundError(
                 f"'{text}' names a model shipped in a Python package that is not installed: "
                 f"{install}"
             ) from exc
-        return Path(getattr(module, attr)())
+        shipped = Path(getattr(module, attr)())
+        if candidate.exists():
+            logger.warning(
+                "using the shipped model '%s' from %s, not the local '%s': write ./%s to load "
+                "the local one", text, module_name, candidate, text,
+            )
+        return shipped
+    if candidate.exists():
+        return candidate
     aliases = ", ".join(MODEL_ALIASES)
     raise ModelNotFoundError(
         f"model path '{text}' does not exist: give a .pt/.pt2 file or a Hugging Face folder "
@@ -195,7 +228,19 @@ def parse_input_spec(text: str) -> InputSpec:
         raise ExampleInputsError(
             f"input shape '{text}' needs a name and positive dimensions, e.g. x=2,16"
         )
-    return InputSpec(name=name, shape=shape, dtype=dtype or "float32")
+    dtype = dtype or "float32"
+    if dtype not in _EXAMPLE_DTYPES:
+        raise ExampleInputsError(
+            f"dtype '{dtype}' of input '{name}' is not supported for example inputs: use one of "
+            f"{', '.join(_EXAMPLE_DTYPES)}"
+        )
+    elements = math.prod(shape)
+    if elements > _MAX_EXAMPLE_ELEMENTS:
+        raise ExampleInputsError(
+            f"input shape '{text}' has {elements:,} elements; an example input only needs the "
+            f"right rank and small sizes (at most {_MAX_EXAMPLE_ELEMENTS:,} elements), e.g. x=2,16"
+        )
+    return InputSpec(name=name, shape=shape, dtype=dtype)
 
 
 def _tensor_from_spec(spec: InputSpec) -> torch.Tensor:
@@ -242,14 +287,27 @@ def load_model(
         LrtDeployError: A subclass naming what is wrong with the input and how to fix it.
     """
     resolved = resolve_model_path(path)
-    if resolved.is_dir():
-        loaded = _load_huggingface(resolved, max_length)
-    elif not resolved.is_file():
+    if not resolved.is_dir() and not resolved.is_file():
         raise UnsupportedFormatError(f"'{resolved}' is neither a file nor a folder")
-    else:
-        loaded = _load_file(resolved, trust_pickle, factory, input_specs)
+    try:
+        if resolved.is_dir():
+            loaded = _load_huggingface(resolved, max_length)
+        else:
+            loaded = _load_file(resolved, trust_pickle, factory, input_specs)
+    except LrtDeployError:
+        raise
+    except Exception as exc:
+        # Whatever a library raises on a malformed model is about the input, not a bug here:
+        # one line for the user, the traceback in the debug log (lrt-export -v).
+        logger.debug("loading %s failed", resolved, exc_info=True)
+        if was_refused(exc) or "Unsupported global" in str(exc):
+            raise _untrusted(resolved, "holds pickled objects beyond plain tensors") from None
+        raise CorruptModelError(
+            f"cannot load '{resolved.name}': {_first_line(exc)} (lrt-export -v shows details); "
+            "check that the files are complete and belong together"
+        ) from exc
     loaded.source_path = resolved
-    if str(path) in MODEL_ALIASES and not Path(str(path)).exists():
+    if str(path) in MODEL_ALIASES:
         loaded.name = str(path)
     loaded.source_hash = source_hash(resolved)
     import torch
@@ -276,22 +334,34 @@ def _load_huggingface(folder: Path, max_length: int) -> LoadedModel:
 
     # transformers draws a progress bar per weight file; our CLI prints its own stages.
     hf_logging.disable_progress_bar()
-    architectures = json.loads(config_path.read_text()).get("architectures") or []
+    architectures = _read_json(config_path, dict).get("architectures") or []
+    if not isinstance(architectures, list):
+        raise CorruptModelError(f"'{config_path}' has a malformed 'architectures' entry")
     # A classifier keeps its head so fidelity can be judged on its decisions (top-1, KL).
     classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
     auto = AutoModelForSequenceClassification if classifier else AutoModel
     try:
         backbone = auto.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # transformers/safetensors/torch raise many types for bad folders
+        if was_refused(exc) or "Unsupported global" in str(exc):
+            raise _untrusted(folder, "holds pickled weights that are not plain tensors") from None
+        logger.debug("from_pretrained failed", exc_info=True)
         raise CorruptModelError(
-            f"cannot load the Hugging Face model in '{folder}': {_first_line(exc)}"
+            f"cannot load the Hugging Face model in '{folder}': {_first_line(exc)}; check that "
+            "config.json matches the weights and the weight files are complete"
         ) from exc
     finally:
         hf_logging.enable_progress_bar()
     tokenizer = None
     tokenizer_file = folder / "tokenizer.json"
     if tokenizer_file.is_file() or (folder / "vocab.txt").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception as exc:  # tokenizers raises its own exception types for bad JSON
+            raise CorruptModelError(
+                f"cannot read the tokenizer in '{folder}': {_first_line(exc)}; save it again "
+                "with tokenizer.save_pretrained()"
+            ) from exc
     if not tokenizer_file.is_file():
         tokenizer_file = None
     if tokenizer is None:
@@ -335,12 +405,26 @@ def _load_huggingface(folder: Path, max_length: int) -> LoadedModel:
         tokenizer_file=tokenizer_file,
         tokenizer=tokenizer,
         attention_shape=_attention_shape(backbone.config),
+        text_limits=_text_limits(backbone.config),
         max_length=min(
             max_length,
             getattr(tokenizer, "model_max_length", max_length),
             getattr(backbone.config, "max_position_embeddings", max_length),
         ),
     )
+
+
+def _text_limits(config: Any) -> dict[str, int] | None:
+    """Vocabulary size and position count from a Hugging Face config, where it states them."""
+    limits = {
+        key: value
+        for key, value in (
+            ("vocab_size", getattr(config, "vocab_size", None)),
+            ("max_sequence", getattr(config, "max_position_embeddings", None)),
+        )
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0
+    }
+    return limits or None
 
 
 def _attention_shape(config: Any) -> tuple[int, int] | None:
@@ -357,19 +441,41 @@ def _sentence_transformers_pooling(folder: Path) -> tuple[str, bool] | None:
     modules_file = folder / "modules.json"
     if not modules_file.is_file():
         return None
-    modules = json.loads(modules_file.read_text())
+    modules = _read_json(modules_file, list)
     mode, normalize = "mean", False
     for entry in modules:
-        kind = entry.get("type", "")
+        kind = entry.get("type", "") if isinstance(entry, dict) else None
+        if not isinstance(kind, str) or not isinstance(entry.get("path", ""), str):
+            raise CorruptModelError(
+                f"'{modules_file}' entries must be objects with a 'type' and a 'path': save the "
+                "model again with sentence-transformers"
+            )
         if kind.endswith("Pooling"):
             pooling_config = folder / entry.get("path", "") / "config.json"
             if pooling_config.is_file():
-                options = json.loads(pooling_config.read_text())
+                options = _read_json(pooling_config, dict)
                 if options.get("pooling_mode_cls_token"):
                     mode = "cls"
         elif kind.endswith("Normalize"):
             normalize = True
     return mode, normalize
+
+
+def _read_json(path: Path, kind: type) -> Any:
+    """Parse a JSON file of the model folder that must hold a ``kind`` (dict or list)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CorruptModelError(
+            f"'{path}' is not valid JSON ({type(exc).__name__}): restore the file from the "
+            "model's source"
+        ) from None
+    if not isinstance(data, kind):
+        raise CorruptModelError(
+            f"'{path}' holds a JSON {type(data).__name__}, not an {kind.__name__}: restore the "
+            "file from the model's source"
+        )
+    return data
 
 
 def _first_line(exc: BaseException) -> str:
@@ -400,7 +506,7 @@ def _load_file(
     if any(e.endswith("archive_format") or "/models/" in e for e in entries) and not any(
         e.endswith("data.pkl") for e in entries
     ):
-        return _load_torch_export(path)
+        return _load_torch_export(path, trust_pickle)
     if any("/code/" in e for e in entries):
         return _load_torchscript(path, input_specs)
 
@@ -414,11 +520,7 @@ def _load_file(
                 f"cannot read '{path.name}': its pickle data is damaged ({_last_line(exc)})"
             ) from exc
         if not trust_pickle:
-            raise UntrustedPickleError(
-                f"'{path.name}' is a pickled nn.Module and unpickling it runs code from the file; "
-                "pass --trust-pickle only if you trust its source, or save it with torch.jit.save "
-                "or torch.export.save instead"
-            ) from None
+            raise _untrusted(path, "is a pickled nn.Module") from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as inner:  # any failure while running the user's pickle
@@ -453,6 +555,15 @@ def _load_file(
     )
 
 
+def _untrusted(path: Path, what: str) -> UntrustedPickleError:
+    """The one message for every file whose loading would run code from it."""
+    return UntrustedPickleError(
+        f"'{path.name}' {what} and unpickling it runs code from the file; pass --trust-pickle "
+        "only if you trust its source, or save the model with torch.jit.save or "
+        "torch.export.save (plain tensors) instead"
+    )
+
+
 def _call_factory(factory: str) -> Any:
     import torch
 
@@ -462,9 +573,24 @@ def _call_factory(factory: str) -> Any:
             f"--factory '{factory}' must look like package.module:function"
         )
     try:
-        built = getattr(importlib.import_module(module_name), attr)()
-    except (ImportError, AttributeError) as exc:
-        raise UnsupportedFormatError(f"cannot import --factory '{factory}': {exc}") from exc
+        builder = getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:  # ImportError, AttributeError, or the module failing on import
+        raise UnsupportedFormatError(
+            f"cannot import --factory '{factory}': {_first_line(exc)}"
+        ) from exc
+    if not callable(builder):
+        raise UnsupportedFormatError(
+            f"--factory '{factory}' is a {type(builder).__name__}, not a function: name one "
+            "that builds the model"
+        )
+    try:
+        built = builder()
+    except (Exception, SystemExit) as exc:  # the user's code: any failure, an exit included
+        what = f"exited ({exc.code})" if isinstance(exc, SystemExit) else _first_line(exc)
+        raise UnsupportedFormatError(
+            f"--factory '{factory}' failed when called with no arguments: {what}; it must build "
+            "the model without arguments"
+        ) from None
     if not isinstance(built, torch.nn.Module):
         raise UnsupportedFormatError(
             f"--factory '{factory}' returned {type(built).__name__}, not an nn.Module"
@@ -581,14 +707,22 @@ def _load_torchscript(path: Path, input_specs: Sequence[InputSpec]) -> LoadedMod
     )
 
 
-def _load_torch_export(path: Path) -> LoadedModel:
+def _load_torch_export(path: Path, trust_pickle: bool) -> LoadedModel:
     import torch
 
+    from lrt_deploy._unpickle import weights_only_unpickling
     from lrt_deploy.nn.adapters import flatten_outputs
 
+    # The archive's example inputs, constants and some weights are pickles that torch would
+    # unpickle in full: without --trust-pickle they are held to what weights_only allows.
+    guard = contextlib.nullcontext() if trust_pickle else weights_only_unpickling()
     try:
-        program = torch.export.load(str(path))
+        with guard, open(path, "rb") as handle:
+            # A file object, so torch does not insist on the .pt2 suffix (format is by content).
+            program = torch.export.load(handle)
     except Exception as exc:  # torch.export raises several types for bad archives
+        if was_refused(exc):
+            raise _untrusted(path, "holds pickled objects beyond plain tensors") from None
         raise CorruptModelError(
             f"cannot load torch.export archive '{path.name}': {_first_line(exc)}"
         ) from exc

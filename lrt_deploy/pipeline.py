@@ -119,6 +119,65 @@ def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
         yield items[start : start + size]
 
 
+def read_npz_inputs(loaded: LoadedModel, calibration: str | Path) -> dict[str, np.ndarray]:
+    """One checked array per model input from an ``.npz``: readable without pickle, numeric,
+    at least one batch axis, the example input's rank and kind, one row count, ids in range."""
+    import zipfile
+
+    path = Path(calibration)
+    if not path.is_file():
+        raise LrtDeployError(f"calibration file '{path}' does not exist")
+    fix = "save one array per input with numpy.savez(path, input_name=array, ...)"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise ValueError("a single array, not named arrays")
+            missing = [n for n in loaded.input_names if n not in data.files]
+            if missing:
+                raise LrtDeployError(
+                    f"calibration file '{path}' lacks inputs {', '.join(missing)}; it must hold "
+                    f"one array per model input ({', '.join(loaded.input_names)})"
+                )
+            arrays = {n: np.asarray(data[n]) for n in loaded.input_names}
+    except LrtDeployError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LrtDeployError(
+            f"calibration file '{path}' is not a readable .npz of numeric arrays ({reason}): "
+            f"{fix}"
+        ) from None
+    rows = set()
+    vocab = (loaded.text_limits or {}).get("vocab_size")
+    for name, array in arrays.items():
+        example = loaded.example_inputs[name]
+        expected = str(example.dtype).removeprefix("torch.")
+        integer = not example.dtype.is_floating_point
+        problem = None
+        if array.ndim != example.dim():
+            problem = f"has {array.ndim} axes but the model's input has {example.dim()}"
+        elif array.ndim == 0 or array.shape[0] == 0:
+            problem = "has no rows"
+        elif array.dtype.kind not in "biuf":
+            problem = f"has dtype {array.dtype} (numbers only)"
+        elif integer and array.dtype.kind == "f":
+            problem = f"holds floats but the model takes {expected}"
+        elif name == "input_ids" and vocab and (array.min() < 0 or array.max() >= vocab):
+            problem = f"holds ids outside the vocabulary [0, {vocab - 1}]"
+        elif integer and array.dtype.kind == "i" and array.min() < 0 and name.endswith("ids"):
+            problem = "holds negative ids"
+        if problem:
+            raise LrtDeployError(f"calibration input '{name}' in '{path}' {problem}: {fix}")
+        rows.add(array.shape[0])
+        arrays[name] = array.astype(expected, copy=False)
+    if len(rows) > 1:
+        raise LrtDeployError(
+            f"calibration inputs in '{path}' have different row counts {sorted(rows)}: give "
+            "every input the same number of rows"
+        )
+    return arrays
+
+
 def calibration_batches(
     loaded: LoadedModel, calibration: str | Path | None, batch_size: int = 16
 ) -> list[dict[str, Any]]:
@@ -127,17 +186,7 @@ def calibration_batches(
     import torch
 
     if calibration is not None and str(calibration).endswith(".npz"):
-        path = Path(calibration)
-        if not path.is_file():
-            raise LrtDeployError(f"calibration file '{path}' does not exist")
-        with np.load(path) as data:
-            missing = [n for n in loaded.input_names if n not in data]
-            if missing:
-                raise LrtDeployError(
-                    f"calibration file '{path}' lacks inputs {', '.join(missing)}; it must hold "
-                    f"one array per model input ({', '.join(loaded.input_names)})"
-                )
-            arrays = {n: torch.from_numpy(np.asarray(data[n])) for n in loaded.input_names}
+        arrays = {n: torch.from_numpy(a) for n, a in read_npz_inputs(loaded, calibration).items()}
         count = next(iter(arrays.values())).shape[0]
         return [
             {n: a[i : i + batch_size] for n, a in arrays.items()}
@@ -245,14 +294,93 @@ def _count_params(module: Any) -> int | None:
     return None
 
 
-def _prepare_out_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not force:
+def _prepare_out_dir(out_dir: Path, force: bool, source: Path | None) -> None:
+    """Refuse output folders whose replacement would destroy something that is not a bundle:
+    the input model (or a folder holding it, or one inside it), the working directory or one of
+    its parents, or any existing folder that is not an lrt-deploy bundle."""
+    if str(out_dir).strip() in ("", "."):
+        raise BundleExistsError(
+            "the output folder cannot be the working directory: give -o a new folder name"
+        )
+    resolved = out_dir.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or cwd.is_relative_to(resolved):
+        raise BundleExistsError(
+            f"output folder '{out_dir}' is the working directory or contains it: give -o a new "
+            "folder"
+        )
+    if source is not None:
+        src = source.resolve()
+        if resolved == src or src.is_relative_to(resolved) or resolved.is_relative_to(src):
+            raise BundleExistsError(
+                f"output folder '{out_dir}' is, holds or lies inside the input model '{source}': "
+                "write the bundle somewhere else with -o"
+            )
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not force:
         raise BundleExistsError(
             f"output folder '{out_dir}' already exists: pass --force to replace it or choose "
             "another -o"
         )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BundleExistsError(f"output path '{out_dir}' is a file: choose a folder with -o")
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise BundleExistsError(
+            f"output path '{out_dir}' is a file or a link: choose a folder with -o"
+        )
+    if any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
+        raise BundleExistsError(
+            f"'{out_dir}' exists and is not an lrt-deploy bundle (no manifest.json): --force "
+            "replaces only bundles; choose another -o"
+        )
+
+
+def _missing_ancestors(path: Path) -> list[Path]:
+    """Folders above ``path`` that do not exist yet, nearest first (to remove on failure)."""
+    missing = []
+    for parent in path.absolute().parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _write_error(exc: BaseException, out_dir: Path) -> LrtDeployError | None:
+    """A failure to write files (full disk, read-only or vanished folder), as a user error."""
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+    elif "serialization failed" in str(exc).lower() or "no space left" in str(exc).lower():
+        # onnxruntime and protobuf report a failed write of a graph this way.
+        reason = str(exc).strip().splitlines()[0]
+    else:
+        return None
+    try:
+        free = shutil.disk_usage(out_dir.absolute().parent).free
+        where = f" ({free / 2**20:.0f} MiB free there)"
+    except OSError:
+        where = ""
+    return LrtDeployError(
+        f"cannot write the bundle under '{out_dir.absolute().parent}'{where}: {reason}; free "
+        "space or choose another -o"
+    )
+
+
+def _check_fixed_shape(loaded: LoadedModel, target: Target) -> None:
+    """A fixed sequence must fit the model's positions (an oversized one fails deep in export)."""
+    sequence = target.fixed_shape.get("sequence")
+    limit = (loaded.text_limits or {}).get("max_sequence")
+    if sequence and limit and sequence > limit:
+        raise LrtDeployError(
+            f"--fixed-shape sequence={sequence} exceeds the {limit} positions the model has: "
+            f"use at most sequence={limit}"
+        )
 
 
 def _commit(staging: Path, out_dir: Path) -> None:
@@ -320,11 +448,14 @@ def export_bundle(
         )
         settings = dataclasses.replace(settings, sequence=loaded.max_length)
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, force)
+    _check_fixed_shape(loaded, target)
+    _prepare_out_dir(out_dir, force, loaded.source_path)
+    created = _missing_ancestors(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".lrt-export-", dir=out_dir.parent))
     except OSError as exc:
+        _remove_if_empty(created)
         raise BundleExistsError(
             f"cannot create the output folder '{out_dir}': {exc.strerror or exc}; choose another -o"
         ) from exc
@@ -408,8 +539,12 @@ def export_bundle(
         report.write(staging)
         shutil.rmtree(work)
         _commit(staging, out_dir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_if_empty(created)
+        translated = None if isinstance(exc, LrtDeployError) else _write_error(exc, out_dir)
+        if translated is not None:
+            raise translated from exc
         raise
     return BundleResult(out_dir, manifest, report, variants, factorization)
 
@@ -824,6 +959,12 @@ def _write_bundle(
             })
         return out
 
+    from lrt_deploy.runtime.bundle import file_sha256
+
+    # The runtime checks these before opening the bundle (tampered or damaged files).
+    checksums = {
+        name: file_sha256(staging / name) for key, name in files.items() if key != "report"
+    }
     manifest: dict[str, Any] = {
         "format_version": 1,
         "tool": {"name": "lrt-deploy", "version": TOOL_VERSION},
@@ -842,8 +983,10 @@ def _write_bundle(
             ],
         },
         "files": files,
+        "checksums": checksums,
         "inputs": tensor_info(model.graph.input),
         "outputs": tensor_info(model.graph.output),
+        "text": loaded.text_limits,
         "opset": default_opset(model),
         "variant": deployed.label,
         "quantization": deployed.quantization,
