@@ -26,28 +26,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 pytest.importorskip("transformers")
 
+from test_cli import _assert_user_error as _one_line_error  # noqa: E402
+from test_cli import _cli  # noqa: E402
 from tiny_models import make_tiny_encoder, make_tiny_mlp  # noqa: E402
 
-from lrt_deploy.cli import main  # noqa: E402
 from lrt_deploy.load import load_model, resolve_model_path  # noqa: E402
 
 TESTS_DIR = Path(__file__).parent
 QUICK = ["-q", "--runs", "2"]
-
-
-def _cli(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _one_line_error(code: int, err: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"stderr is not one line: {err!r}"
-    assert lines[0].startswith("lrt-export: error:"), lines[0]
-    return lines[0]
 
 
 def _no_leftovers(folder: Path) -> None:
