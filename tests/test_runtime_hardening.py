@@ -213,3 +213,33 @@ def test_text_without_spaces_is_bounded_too(tiny_bert_dir: Path) -> None:
     assert len(encoder._bounded(text)) <= 16 * 16
     assert encoder.encode(text)["input_ids"][0].tolist() == encoder.encode(text[:200])[
         "input_ids"][0].tolist()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "external-outside"])
+def test_unreadable_model_file_is_a_bundle_error(tmp_path: Path, damage: str) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    (tmp_path / "b").mkdir()
+    path = build_encoder(tmp_path / "b" / "model.onnx") if damage != "external-outside" else None
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00\x13" * 500)
+    else:
+        (tmp_path / "secret.bin").write_bytes(np.ones(4, np.float32).tobytes())
+        weight = numpy_helper.from_array(np.ones((2, 2), np.float32), "w")
+        weight.ClearField("raw_data")
+        weight.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", "16")):
+            entry = weight.external_data.add()
+            entry.key, entry.value = key, value
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [weight],
+        )
+        path = tmp_path / "b" / "model.onnx"
+        path.write_bytes(helper.make_model(graph).SerializeToString())
+    with pytest.raises(BundleError, match="cannot open model 'model.onnx'") as info:
+        Session(path)
+    assert "\n" not in str(info.value)

@@ -62,6 +62,14 @@ _OPTIMIZATION_LEVELS = {
 }
 
 
+_MODEL_LOAD_ERRORS = tuple(
+    getattr(ort.capi.onnxruntime_pybind11_state, name)
+    for name in ("Fail", "InvalidProtobuf", "InvalidGraph", "NoSuchFile", "NotImplemented",
+                 "InvalidArgument")
+    if hasattr(ort.capi.onnxruntime_pybind11_state, name)
+)
+
+
 class InputError(ValueError):
     """Raised when feeds do not match the model's inputs; the message says how to fix them."""
 
@@ -191,9 +199,18 @@ class Session:
         if optimization_level is not None:
             options.graph_optimization_level = self._optimization_level(optimization_level)
 
-        self._session = ort.InferenceSession(
-            str(self.model_path), sess_options=options, providers=self._resolution.used
-        )
+        try:
+            self._session = ort.InferenceSession(
+                str(self.model_path), sess_options=options, providers=self._resolution.used
+            )
+        except _MODEL_LOAD_ERRORS as exc:
+            # A damaged, truncated or foreign file (or one whose external data points outside
+            # its folder, which onnxruntime refuses): one error type, one line.
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BundleError(
+                f"cannot open model '{self.model_path.name}': {reason[:300]}; re-export or "
+                "re-download it"
+            ) from None
         self.active_providers: list[str] = list(self._session.get_providers())
         self._inputs = [_spec_from_node(node) for node in self._session.get_inputs()]
         self._outputs = [_spec_from_node(node) for node in self._session.get_outputs()]
