@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,6 +144,7 @@ def _run(args: argparse.Namespace) -> int:
     from lrt_deploy.load import load_model, parse_input_spec
     from lrt_deploy.pipeline import BenchmarkSettings, export_bundle
 
+    _check_ranges(args)
     started = time.perf_counter()
 
     def progress(line: str) -> None:
@@ -242,8 +246,54 @@ def _precision(args: argparse.Namespace) -> Precision | None:
     return None
 
 
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Reject out-of-range numbers before any model is loaded (loading takes seconds)."""
+    for name, value in (("--budget", args.budget), ("--energy", args.energy),
+                        ("--fidelity-floor", args.fidelity_floor)):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise _usage_error(f"{name} must be in (0, 1], got {value}")
+    cpus = _available_cpus()
+    if args.threads > cpus:
+        raise _usage_error(
+            f"--threads {args.threads} exceeds the {cpus} CPUs available here: more threads "
+            f"than cores only distort the latency figures; use at most {cpus}"
+        )
+    for name, value, most in (("--batch", args.batch, 4096), ("--sequence", args.sequence, 65536),
+                              ("--runs", args.runs, 100_000), ("--heal", args.heal, 10_000_000),
+                              ("--max-length", args.max_length, 65536)):
+        if value > most:
+            raise _usage_error(f"{name} {value} is beyond what lrt-export measures: use at most "
+                               f"{most}")
+    if args.batch * args.sequence > 1 << 20:
+        raise _usage_error(
+            f"--batch {args.batch} x --sequence {args.sequence} is over 1M tokens per run: "
+            "measure smaller batches"
+        )
+    if (args.fixed_shape or {}).get("batch", 1) > 4096:
+        raise _usage_error("--fixed-shape batch must be at most 4096")
+
+
 def _usage_error(message: str) -> Exception:
     return LrtDeployError(message)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so the same clean-up runs (staging removed)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise _Terminated(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -253,16 +303,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    handled = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, _raise_terminated) for s in handled}
     try:
         return _run(args)
-    except KeyboardInterrupt:
-        print("lrt-export: interrupted; no bundle was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"lrt-export: {'interrupted' if signum == signal.SIGINT else 'terminated'}; no "
+              "bundle was written", file=sys.stderr)
+        return 128 + int(signum)
     except Exception as exc:
         if not isinstance(exc, LrtDeployError):
             raise
         print(f"lrt-export: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ can raise these errors too. Errors that belong to one stage (``LowRankConfigErro
 from __future__ import annotations
 
 __all__ = [
+    "BundleError",
     "BundleExistsError",
     "CorruptModelError",
     "ExampleInputsError",
@@ -63,3 +64,7 @@ class BundleExistsError(LrtDeployError):
 
 class UnknownTargetError(LrtDeployError):
     """The deployment target name is not one of the presets (``cpu``, ``cuda``, ``mobile``)."""
+
+
+class BundleError(LrtDeployError):
+    """A bundle cannot be used: unreadable manifest, a file outside it, a checksum mismatch."""

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lrt_deploy._logs import quiet_loggers
+from lrt_deploy.errors import LrtDeployError
 from lrt_deploy.export.graph import model_bytes
 from lrt_deploy.export.targets import Target
 
@@ -97,6 +98,17 @@ def _plan_settings(
     return settings
 
 
+def _check_fixed_shape(loaded: LoadedModel, target: Target) -> None:
+    """A fixed sequence must fit the model's positions (an oversized one fails deep in export)."""
+    sequence = target.fixed_shape.get("sequence")
+    limit = (loaded.text_limits or {}).get("max_sequence")
+    if sequence and limit and sequence > limit:
+        raise LrtDeployError(
+            f"--fixed-shape sequence={sequence} exceeds the {limit} positions the model has: "
+            f"use at most sequence={limit}"
+        )
+
+
 def export_bundle(
     loaded: LoadedModel,
     out_dir: str | Path,
@@ -141,7 +153,8 @@ def export_bundle(
 
     settings = _plan_settings(loaded, target, settings or BenchmarkSettings())
     out_dir = Path(out_dir)
-    with staging_folder(out_dir, force) as staging:
+    _check_fixed_shape(loaded, target)
+    with staging_folder(out_dir, force, loaded.source_path) as staging:
         if compress is not None:
             check_compressible(loaded)
         calibrate = bool(target.precision and target.precision.needs_calibration)
@@ -208,7 +221,8 @@ def export_bundle(
             staging, target=target, deployed=deployed, reference=variants[0],
             source={"name": loaded.name, "format": loaded.format,
                     "sha256": loaded.source_hash, "kind": loaded.kind},
-            tokenizer_file=loaded.tokenizer_file, benchmark=settings.to_dict(), feeds=feeds,
+            tokenizer_file=loaded.tokenizer_file, text_limits=loaded.text_limits,
+            benchmark=settings.to_dict(), feeds=feeds,
             threads=settings.threads, lowrank=lowrank,
         )
         report = _report(loaded, target, variants, settings, outcome, design_layers)

@@ -187,6 +187,7 @@ def test_existing_output_without_force(capsys, tmp_path: Path, models: Path) -> 
 def test_force_replaces_existing_output(capsys, tmp_path: Path, models: Path) -> None:
     out_dir = tmp_path / "bundle"
     out_dir.mkdir()
+    (out_dir / "manifest.json").write_text("{}")  # an earlier bundle: --force may replace it
     (out_dir / "stale.txt").write_text("old bundle")
     code, out, err = _cli(
         [models / "mlp_weights.pt", "--factory", "tiny_models:make_tiny_mlp",

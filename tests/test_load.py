@@ -378,7 +378,7 @@ def test_parse_input_spec_bad(text: str) -> None:
 def test_unknown_dtype_in_spec_raises(tmp_path: Path) -> None:
     path = tmp_path / "mlp.pt"
     torch.save(make_tiny_mlp(), path)
-    with pytest.raises(ExampleInputsError, match="unknown dtype 'float99'"):
+    with pytest.raises(ExampleInputsError, match="dtype 'float99' of input 'x' is not supported"):
         load_model(path, trust_pickle=True, input_specs=[parse_input_spec("x=2,16:float99")])
 
 

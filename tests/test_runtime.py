@@ -13,6 +13,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from lrt_deploy.errors import BundleError  # noqa: E402
 from lrt_deploy.runtime import (  # noqa: E402
     InputError,
     LatencyStats,
@@ -258,9 +259,9 @@ def test_unknown_target_in_session(encoder_path):
 
 
 def test_missing_path_and_manifest(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(BundleError, match="does not exist"):
         Session(tmp_path / "nope.onnx")
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
+    with pytest.raises(BundleError, match="manifest.json"):
         Session(tmp_path)
 
 

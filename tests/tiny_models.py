@@ -146,3 +146,21 @@ class TinyLowRankMLP(nn.Module):
 
     def example_inputs(self) -> tuple[torch.Tensor]:
         return (torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3)),)
+
+
+# Broken --factory targets for the hardening tests.
+NOT_CALLABLE = 42
+
+
+def raising_factory() -> torch.nn.Module:
+    raise RuntimeError("the factory's own bug")
+
+
+def factory_needing_arguments(width: int) -> torch.nn.Module:
+    return torch.nn.Linear(width, width)
+
+
+def exiting_factory() -> torch.nn.Module:
+    import sys
+
+    sys.exit(3)

@@ -27,6 +27,7 @@ __all__ = [
     "evaluation_batches",
     "example_at_batch",
     "latency_inputs",
+    "read_npz_inputs",
     "read_text_lines",
     "to_numpy_batches",
     "validation_batches",
@@ -66,6 +67,65 @@ def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
         yield items[start : start + size]
 
 
+def read_npz_inputs(loaded: LoadedModel, calibration: str | Path) -> dict[str, np.ndarray]:
+    """One checked array per model input from an ``.npz``: readable without pickle, numeric,
+    at least one batch axis, the example input's rank and kind, one row count, ids in range."""
+    import zipfile
+
+    path = Path(calibration)
+    if not path.is_file():
+        raise LrtDeployError(f"calibration file '{path}' does not exist")
+    fix = "save one array per input with numpy.savez(path, input_name=array, ...)"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise ValueError("a single array, not named arrays")
+            missing = [n for n in loaded.input_names if n not in data.files]
+            if missing:
+                raise LrtDeployError(
+                    f"calibration file '{path}' lacks inputs {', '.join(missing)}; it must hold "
+                    f"one array per model input ({', '.join(loaded.input_names)})"
+                )
+            arrays = {n: np.asarray(data[n]) for n in loaded.input_names}
+    except LrtDeployError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LrtDeployError(
+            f"calibration file '{path}' is not a readable .npz of numeric arrays ({reason}): "
+            f"{fix}"
+        ) from None
+    rows = set()
+    vocab = (loaded.text_limits or {}).get("vocab_size")
+    for name, array in arrays.items():
+        example = loaded.example_inputs[name]
+        expected = str(example.dtype).removeprefix("torch.")
+        integer = not example.dtype.is_floating_point
+        problem = None
+        if array.ndim != example.dim():
+            problem = f"has {array.ndim} axes but the model's input has {example.dim()}"
+        elif array.ndim == 0 or array.shape[0] == 0:
+            problem = "has no rows"
+        elif array.dtype.kind not in "biuf":
+            problem = f"has dtype {array.dtype} (numbers only)"
+        elif integer and array.dtype.kind == "f":
+            problem = f"holds floats but the model takes {expected}"
+        elif name == "input_ids" and vocab and (array.min() < 0 or array.max() >= vocab):
+            problem = f"holds ids outside the vocabulary [0, {vocab - 1}]"
+        elif integer and array.dtype.kind == "i" and array.min() < 0 and name.endswith("ids"):
+            problem = "holds negative ids"
+        if problem:
+            raise LrtDeployError(f"calibration input '{name}' in '{path}' {problem}: {fix}")
+        rows.add(array.shape[0])
+        arrays[name] = array.astype(expected, copy=False)
+    if len(rows) > 1:
+        raise LrtDeployError(
+            f"calibration inputs in '{path}' have different row counts {sorted(rows)}: give "
+            "every input the same number of rows"
+        )
+    return arrays
+
+
 def calibration_batches(
     loaded: LoadedModel, calibration: str | Path | None, batch_size: int = 16
 ) -> list[dict[str, Any]]:
@@ -79,17 +139,7 @@ def calibration_batches(
     import torch
 
     if calibration is not None and str(calibration).endswith(".npz"):
-        path = Path(calibration)
-        if not path.is_file():
-            raise LrtDeployError(f"calibration file '{path}' does not exist")
-        with np.load(path) as data:
-            missing = [n for n in loaded.input_names if n not in data]
-            if missing:
-                raise LrtDeployError(
-                    f"calibration file '{path}' lacks inputs {', '.join(missing)}; it must hold "
-                    f"one array per model input ({', '.join(loaded.input_names)})"
-                )
-            arrays = {n: torch.from_numpy(np.asarray(data[n])) for n in loaded.input_names}
+        arrays = {n: torch.from_numpy(a) for n, a in read_npz_inputs(loaded, calibration).items()}
         count = next(iter(arrays.values())).shape[0]
         return [
             {n: a[i : i + batch_size] for n, a in arrays.items()}

@@ -33,6 +33,7 @@ __all__ = [
     "prepare_out_dir",
     "staging_folder",
     "write_bundle",
+    "write_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,37 +41,110 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
-def prepare_out_dir(out_dir: Path, force: bool) -> None:
-    """Refuse an existing ``out_dir`` unless ``force``, and a file in its place always.
-
-    Raises:
-        BundleExistsError: With the fix (``--force`` or another ``-o``).
-    """
-    if out_dir.exists() and not force:
+def prepare_out_dir(out_dir: Path, force: bool, source: Path | None = None) -> None:
+    """Refuse output folders whose replacement would destroy something that is not a bundle:
+    the input model (or a folder holding it, or one inside it), the working directory or one of
+    its parents, or any existing folder that is not an lrt-deploy bundle."""
+    if str(out_dir).strip() in ("", "."):
+        raise BundleExistsError(
+            "the output folder cannot be the working directory: give -o a new folder name"
+        )
+    resolved = out_dir.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or cwd.is_relative_to(resolved):
+        raise BundleExistsError(
+            f"output folder '{out_dir}' is the working directory or contains it: give -o a new "
+            "folder"
+        )
+    if source is not None:
+        src = source.resolve()
+        if resolved == src or src.is_relative_to(resolved) or resolved.is_relative_to(src):
+            raise BundleExistsError(
+                f"output folder '{out_dir}' is, holds or lies inside the input model '{source}': "
+                "write the bundle somewhere else with -o"
+            )
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not force:
         raise BundleExistsError(
             f"output folder '{out_dir}' already exists: pass --force to replace it or choose "
             "another -o"
         )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BundleExistsError(f"output path '{out_dir}' is a file: choose a folder with -o")
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise BundleExistsError(
+            f"output path '{out_dir}' is a file or a link: choose a folder with -o"
+        )
+    if any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
+        raise BundleExistsError(
+            f"'{out_dir}' exists and is not an lrt-deploy bundle (no manifest.json): --force "
+            "replaces only bundles; choose another -o"
+        )
+
+
+def _missing_ancestors(path: Path) -> list[Path]:
+    """Folders above ``path`` that do not exist yet, nearest first (to remove on failure)."""
+    missing = []
+    for parent in path.absolute().parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def write_error(exc: BaseException, out_dir: Path) -> LrtDeployError | None:
+    """A failure to write files (full disk, read-only or vanished folder), as a user error."""
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+    elif "serialization failed" in str(exc).lower() or "no space left" in str(exc).lower():
+        # onnxruntime and protobuf report a failed write of a graph this way.
+        reason = str(exc).strip().splitlines()[0]
+    else:
+        return None
+    try:
+        free = shutil.disk_usage(out_dir.absolute().parent).free
+        where = f" ({free / 2**20:.0f} MiB free there)"
+    except OSError:
+        where = ""
+    return LrtDeployError(
+        f"cannot write the bundle under '{out_dir.absolute().parent}'{where}: {reason}; free "
+        "space or choose another -o"
+    )
 
 
 @contextmanager
-def staging_folder(out_dir: Path, force: bool) -> Iterator[Path]:
-    """Check ``out_dir``, then yield a fresh staging folder beside it; the folder is removed
-    when the block raises (a finished bundle is moved away by :func:`commit` first)."""
-    prepare_out_dir(out_dir, force)
+def staging_folder(out_dir: Path, force: bool, source: Path | None = None) -> Iterator[Path]:
+    """Check ``out_dir`` (:func:`prepare_out_dir`), then yield a fresh staging folder beside it.
+
+    When the block raises, the staging folder and any parent folders created for it are
+    removed, and a failed write (full disk, read-only folder) becomes a one-line
+    :class:`LrtDeployError`; a finished bundle is moved away by :func:`commit` first.
+    """
+    prepare_out_dir(out_dir, force, source)
+    created = _missing_ancestors(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".lrt-export-", dir=out_dir.parent))
     except OSError as exc:
+        _remove_if_empty(created)
         raise BundleExistsError(
             f"cannot create the output folder '{out_dir}': {exc.strerror or exc}; choose another -o"
         ) from exc
     try:
         yield staging
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_if_empty(created)
+        translated = None if isinstance(exc, LrtDeployError) else write_error(exc, out_dir)
+        if translated is not None:
+            raise translated from exc
         raise
 
 
@@ -135,6 +209,7 @@ def write_bundle(
     reference: Variant,
     source: dict[str, Any],
     tokenizer_file: Path | None,
+    text_limits: dict[str, Any] | None,
     benchmark: dict[str, Any],
     feeds: Mapping[str, np.ndarray],
     threads: int,
@@ -150,6 +225,8 @@ def write_bundle(
         reference: The run's first (fp32) variant: its validation and size are recorded.
         source: ``name``, ``format``, ``sha256`` and ``kind`` of the source model.
         tokenizer_file: ``tokenizer.json`` to ship, or ``None``.
+        text_limits: Vocabulary size and maximum sequence of a text model (the runtime refuses
+            feeds beyond them), or ``None``.
         benchmark: How latency and fidelity were measured (recorded as given).
         feeds: Inputs the ``.ort`` file is checked against the ``.onnx`` on.
         threads: Intra-op threads for that check.
@@ -186,7 +263,12 @@ def write_bundle(
         shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
         files["tokenizer"] = "tokenizer.json"
     files["report"] = "report.json"
+    from lrt_deploy.runtime.bundle import file_sha256
 
+    # The runtime checks these before opening the bundle (tampered or damaged files).
+    checksums = {
+        name: file_sha256(staging / name) for key, name in files.items() if key != "report"
+    }
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "tool": {"name": "lrt-deploy", "version": __version__},
@@ -200,8 +282,10 @@ def write_bundle(
             ],
         },
         "files": files,
+        "checksums": checksums,
         "inputs": _tensor_info(model.graph.input),
         "outputs": _tensor_info(model.graph.output),
+        "text": text_limits,
         "opset": default_opset(model),
         "variant": deployed.label,
         "quantization": deployed.quantization,

@@ -8,7 +8,6 @@ dtype fails with a message that says how to fix it instead of an onnxruntime sta
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -19,8 +18,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from lrt_deploy.errors import LrtDeployError
+from lrt_deploy.errors import BundleError, LrtDeployError
 
+from .bundle import bundle_file, read_manifest, verify_checksums
 from .providers import (
     CPU_PROVIDER,
     ProviderResolution,
@@ -33,7 +33,6 @@ __all__ = ["InputError", "Session", "TensorSpec"]
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 # BERT-style models declare token_type_ids but almost every caller means "all segment 0".
 _ZERO_FILLED_INPUT = "token_type_ids"
 _ZERO_FILL_TEMPLATE = "input_ids"
@@ -61,6 +60,14 @@ _OPTIMIZATION_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+
+
+_MODEL_LOAD_ERRORS = tuple(
+    getattr(ort.capi.onnxruntime_pybind11_state, name)
+    for name in ("Fail", "InvalidProtobuf", "InvalidGraph", "NoSuchFile", "NotImplemented",
+                 "InvalidArgument")
+    if hasattr(ort.capi.onnxruntime_pybind11_state, name)
+)
 
 
 class InputError(LrtDeployError):
@@ -97,30 +104,31 @@ def _format_shape(shape: Sequence[int | str | None]) -> str:
     return f"({entries[0]},)" if len(entries) == 1 else f"({', '.join(entries)})"
 
 
-def _resolve_model_path(path: Path) -> tuple[Path, dict[str, Any] | None]:
+def _resolve_model_path(path: Path, verify: bool) -> tuple[Path, dict[str, Any] | None]:
     """Return the model file to open and the bundle manifest (None for a bare model file)."""
     if path.is_file():
         return path, None
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist; pass a bundle folder or a .onnx/.ort file")
-    manifest_path = path / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise FileNotFoundError(
-            f"{path} has no {MANIFEST_NAME}; pass the .onnx/.ort file inside it directly"
-        )
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    files = manifest.get("files", {})
-    name = files.get("model") or files.get("onnx")
-    if not name:
-        raise FileNotFoundError(f"{manifest_path} names no model under files.model")
-    model_path = path / name
-    if not model_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} names {name!r} but {model_path} is missing")
+        raise BundleError(f"'{path}' does not exist: pass a bundle folder or a .onnx/.ort file")
+    manifest = read_manifest(path)
+    model_path = bundle_file(path, manifest, "model", "onnx")
+    if model_path is None:
+        raise BundleError(f"manifest of '{path}' names no model under files.model: re-export it")
+    if verify:
+        data = bundle_file(path, manifest, "onnx_data") if model_path.suffix == ".onnx" else None
+        verify_checksums(path, manifest, [p for p in (model_path, data) if p is not None])
     return model_path, manifest
 
 
 def _cast(name: str, array: np.ndarray, expected: str) -> np.ndarray:
     """Cast ``array`` to the model's dtype when that is safe, else raise :class:`InputError`."""
+    if array.dtype.kind in "biufc" and not array.dtype.isnative:
+        # onnxruntime reads raw bytes as native order: a big-endian array would be misread.
+        array = array.astype(array.dtype.newbyteorder("="))
+    if array.dtype.kind == "O":
+        raise InputError(
+            f"input {name!r} is an array of Python objects: pass a numeric numpy array"
+        )
     if array.dtype.name == expected or expected in ("str", "bfloat16"):
         return array
     target = np.dtype(expected)
@@ -160,6 +168,8 @@ class Session:
         threads: Intra-op thread count (inter-op is then fixed at 1). None keeps ORT's default.
         optimization_level: ``"disable"``, ``"basic"``, ``"extended"``, ``"all"`` or an
             ``onnxruntime.GraphOptimizationLevel``. None keeps ORT's default.
+        verify: Check the bundle's files against the SHA-256 checksums in its manifest before
+            opening (False skips the hashing, for start-up time, when the files are trusted).
 
     Example:
         >>> session = Session("out/minilm", threads=4)  # doctest: +SKIP
@@ -174,8 +184,9 @@ class Session:
         providers: Sequence[str] | None = None,
         threads: int | None = None,
         optimization_level: str | ort.GraphOptimizationLevel | None = None,
+        verify: bool = True,
     ) -> None:
-        self.model_path, self._manifest = _resolve_model_path(Path(path))
+        self.model_path, self._manifest = _resolve_model_path(Path(path), verify)
         requested = self._requested_providers(target, providers)
         self._resolution: ProviderResolution = resolve_providers(requested)
 
@@ -188,9 +199,18 @@ class Session:
         if optimization_level is not None:
             options.graph_optimization_level = self._optimization_level(optimization_level)
 
-        self._session = ort.InferenceSession(
-            str(self.model_path), sess_options=options, providers=self._resolution.used
-        )
+        try:
+            self._session = ort.InferenceSession(
+                str(self.model_path), sess_options=options, providers=self._resolution.used
+            )
+        except _MODEL_LOAD_ERRORS as exc:
+            # A damaged, truncated or foreign file (or one whose external data points outside
+            # its folder, which onnxruntime refuses): one error type, one line.
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BundleError(
+                f"cannot open model '{self.model_path.name}': {reason[:300]}; re-export or "
+                "re-download it"
+            ) from None
         self.active_providers: list[str] = list(self._session.get_providers())
         self._inputs = [_spec_from_node(node) for node in self._session.get_inputs()]
         self._outputs = [_spec_from_node(node) for node in self._session.get_outputs()]
@@ -201,7 +221,7 @@ class Session:
         self, target: str | None, providers: Sequence[str] | None
     ) -> list[str]:
         if providers is not None:
-            return list(providers)
+            return [providers] if isinstance(providers, str) else list(providers)
         if target is not None:
             return providers_for_target(target)
         manifest_target = (self._manifest or {}).get("target") or {}
@@ -328,7 +348,32 @@ class Session:
         named_dims: dict[str, tuple[int, str]] = {}
         for spec in self._inputs:
             self._check_shape(spec, arrays[spec.name].shape, named_dims)
+        self._check_text_limits(arrays)
         return {spec.name: arrays[spec.name] for spec in self._inputs}
+
+    def _check_text_limits(self, arrays: dict[str, np.ndarray]) -> None:
+        """Token ids inside the vocabulary and sequences within the positions the model has,
+        when the bundle's manifest states them (text models)."""
+        limits = (self._manifest or {}).get("text") or {}
+        vocab, max_sequence = limits.get("vocab_size"), limits.get("max_sequence")
+        ids = arrays.get("input_ids")
+        if ids is not None and vocab and ids.size:
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= vocab:
+                bad = low if low < 0 else high
+                raise InputError(
+                    f"input 'input_ids' holds token id {bad}, outside the model's vocabulary "
+                    f"[0, {vocab - 1}]: tokenize with the bundle's tokenizer.json"
+                )
+        if max_sequence:
+            for name in ("input_ids", "attention_mask", "token_type_ids"):
+                array = arrays.get(name)
+                if array is not None and array.ndim >= 2 and array.shape[1] > max_sequence:
+                    raise InputError(
+                        f"input {name!r} has {array.shape[1]} tokens but the model supports at "
+                        f"most {max_sequence}: truncate (TextEncoder(max_length="
+                        f"{max_sequence}) does)"
+                    )
 
     @staticmethod
     def _check_shape(
@@ -381,6 +426,8 @@ class Session:
             InputError: If the feeds do not match the model's inputs.
             ValueError: If an unknown output name is requested.
         """
+        if isinstance(output_names, str):
+            output_names = [output_names]
         names = list(output_names) if output_names is not None else self.output_names
         unknown = [name for name in names if name not in self.output_names]
         if unknown:

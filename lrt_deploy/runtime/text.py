@@ -6,7 +6,6 @@ dependency imported when a :class:`TextEncoder` is created.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -14,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lrt_deploy.errors import BundleError
+
+from .bundle import bundle_file, read_manifest, verify_checksums
 
 __all__ = ["TextEncoder"]
 
@@ -61,7 +64,12 @@ class TextEncoder:
 
     @classmethod
     def from_bundle(
-        cls, bundle: str | os.PathLike[str], max_length: int = 128, pad_to: int | None = None
+        cls,
+        bundle: str | os.PathLike[str],
+        max_length: int = 128,
+        pad_to: int | None = None,
+        *,
+        verify: bool = True,
     ) -> TextEncoder:
         """Create an encoder from the tokenizer named in a bundle's ``manifest.json``.
 
@@ -69,16 +77,20 @@ class TextEncoder:
             bundle: Bundle folder.
             max_length: See the class docstring.
             pad_to: See the class docstring.
+            verify: Check ``tokenizer.json`` against the manifest's SHA-256 first.
 
         Raises:
-            FileNotFoundError: If the bundle has no tokenizer.
+            BundleError: If the bundle has no tokenizer, or it lies outside the bundle or does
+                not match its checksum.
         """
         folder = Path(bundle)
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        name = manifest.get("files", {}).get("tokenizer")
-        if not name or not (folder / name).is_file():
-            raise FileNotFoundError(f"bundle {folder} has no tokenizer file")
-        return cls(folder / name, max_length=max_length, pad_to=pad_to)
+        manifest = read_manifest(folder)
+        path = bundle_file(folder, manifest, "tokenizer")
+        if path is None:
+            raise BundleError(f"bundle '{folder}' has no tokenizer file: it is not a text model")
+        if verify:
+            verify_checksums(folder, manifest, [path])
+        return cls(path, max_length=max_length, pad_to=pad_to)
 
     def _pad_token(self) -> tuple[int, str]:
         """Keep the tokenizer's own padding token; else use a conventional one, else id 0."""
@@ -112,7 +124,9 @@ class TextEncoder:
         batch = [texts] if isinstance(texts, str) else list(texts)
         if not batch:
             raise ValueError("texts is empty; pass at least one string")
-        encodings = self._tokenizer.encode_batch(batch)
+        if not all(isinstance(text, str) for text in batch):
+            raise TypeError("texts must be strings")
+        encodings = self._tokenizer.encode_batch([self._bounded(text) for text in batch])
         arrays: dict[str, Any] = {
             "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
             "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
@@ -123,3 +137,20 @@ class TextEncoder:
         return {name: array for name, array in arrays.items() if name in input_names}
 
     __call__ = encode
+
+    def _bounded(self, text: str) -> str:
+        """The shortest whitespace-cut prefix of ``text`` that still fills ``max_length`` tokens.
+
+        The tokenizer truncates only after encoding the whole text (memory grows with the text:
+        ~0.7 GB per million words), so long texts are cut first. A prefix cut at whitespace
+        encodes its words exactly as the full text does, so once it yields ``max_length`` real
+        tokens the truncated result is identical; otherwise the prefix grows fourfold.
+        """
+        length = self.max_length * 16
+        while length < len(text):
+            cut = max(text.rfind(space, length // 2, length) for space in " \n\t\r")
+            prefix = text[: cut if cut > 0 else length]
+            if sum(self._tokenizer.encode(prefix).attention_mask) >= self.max_length:
+                return prefix
+            length *= 4
+        return text
