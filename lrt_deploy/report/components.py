@@ -110,17 +110,20 @@ class _Graph:
             return "ffn"
         if node.op_type in _BOUNDARY_OPS:
             return "other"
-        # A MatMul fed by an embedding Gather is the second factor of a factorized table.
-        upstream_gather = self.distance(index, frozenset({"Gather"}), forward=False)
-        if upstream_gather is not None and upstream_gather <= 2:
-            return "embeddings"
         candidates = []
         for component, ops in (("attention", _ATTENTION_OPS), ("ffn", _FFN_OPS)):
             for forward in (True, False):
                 steps = self.distance(index, ops, forward=forward)
                 if steps is not None:
                     candidates.append((steps, component))
-        return min(candidates)[1] if candidates else "other"
+        if candidates:
+            return min(candidates)[1]
+        # Reaching neither attention nor FFN before the next LayerNorm, a MatMul just after a
+        # Gather is the second factor of a factorized embedding table.
+        upstream_gather = self.distance(index, frozenset({"Gather"}), forward=False)
+        if upstream_gather is not None and upstream_gather <= 2:
+            return "embeddings"
+        return "other"
 
 
 def _initializer_bytes(tensor: Any) -> int:

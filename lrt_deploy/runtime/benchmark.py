@@ -32,6 +32,7 @@ from .session import Session, TensorSpec, _resolve_model_path, _spec_from_node
 
 __all__ = [
     "BENCH_FORMAT_VERSION",
+    "BENCH_TEXT",
     "BenchInputError",
     "BenchResult",
     "BundleUnderTest",
@@ -163,7 +164,7 @@ def peak_rss_mb() -> float | None:
 BENCH_FORMAT_VERSION = 1
 # A sentence tokenized and repeated to fill the requested sequence length, so text bundles are
 # timed on real token ids from their own tokenizer rather than on arbitrary numbers.
-_BENCH_TEXT = (
+BENCH_TEXT = (
     "Low-rank factorization shrinks the weight matrices of a transformer so that the model "
     "fits on a phone, and the benchmark checks what that costs in latency on real tokens."
 )
@@ -373,7 +374,7 @@ def synthetic_feeds(
 
         encoder = TextEncoder(tokenizer_path, max_length=sequence, pad_to=sequence)
         repeats = 1 + sequence // 8
-        ids = encoder.encode([" ".join([_BENCH_TEXT] * repeats)] * batch)["input_ids"]
+        ids = encoder.encode([" ".join([BENCH_TEXT] * repeats)] * batch)["input_ids"]
     feeds: dict[str, np.ndarray] = {}
     for spec in inputs:
         shape = tuple(_axis_size(spec, axis, batch, sequence) for axis in range(len(spec.shape)))
