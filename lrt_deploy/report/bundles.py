@@ -305,16 +305,18 @@ class BundleComparison:
         if self.bench and self.bench["results"]:
             settings = self.bench["settings"]
             threads = settings["threads"][0]
-            labels = list(dict.fromkeys(entry["bundle"] for entry in self.bench["results"]))
+            # Series in bundle order, named as in the table, so colours match the Pareto chart.
+            matched = [(b.label, self._bench_label(b)) for b in self.bundles]
             for batch in settings["batches"][:3]:
                 series = [
-                    (label, [
+                    (name, [
                         (float(e["sequence"]), e["median_ms"])
                         for e in self.bench["results"]
                         if e["bundle"] == label and e["batch"] == batch
                         and e["threads"] == threads
                     ])
-                    for label in labels
+                    for name, label in matched
+                    if label is not None
                 ]
                 charts.append(line_chart_svg(
                     f"Median latency vs sequence length (batch {batch}, "

@@ -31,7 +31,7 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 80rem; color: #222; }
 table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
 th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
+th:first-child, td:first-child { text-align: left; white-space: nowrap; }
 .fallback { background: #fff4e5; border-left: 4px solid #dd6b20; padding: 0.5rem 1rem; }
 .charts { display: flex; flex-wrap: wrap; gap: 2rem; }
 """

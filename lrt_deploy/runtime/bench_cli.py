@@ -95,6 +95,10 @@ def _number(value: Any, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _difference(value: float | None, minus: float | None) -> float | None:
+    return None if value is None or minus is None else value - minus
+
+
 def format_tables(result: BenchResult | dict[str, Any]) -> str:
     """Render a benchmark result (or its JSON dict) as two Markdown tables.
 
@@ -115,12 +119,14 @@ def format_tables(result: BenchResult | dict[str, Any]) -> str:
             _number(info.get("model_bytes", 0) / 1e6, 2),
             _number(load.get(key), 3),
             _number(first.get(key), 1),
+            _number(_difference(memory.get("after_load_rss_mb"), memory.get("baseline_rss_mb")),
+                    0),
             _number(memory.get("peak_rss_mb"), 0),
             _number(memory.get("model_mb"), 0),
         ])
     bundles = _table(
-        ["Bundle", "File", "Size (MB)", "Load (s)", "First run (ms)", "Peak RSS (MB)",
-         "Model RSS (MB)"],
+        ["Bundle", "File", "Size (MB)", "Load (s)", "First run (ms)", "RSS after load (MB)",
+         "Peak RSS (MB)", "Run RSS (MB)"],
         bundle_rows,
     )
     rows = []
@@ -148,9 +154,11 @@ def format_tables(result: BenchResult | dict[str, Any]) -> str:
         f"{settings['runs']} interleaved rounds per setting after {settings['warmup']} warm-up "
         "runs; intra-op spinning off; ratios are medians vs the first bundle, the spread is "
         "the 10th-90th percentile of per-round ratios.",
-        "Load and first run: the first thread setting. Peak RSS: whole process (Python and "
-        "onnxruntime included) in a fresh process per bundle at the largest batch x sequence; "
-        "Model RSS: peak minus the RSS before the bundle was opened.",
+        "Load and first run: the first thread setting. Memory: a fresh process per bundle; RSS "
+        "after load: what opening the bundle added to the resident set; Peak RSS: the whole "
+        "process's high-water mark (Python and onnxruntime included) after running the largest "
+        "batch x sequence; Run RSS: peak minus the RSS before the bundle was opened (weights "
+        "plus activations at that shape).",
     ]
     machine = data.get("machine") or {}
     if machine:
