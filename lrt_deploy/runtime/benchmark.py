@@ -475,8 +475,8 @@ def benchmark_bundles(
         batches: Batch sizes to sweep.
         sequences: Sequence lengths to sweep (used by text and other sequence inputs).
         threads: Intra-op thread counts to sweep; None keeps onnxruntime's default.
-        warmup: Untimed runs per bundle and configuration (the first is reported as first run
-            for the first configuration).
+        warmup: Untimed runs per bundle and configuration; at least one is always made, and
+            the first of a fresh session is reported as its first-run time.
         runs: Timed rounds per configuration.
         max_seconds: Stop a configuration's rounds after this long (at least 3 rounds).
         labels: Display names, one per path; default: folder names.
@@ -557,6 +557,7 @@ def benchmark_bundles(
                         "ratio_p90": float(np.percentile(paired, 90)),
                     }
                 )
+        # Release this thread setting's sessions before the next one opens its own.
         del opened
     if memory:
         batch, sequence = max(configs, key=lambda c: c[0] * c[1])
