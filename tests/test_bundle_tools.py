@@ -373,6 +373,19 @@ def test_rebuilt_report_matches_the_bundle(bundles: dict[str, Path], tmp_path: P
         assert (tmp_path / name).read_text() == (folder / name).read_text()
 
 
+def test_report_refuses_a_newer_report_format(bundles, tmp_path: Path) -> None:
+    copy_dir = tmp_path / "newer"
+    shutil.copytree(bundles["dense-int8"], copy_dir)
+    report = json.loads((copy_dir / "report.json").read_text())
+    report["format_version"] = SUPPORTED_FORMAT_VERSION + 1
+    (copy_dir / "report.json").write_text(json.dumps(report))
+    for extra in ([], ["--compare"]):
+        code, _, err = _run(report_main, [str(copy_dir), *extra, "-o", str(tmp_path / "r.md")])
+        line = _assert_one_line_error(code, err, "lrt-report")
+        assert f"report format {SUPPORTED_FORMAT_VERSION + 1} is newer" in line
+    assert not (tmp_path / "r.md").exists()
+
+
 def test_report_errors_are_one_line(bundles: dict[str, Path], tmp_path: Path) -> None:
     folder = str(bundles["dense-int8"])
     cases = [

@@ -91,7 +91,7 @@ def load_bundle(
         ReportInputError: If the folder is not a bundle.
         BundleContractError: If its manifest breaks the bundle contract.
     """
-    from lrt_deploy.runtime.contract import check_manifest
+    from lrt_deploy.runtime.contract import check_format_version, check_manifest
 
     folder = Path(path)
     manifest_path = folder / "manifest.json"
@@ -108,7 +108,9 @@ def load_bundle(
     report = None
     report_path = folder / files.get("report", "report.json")
     if report_path.is_file():
-        report = ComparisonReport.from_dict(json.loads(report_path.read_text(encoding="utf-8")))
+        data = json.loads(report_path.read_text(encoding="utf-8"))
+        check_format_version(data.get("format_version"), report_path, "report")
+        report = ComparisonReport.from_dict(data)
     model_path = folder / files["model"]
     split = None
     onnx_name = files.get("onnx")

@@ -77,9 +77,13 @@ def rebuild_report(bundle: str | Path, output: str | Path) -> Path:
         path = folder / name if name else path
     if not path.is_file():
         raise ReportInputError(f"{folder} has no report.json; pass a bundle written by lrt-export")
+    from lrt_deploy.runtime.contract import check_format_version
+
     try:
-        report = ComparisonReport.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        check_format_version(data.get("format_version"), path, "report")
+        report = ComparisonReport.from_dict(data)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise ReportInputError(f"{path} is not a readable report ({error}); re-export") from None
     out = Path(output)
     if out.suffix == ".md":

@@ -21,6 +21,7 @@ __all__ = [
     "SUPPORTED_FORMAT_VERSION",
     "BundleContractError",
     "UnsupportedFormatVersionError",
+    "check_format_version",
     "check_manifest",
 ]
 
@@ -65,17 +66,7 @@ def check_manifest(data: Any, bundle_dir: str | os.PathLike[str]) -> None:
     where = Path(bundle_dir) / "manifest.json"
     if not isinstance(data, Mapping):
         raise BundleContractError(f"{where} is not a JSON object; re-export the bundle")
-    version = data.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise BundleContractError(
-            f"{where}: format_version must be an integer >= 1, got {version!r}; re-export the "
-            "bundle with lrt-export"
-        )
-    if version > SUPPORTED_FORMAT_VERSION:
-        raise UnsupportedFormatVersionError(
-            f"bundle format {version} is newer than this lrt-deploy (supports up to "
-            f"{SUPPORTED_FORMAT_VERSION}): upgrade lrt-deploy"
-        )
+    check_format_version(data.get("format_version"), where)
     _check_files(data.get("files"), Path(bundle_dir), where)
     for key in ("inputs", "outputs"):
         _check_tensors(data.get(key), key, where)
@@ -90,6 +81,30 @@ def check_manifest(data: Any, bundle_dir: str | os.PathLike[str]) -> None:
             raise BundleContractError(
                 f"{where}: target.providers must be a list of provider names, got {providers!r}"
             )
+
+
+def check_format_version(version: Any, where: str | os.PathLike[str], what: str = "bundle") -> None:
+    """Check a ``format_version`` field of a bundle file.
+
+    Args:
+        version: The value read.
+        where: The file it came from, for the message.
+        what: ``"bundle"`` for ``manifest.json``, ``"report"`` for ``report.json``.
+
+    Raises:
+        UnsupportedFormatVersionError: If it is newer than :data:`SUPPORTED_FORMAT_VERSION`.
+        BundleContractError: If it is not an integer >= 1.
+    """
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise BundleContractError(
+            f"{where}: format_version must be an integer >= 1, got {version!r}; re-export the "
+            "bundle with lrt-export"
+        )
+    if version > SUPPORTED_FORMAT_VERSION:
+        raise UnsupportedFormatVersionError(
+            f"{what} format {version} is newer than this lrt-deploy (supports up to "
+            f"{SUPPORTED_FORMAT_VERSION}): upgrade lrt-deploy"
+        )
 
 
 def _check_files(files: Any, folder: Path, where: Path) -> None:
