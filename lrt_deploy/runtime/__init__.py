@@ -1,12 +1,28 @@
 """Torch-free runtime: run an exported bundle with onnxruntime and numpy only.
 
-Nothing here imports torch, onnx or other ``lrt_deploy`` subpackages, so an application can
-ship this package with just ``numpy`` and ``onnxruntime`` (``tokenizers`` for text input).
+Nothing here imports torch, onnx or other ``lrt_deploy`` subpackages (only the stdlib-only
+``lrt_deploy.errors``), so an application can ship this package with just ``numpy`` and
+``onnxruntime`` (``tokenizers`` for text input). ``lrt-bench`` (:mod:`.bench_cli`) lives here
+for the same reason: it runs wherever the bundle runs.
 """
 
 from __future__ import annotations
 
-from .benchmark import LatencyStats, measure_latency, peak_rss_mb
+from .benchmark import (
+    BenchInputError,
+    BenchResult,
+    LatencyStats,
+    RunStats,
+    benchmark_bundles,
+    measure_latency,
+    peak_rss_mb,
+)
+from .contract import (
+    SUPPORTED_FORMAT_VERSION,
+    BundleContractError,
+    UnsupportedFormatVersionError,
+    check_manifest,
+)
 from .providers import (
     ProviderResolution,
     UnknownTargetError,
@@ -17,13 +33,21 @@ from .session import InputError, Session, TensorSpec
 from .text import TextEncoder
 
 __all__ = [
+    "SUPPORTED_FORMAT_VERSION",
+    "BenchInputError",
+    "BenchResult",
+    "BundleContractError",
     "InputError",
     "LatencyStats",
     "ProviderResolution",
     "Session",
     "TensorSpec",
     "TextEncoder",
+    "RunStats",
     "UnknownTargetError",
+    "UnsupportedFormatVersionError",
+    "benchmark_bundles",
+    "check_manifest",
     "measure_latency",
     "peak_rss_mb",
     "providers_for_target",
