@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -469,8 +470,13 @@ def test_text_encoder_fixed_length_and_input_filter(tokenizer_json, tmp_path):
 
 
 def test_text_encoder_from_bundle(tokenizer_json, tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    build_encoder(bundle / "model.onnx")
+    shutil.copy(tokenizer_json, bundle / "tokenizer.json")
+    tmp_path = bundle
     write_bundle(tmp_path, "model.onnx", ["CPUExecutionProvider"])
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    manifest["files"]["tokenizer"] = tokenizer_json.name
+    manifest["files"]["tokenizer"] = "tokenizer.json"
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert TextEncoder.from_bundle(tmp_path).encode("hello")["input_ids"].tolist() == [[2, 4, 3]]

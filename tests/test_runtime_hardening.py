@@ -35,6 +35,10 @@ def _bundle(folder: Path, *, checksums: bool = True, text: dict | None = None,
         "format_version": 1,
         "target": {"name": "cpu", "providers": ["CPUExecutionProvider"]},
         "files": files,
+        "inputs": [{"name": n, "dtype": "int64", "shape": ["batch", "sequence"]}
+                   for n in ("input_ids", "attention_mask")],
+        "outputs": [{"name": "hidden_states", "dtype": "float32",
+                     "shape": ["batch", "sequence", OUT]}],
         "text": text,
     }
     if checksums:

@@ -1,4 +1,5 @@
-"""Prove lrt_deploy.runtime works in a process where torch, onnx and transformers cannot load."""
+"""Prove lrt_deploy.runtime (lrt-bench and the manifest check included) works in a process where
+torch, onnx and transformers cannot load."""
 
 from __future__ import annotations
 
@@ -46,17 +47,35 @@ CHILD = textwrap.dedent(
             raise SystemExit(f"blocker failed to block {name}")
     attempts.clear()
 
+    import contextlib
+    import io
+
     import numpy as np
     from lrt_deploy.runtime import Session, measure_latency
+    from lrt_deploy.runtime.bench_cli import main as bench_main
+    from lrt_deploy.runtime.contract import check_manifest
 
     session = Session(sys.argv[1], target="cpu", threads=1)
     ids = np.array([[1, 2, 3]], dtype=np.int32)
     outputs = session.run({"input_ids": ids})
     stats = measure_latency(session, {"input_ids": ids}, warmup=1, runs=3)
+    # lrt-bench and the manifest check run here too (the memory probe is a separate process).
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        bench_code = bench_main([sys.argv[1], "--sequence", "4", "--runs", "2", "--warmup", "1",
+                                 "--no-memory", "-q"])
+    contract_error = None
+    try:
+        check_manifest({"format_version": 99}, ".")
+    except ValueError as error:
+        contract_error = str(error)
     print(json.dumps({
         "output": outputs["y"].tolist(),
         "active": session.active_providers,
         "runs": stats.runs,
+        "bench_code": bench_code,
+        "bench_table": table.getvalue(),
+        "contract_error": contract_error,
         "blocked_attempts": attempts,
         "loaded": sorted(
             name for name in sys.modules
@@ -69,7 +88,8 @@ CHILD = textwrap.dedent(
 
 
 def test_runtime_imports_and_runs_without_torch_or_onnx(tmp_path: Path):
-    table = np.arange(20, dtype=np.float32).reshape(10, 2)
+    # 100 rows: lrt-bench draws token ids from 1..99 for a model without a tokenizer.
+    table = np.arange(200, dtype=np.float32).reshape(100, 2)
     graph = helper.make_graph(
         [helper.make_node("Gather", ["table", "input_ids"], ["y"])],
         "lookup",
@@ -100,6 +120,9 @@ def test_runtime_imports_and_runs_without_torch_or_onnx(tmp_path: Path):
     assert result["output"] == table[[[1, 2, 3]]].tolist()
     assert result["active"] == ["CPUExecutionProvider"]
     assert result["runs"] == 3
+    assert result["bench_code"] == 0
+    assert "| lookup" in result["bench_table"]
+    assert result["contract_error"].startswith("bundle format 99 is newer than this lrt-deploy")
     assert result["loaded"] == ["onnxruntime"]
     # Nothing on the runtime's import path even tried to reach torch or transformers.
     assert not [name for name in result["blocked_attempts"] if not name.startswith("onnx")]

@@ -452,6 +452,11 @@ def _write_atomic(path: Path, text: str) -> Path:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text if text.endswith("\n") else text + "\n")
+        # mkstemp creates the file owner-only (0600); a report is for sharing, so give it the
+        # permissions any new file gets here.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -1,13 +1,27 @@
 """Torch-free runtime: run an exported bundle with onnxruntime and numpy only.
 
-Nothing here imports torch, onnx or other ``lrt_deploy`` subpackages (only the dependency-free
+Nothing here imports torch, onnx or other ``lrt_deploy`` subpackages (only the stdlib-only
 ``lrt_deploy.errors``), so an application can ship this package with just ``numpy`` and
-``onnxruntime`` (``tokenizers`` for text input).
+``onnxruntime`` (``tokenizers`` for text input). ``lrt-bench`` (:mod:`.bench_cli`) lives here
+for the same reason: it runs wherever the bundle runs.
 """
 
 from __future__ import annotations
 
-from .benchmark import LatencyStats, ModelMeasurement, measure_latency, measure_model, peak_rss_mb
+from .bench import BenchInputError, BenchResult, RunStats, benchmark_bundles
+from .benchmark import (
+    LatencyStats,
+    ModelMeasurement,
+    measure_latency,
+    measure_model,
+    peak_rss_mb,
+)
+from .contract import (
+    SUPPORTED_FORMAT_VERSION,
+    BundleContractError,
+    UnsupportedFormatVersionError,
+    check_manifest,
+)
 from .providers import (
     ProviderResolution,
     UnknownTargetError,
@@ -18,6 +32,10 @@ from .session import InputError, Session, TensorSpec
 from .text import TextEncoder
 
 __all__ = [
+    "SUPPORTED_FORMAT_VERSION",
+    "BenchInputError",
+    "BenchResult",
+    "BundleContractError",
     "InputError",
     "LatencyStats",
     "ModelMeasurement",
@@ -25,7 +43,11 @@ __all__ = [
     "Session",
     "TensorSpec",
     "TextEncoder",
+    "RunStats",
     "UnknownTargetError",
+    "UnsupportedFormatVersionError",
+    "benchmark_bundles",
+    "check_manifest",
     "measure_latency",
     "measure_model",
     "peak_rss_mb",

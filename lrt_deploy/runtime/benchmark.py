@@ -1,4 +1,9 @@
-"""Latency and memory measurement for a :class:`~lrt_deploy.runtime.session.Session`."""
+"""Latency and memory measurement for a :class:`~lrt_deploy.runtime.session.Session`.
+
+:func:`measure_latency` times one model on fixed feeds (what ``lrt-export`` reports).
+:func:`measure_model` measures one variant in one session (outputs for fidelity, then latency).
+``lrt-bench`` (several bundles, interleaved) is :mod:`lrt_deploy.runtime.bench`.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,13 @@ import onnxruntime as ort
 
 from .session import Session
 
-__all__ = ["LatencyStats", "ModelMeasurement", "measure_latency", "measure_model", "peak_rss_mb"]
+__all__ = [
+    "LatencyStats",
+    "ModelMeasurement",
+    "measure_latency",
+    "measure_model",
+    "peak_rss_mb",
+]
 
 logger = logging.getLogger(__name__)
 

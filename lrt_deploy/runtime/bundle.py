@@ -17,6 +17,8 @@ from typing import Any
 
 from lrt_deploy.errors import BundleError
 
+from .contract import check_manifest
+
 __all__ = [
     "MANIFEST_NAME",
     "bundle_file",
@@ -31,7 +33,9 @@ MANIFEST_NAME = "manifest.json"
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """Parse ``folder/manifest.json`` into a dict, or raise :class:`BundleError`."""
+    """Parse ``folder/manifest.json`` and check it against the bundle contract
+    (:func:`~lrt_deploy.runtime.contract.check_manifest`) and the sections the runtime reads
+    (``checksums``, ``text``); raise :class:`BundleError` (or a subclass) otherwise."""
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(
@@ -44,18 +48,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise BundleError(
             f"'{path}' is not readable JSON ({type(exc).__name__}): re-export the bundle"
         ) from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"'{path}' holds a {type(manifest).__name__}, not a JSON object: "
-                          "re-export the bundle")
-    files = manifest.get("files", {})
-    if not isinstance(files, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
-    ):
-        raise BundleError(f"'{path}' has a malformed 'files' section: re-export the bundle")
-    target = manifest.get("target", {})
-    providers = target.get("providers", []) if isinstance(target, dict) else None
-    if not isinstance(providers, list) or not all(isinstance(p, str) for p in providers):
-        raise BundleError(f"'{path}' has a malformed 'target' section: re-export the bundle")
+    # Format version, files inside the bundle, inputs/outputs, providers: the contract.
+    check_manifest(manifest, folder)
     text = manifest.get("text") or {}
     if not isinstance(text, dict) or not all(
         isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in text.values()

@@ -1,0 +1,129 @@
+"""``lrt-report``: rebuild a bundle's report, or compare several bundles in one page.
+
+``lrt-report BUNDLE -o report.html`` re-renders the bundle's ``report.json`` (``.md`` or
+``.html`` by the output's suffix). ``lrt-report A B C -o compare.html [--bench bench.json]``
+compares bundles: table, size by component, latency vs sequence length (from ``lrt-bench
+--json``), fidelity vs size with the Pareto front. Only parses arguments and calls
+:class:`~lrt_deploy.report.bundles.BundleComparison` and
+:class:`~lrt_deploy.report.comparison.ComparisonReport`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from lrt_deploy.errors import LrtDeployError
+
+from .bundles import BundleComparison, ReportInputError
+from .comparison import ComparisonReport, _write_atomic
+
+__all__ = ["build_parser", "main", "rebuild_report"]
+
+EXIT_USAGE = 2
+_PROG = "lrt-report"
+_SUFFIXES = (".html", ".htm", ".md")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the ``lrt-report`` argument parser."""
+    parser = _Parser(
+        prog=_PROG,
+        description="Rebuild a bundle's report from its report.json, or compare several "
+        "bundles: size by component, latency vs sequence length, fidelity vs size with the "
+        "Pareto front. The HTML is self-contained (inline SVG, no network).",
+    )
+    parser.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folders")
+    parser.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
+                        help="report.html or report.md (format from the suffix)")
+    parser.add_argument("--bench", type=Path, default=None, metavar="JSON",
+                        help="lrt-bench --json output for these bundles (latency charts)")
+    parser.add_argument("--label", action="append", default=None, metavar="NAME",
+                        help="display name per bundle, in order (default: folder names)")
+    parser.add_argument("--metric", default="mean_cosine",
+                        help="fidelity metric for the Pareto chart (default mean_cosine)")
+    parser.add_argument("--compare", action="store_true",
+                        help="comparison page even for one bundle")
+    return parser
+
+
+def rebuild_report(bundle: str | Path, output: str | Path) -> Path:
+    """Re-render a bundle's ``report.json`` as Markdown or HTML.
+
+    Args:
+        bundle: Bundle folder.
+        output: Destination; ``.md`` gives Markdown, anything else HTML.
+
+    Raises:
+        ReportInputError: If the bundle has no readable ``report.json``.
+    """
+    folder = Path(bundle)
+    path = folder / "report.json"
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        name = json.loads(manifest.read_text(encoding="utf-8")).get("files", {}).get("report")
+        path = folder / name if name else path
+    if not path.is_file():
+        raise ReportInputError(f"{folder} has no report.json; pass a bundle written by lrt-export")
+    from lrt_deploy.runtime.contract import check_format_version
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        check_format_version(data.get("format_version"), path, "report")
+        report = ComparisonReport.from_dict(data)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise ReportInputError(f"{path} is not a readable report ({error}); re-export") from None
+    out = Path(output)
+    if out.suffix == ".md":
+        return _write_atomic(out, report.to_markdown())
+    from .html import to_html
+
+    return _write_atomic(out, to_html(report))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lrt-report``; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    output: Path = args.output
+    try:
+        if output.suffix.lower() not in _SUFFIXES:
+            raise ReportInputError(
+                f"cannot tell the format of {output}; name it .html or .md"
+            )
+        missing = [path for path in args.bundles if not Path(path).is_dir()]
+        if missing:
+            raise ReportInputError(
+                f"{missing[0]} is not a folder; pass bundle folders written by lrt-export"
+            )
+        if not output.parent.is_dir():
+            raise ReportInputError(f"{output.parent} does not exist; create it first")
+        if len(args.bundles) == 1 and args.bench is None and not args.compare:
+            written = rebuild_report(args.bundles[0], output)
+        else:
+            comparison = BundleComparison.from_paths(
+                args.bundles, labels=args.label, bench=args.bench, metric=args.metric
+            )
+            text = comparison.to_markdown() if output.suffix == ".md" else comparison.to_html()
+            written = _write_atomic(output, text)
+    except LrtDeployError as error:
+        print(f"{_PROG}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,535 @@
+"""``lrt-bench``: several bundles, opened with intra-op spinning off, timed run by run in turn
+over a sweep of batch, sequence length and thread count, so machine drift shows up in every
+bundle alike and cancels in the ratios to the first bundle; peak memory in a fresh process.
+
+Split from :mod:`.benchmark`, which keeps the single-model latency measurement ``lrt-export``
+reports. Slightly over 500 lines on purpose: the sweep, its feeds, its statistics and the
+memory probe are one job whose parts change together.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from lrt_deploy.errors import LrtDeployError
+
+from .bundle import bundle_file
+from .providers import CPU_PROVIDER, resolve_providers
+from .session import TensorSpec, _resolve_model_path, _spec_from_node
+
+__all__ = [
+    "BENCH_FORMAT_VERSION",
+    "BENCH_TEXT",
+    "BenchInputError",
+    "BenchResult",
+    "BundleUnderTest",
+    "RunStats",
+    "benchmark_bundles",
+    "measure_peak_memory",
+    "open_for_benchmark",
+    "run_stats",
+    "synthetic_feeds",
+]
+
+logger = logging.getLogger(__name__)
+
+
+#: ``format_version`` of the JSON that ``lrt-bench --json`` writes (schemas/bench.schema.json).
+BENCH_FORMAT_VERSION = 1
+# A sentence tokenized and repeated to fill the requested sequence length, so text bundles are
+# timed on real token ids from their own tokenizer rather than on arbitrary numbers.
+BENCH_TEXT = (
+    "Low-rank factorization shrinks the weight matrices of a transformer so that the model "
+    "fits on a phone, and the benchmark checks what that costs in latency on real tokens."
+)
+# Without a tokenizer, token ids are drawn from this range: valid rows of any BERT-like table.
+_SYNTHETIC_ID_RANGE = (1, 100)
+_TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class BenchInputError(LrtDeployError):
+    """A bundle or benchmark setting that cannot be benchmarked as asked."""
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """Latency distribution of one configuration, in milliseconds.
+
+    Attributes:
+        median_ms: Median run time.
+        p90_ms: 90th percentile (linear interpolation).
+        p99_ms: 99th percentile; with fewer than 100 runs it interpolates towards the slowest.
+        mean_ms: Arithmetic mean.
+        min_ms: Fastest run.
+        max_ms: Slowest run.
+        runs: Timed runs.
+        throughput_per_s: Samples (batch rows) per second at the median: batch / median.
+    """
+
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    max_ms: float
+    runs: int
+    throughput_per_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the stats as a JSON-ready dict."""
+        return asdict(self)
+
+
+def run_stats(timings_ms: Sequence[float], batch: int) -> RunStats:
+    """Summarise run times of one configuration.
+
+    Args:
+        timings_ms: One wall-clock time per timed run, in ms.
+        batch: Rows per run, for the throughput.
+
+    Raises:
+        ValueError: If ``timings_ms`` is empty.
+    """
+    if not len(timings_ms):
+        raise ValueError("need at least one timed run")
+    timings = np.asarray(timings_ms, dtype=np.float64)
+    median = float(np.median(timings))
+    return RunStats(
+        median_ms=median,
+        p90_ms=float(np.percentile(timings, 90)),
+        p99_ms=float(np.percentile(timings, 99)),
+        mean_ms=float(timings.mean()),
+        min_ms=float(timings.min()),
+        max_ms=float(timings.max()),
+        runs=int(timings.size),
+        throughput_per_s=batch * 1e3 / median if median > 0 else float("inf"),
+    )
+
+
+@dataclass
+class BundleUnderTest:
+    """A bundle opened for benchmarking: an ``InferenceSession`` with benchmark options.
+
+    Attributes:
+        label: Name shown in tables (the folder name unless given).
+        path: Bundle folder or model file as given.
+        model_path: The model file opened (``model.ort`` for mobile bundles).
+        manifest: ``manifest.json`` (None for a bare model file).
+        session: The ``onnxruntime.InferenceSession``.
+        inputs: Graph inputs.
+        load_s: Seconds to create the session (reading, optimising, allocating the model).
+        providers: Providers the session really runs on.
+        provider_message: One line on which providers were requested and which run.
+        tokenizer_path: The bundle's ``tokenizer.json``, if any.
+    """
+
+    label: str
+    path: Path
+    model_path: Path
+    manifest: dict[str, Any] | None
+    session: ort.InferenceSession
+    inputs: list[TensorSpec]
+    load_s: float
+    providers: list[str]
+    provider_message: str
+    tokenizer_path: Path | None = None
+
+    @property
+    def model_bytes(self) -> int:
+        """Size of the model file opened, plus external weights beside it."""
+        size = self.model_path.stat().st_size
+        data_name = ((self.manifest or {}).get("files") or {}).get("onnx_data")
+        if data_name and self.model_path.suffix == ".onnx":
+            data_path = self.path / data_name
+            size += data_path.stat().st_size if data_path.is_file() else 0
+        return size
+
+
+def open_for_benchmark(
+    path: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    providers: Sequence[str] | None = None,
+    label: str | None = None,
+) -> BundleUnderTest:
+    """Open a bundle (or model file) the way ``lrt-bench`` times it.
+
+    The session runs ``threads`` intra-op threads, one inter-op thread, and intra-op spinning
+    off: a spinning pool burns a core after each run, which slows whichever bundle runs next
+    when several are interleaved, and would not match an app that runs now and then.
+
+    Args:
+        path: Bundle folder with ``manifest.json``, or a ``.onnx`` / ``.ort`` file.
+        threads: Intra-op threads; None keeps onnxruntime's default (one per core).
+        providers: Providers in priority order; default: the manifest's, else CPU.
+        label: Display name; default: the folder (or file) name.
+
+    Raises:
+        BundleError: If the path does not exist, is not a bundle, breaks the bundle contract
+            or does not match its checksums.
+    """
+    folder = Path(path)
+    # Same checks as Session: contract, files inside the bundle, SHA-256 of the model.
+    model_path, manifest = _resolve_model_path(folder, verify=True)
+    if providers is None:
+        providers = ((manifest or {}).get("target") or {}).get("providers") or [CPU_PROVIDER]
+    resolution = resolve_providers(providers)
+    options = ort.SessionOptions()
+    if threads is not None:
+        if threads < 1:
+            raise BenchInputError(f"threads must be >= 1, got {threads}")
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    began = time.perf_counter()
+    session = ort.InferenceSession(str(model_path), sess_options=options, providers=resolution.used)
+    load_s = time.perf_counter() - began
+    tokenizer_path = bundle_file(folder, manifest, "tokenizer") if manifest else None
+    return BundleUnderTest(
+        label=label or (folder.name if folder.is_dir() else folder.stem),
+        path=folder,
+        model_path=model_path,
+        manifest=manifest,
+        session=session,
+        inputs=[_spec_from_node(node) for node in session.get_inputs()],
+        load_s=load_s,
+        providers=list(session.get_providers()),
+        provider_message=resolution.message,
+        tokenizer_path=tokenizer_path,
+    )
+
+
+def _axis_size(spec: TensorSpec, axis: int, batch: int, sequence: int) -> int:
+    dim = spec.shape[axis]
+    wanted = batch if axis == 0 else sequence
+    if isinstance(dim, int) and dim > 0:
+        if axis < 2 and dim != wanted:
+            what = "batch" if axis == 0 else "sequence length"
+            raise BenchInputError(
+                f"input {spec.name!r} has a fixed {what} of {dim} (shape {spec.shape}); "
+                f"benchmark it with --{'batch' if axis == 0 else 'sequence'} {dim}"
+            )
+        return dim
+    return wanted
+
+
+def synthetic_feeds(
+    inputs: Sequence[TensorSpec],
+    batch: int,
+    sequence: int,
+    *,
+    tokenizer_path: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Build feeds of the requested batch and sequence length for a model's inputs.
+
+    Text inputs (``input_ids``, ``attention_mask``, ``token_type_ids``) come from the
+    bundle's tokenizer when given: a fixed English text repeated and truncated to exactly
+    ``sequence`` tokens, no padding, so every position is real. Without a tokenizer, ids are
+    drawn uniformly from 1..99 (valid in any BERT-like vocabulary). Other inputs get seeded
+    standard-normal floats or zeros; axis 0 is the batch, other dynamic axes take
+    ``sequence``.
+
+    Raises:
+        BenchInputError: If the model fixes a batch or sequence size other than the one asked.
+    """
+    if batch < 1 or sequence < 1:
+        raise BenchInputError(f"batch and sequence must be >= 1, got {batch} and {sequence}")
+    rng = np.random.default_rng(seed)
+    ids = None
+    if tokenizer_path is not None and any(spec.name == "input_ids" for spec in inputs):
+        from .text import TextEncoder
+
+        encoder = TextEncoder(tokenizer_path, max_length=sequence, pad_to=sequence)
+        repeats = 1 + sequence // 8
+        ids = encoder.encode([" ".join([BENCH_TEXT] * repeats)] * batch)["input_ids"]
+    feeds: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        shape = tuple(_axis_size(spec, axis, batch, sequence) for axis in range(len(spec.shape)))
+        dtype = np.dtype(spec.dtype) if spec.dtype not in ("str", "bfloat16") else None
+        if dtype is None:
+            raise BenchInputError(f"input {spec.name!r} has dtype {spec.dtype}, not benchmarkable")
+        if spec.name == "input_ids":
+            if ids is not None and ids.shape == shape:
+                feeds[spec.name] = ids.astype(dtype)
+            else:
+                feeds[spec.name] = rng.integers(*_SYNTHETIC_ID_RANGE, size=shape).astype(dtype)
+        elif spec.name == "attention_mask":
+            feeds[spec.name] = np.ones(shape, dtype=dtype)
+        elif spec.name == "token_type_ids" or dtype.kind in "iub":
+            feeds[spec.name] = np.zeros(shape, dtype=dtype)
+        else:
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+@dataclass
+class BenchResult:
+    """What :func:`benchmark_bundles` measured; :meth:`to_dict` is the ``--json`` output.
+
+    Attributes:
+        bundles: Per bundle: label, path, model file and bytes, variant, providers, load
+            seconds and first-run ms per thread count, and the memory probe.
+        results: One entry per (threads, batch, sequence, bundle) with :class:`RunStats`
+            fields and the ratio of its median to the first bundle's (with the spread of
+            the per-round paired ratios).
+        settings: The sweep and run counts.
+        machine: Platform, CPU count, onnxruntime version, load average at the start.
+    """
+
+    bundles: list[dict[str, Any]]
+    results: list[dict[str, Any]]
+    settings: dict[str, Any]
+    machine: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-ready result (``format_version`` included)."""
+        return {
+            "format_version": BENCH_FORMAT_VERSION,
+            "tool": "lrt-bench",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": self.machine,
+            "settings": self.settings,
+            "bundles": self.bundles,
+            "results": self.results,
+        }
+
+
+def _machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def _time_once(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> float:
+    begin = time.perf_counter()
+    session.run(None, feeds)
+    return (time.perf_counter() - begin) * 1e3
+
+
+def benchmark_bundles(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    batches: Sequence[int] = (1,),
+    sequences: Sequence[int] = (128,),
+    threads: Sequence[int | None] = (None,),
+    warmup: int = 5,
+    runs: int = 30,
+    max_seconds: float | None = None,
+    labels: Sequence[str] | None = None,
+    memory: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Benchmark bundles interleaved, run by run, over a sweep of shapes and thread counts.
+
+    For each thread count every bundle is opened (load time measured) and, per (batch,
+    sequence), warmed up, then timed in rounds: each round runs every bundle once, in an order
+    that rotates from round to round, so slow spells of a loaded machine hit all bundles
+    alike. Ratios to the first bundle are taken of the medians; the spread (10th..90th
+    percentile) of the per-round ratios says how much to trust them.
+
+    Peak memory is measured separately per bundle, in a fresh process (see
+    :func:`measure_peak_memory`) at the largest batch x sequence of the sweep.
+
+    Args:
+        paths: Bundle folders (or model files); the first is the reference for ratios.
+        batches: Batch sizes to sweep.
+        sequences: Sequence lengths to sweep (used by text and other sequence inputs).
+        threads: Intra-op thread counts to sweep; None keeps onnxruntime's default.
+        warmup: Untimed runs per bundle and configuration; at least one is always made, and
+            the first of a fresh session is reported as its first-run time.
+        runs: Timed rounds per configuration.
+        max_seconds: Stop a configuration's rounds after this long (at least 3 rounds).
+        labels: Display names, one per path; default: folder names.
+        memory: Run the per-bundle memory probe.
+        progress: Called with a one-line status now and then (e.g. print to stderr).
+
+    Returns:
+        The :class:`BenchResult`.
+
+    Raises:
+        BenchInputError: On a missing bundle, bad sweep values or a shape a bundle fixes.
+    """
+    if not paths:
+        raise BenchInputError("give at least one bundle")
+    if runs < 1 or warmup < 0:
+        raise BenchInputError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    if labels is not None and len(labels) != len(paths):
+        raise BenchInputError(f"got {len(labels)} labels for {len(paths)} bundles")
+    for value in [*batches, *sequences]:
+        if value < 1:
+            raise BenchInputError(f"batch and sequence sizes must be >= 1, got {value}")
+    report = progress or (lambda _: None)
+    names = _unique_labels(paths, labels)
+    bundle_info: list[dict[str, Any]] = [{"label": name} for name in names]
+    results: list[dict[str, Any]] = []
+    configs = [(b, s) for b in batches for s in sequences]
+    total = len(threads) * len(configs)
+    step = 0
+    for thread_count in threads:
+        thread_key = str(thread_count or "default")
+        opened = [
+            open_for_benchmark(path, threads=thread_count, label=name)
+            for path, name in zip(paths, names, strict=True)
+        ]
+        for info, bundle in zip(bundle_info, opened, strict=True):
+            _describe(info, bundle)
+            info.setdefault("load_s", {})[thread_key] = bundle.load_s
+        for batch, sequence in configs:
+            step += 1
+            prefix = f"[{step}/{total}] threads {thread_key}, batch {batch}, sequence {sequence}"
+            feeds = [
+                synthetic_feeds(b.inputs, batch, sequence, tokenizer_path=b.tokenizer_path)
+                for b in opened
+            ]
+            for info, bundle, feed in zip(bundle_info, opened, feeds, strict=True):
+                report(f"{prefix}: warming up {bundle.label}")
+                # The very first run of a fresh session pays for lazy initialisation: what an
+                # app's first request costs, kept apart from the steady-state figures.
+                first = _time_once(bundle.session, feed)
+                info.setdefault("first_run_ms", {}).setdefault(thread_key, first)
+                for _ in range(max(warmup - 1, 0)):
+                    bundle.session.run(None, feed)
+            timings: list[list[float]] = [[] for _ in opened]
+            started = time.perf_counter()
+            for round_index in range(runs):
+                order = [(round_index + k) % len(opened) for k in range(len(opened))]
+                for k in order:
+                    timings[k].append(_time_once(opened[k].session, feeds[k]))
+                if (round_index + 1) % 10 == 0:
+                    report(f"{prefix}: {round_index + 1}/{runs} rounds")
+                elapsed = time.perf_counter() - started
+                if max_seconds is not None and round_index >= 2 and elapsed >= max_seconds:
+                    report(f"{prefix}: stopped after {round_index + 1} rounds ({elapsed:.0f} s)")
+                    break
+            reference = np.asarray(timings[0])
+            for bundle, times in zip(opened, timings, strict=True):
+                stats = run_stats(times, batch)
+                paired = np.asarray(times) / reference
+                results.append(
+                    {
+                        "bundle": bundle.label,
+                        "threads": thread_count,
+                        "batch": batch,
+                        "sequence": sequence,
+                        **stats.to_dict(),
+                        "ratio_vs_first": stats.median_ms / float(np.median(reference)),
+                        "ratio_p10": float(np.percentile(paired, 10)),
+                        "ratio_p90": float(np.percentile(paired, 90)),
+                    }
+                )
+        # Release this thread setting's sessions before the next one opens its own.
+        del opened
+    if memory:
+        batch, sequence = max(configs, key=lambda c: c[0] * c[1])
+        thread_count = max((t for t in threads if t is not None), default=None)
+        for info, path in zip(bundle_info, paths, strict=True):
+            report(f"memory: {info['label']} in a fresh process (batch {batch}, "
+                   f"sequence {sequence})")
+            info["memory"] = measure_peak_memory(path, batch, sequence, threads=thread_count)
+    settings = {
+        "batches": list(batches),
+        "sequences": list(sequences),
+        "threads": list(threads),
+        "warmup": warmup,
+        "runs": runs,
+        "max_seconds": max_seconds,
+        "interleaved": True,
+        "intra_op_spinning": False,
+        "reference": names[0],
+    }
+    return BenchResult(bundle_info, results, settings, _machine())
+
+
+def _unique_labels(
+    paths: Sequence[str | os.PathLike[str]], labels: Sequence[str] | None
+) -> list[str]:
+    names = list(labels) if labels is not None else [
+        Path(p).name if Path(p).is_dir() else Path(p).stem for p in paths
+    ]
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return unique
+
+
+def _describe(info: dict[str, Any], bundle: BundleUnderTest) -> None:
+    manifest = bundle.manifest or {}
+    info.update(
+        path=str(bundle.path),
+        model_file=bundle.model_path.name,
+        model_bytes=bundle.model_bytes,
+        variant=manifest.get("variant"),
+        target=(manifest.get("target") or {}).get("name"),
+        fidelity=manifest.get("fidelity") or {},
+        providers=bundle.providers,
+        provider_message=bundle.provider_message,
+        inputs="tokenizer" if bundle.tokenizer_path else "synthetic",
+    )
+
+
+# --- peak memory, in a fresh process -----------------------------------------------------------
+
+_PROBE = "lrt_deploy.runtime._memory_probe"
+
+
+def measure_peak_memory(
+    path: str | os.PathLike[str],
+    batch: int,
+    sequence: int,
+    *,
+    threads: int | None = None,
+    runs: int = 3,
+    timeout_s: float = 600.0,
+) -> dict[str, Any]:
+    """Measure a bundle's peak resident memory in a fresh Python process.
+
+    The child imports numpy and onnxruntime, records its resident set, opens the bundle,
+    runs it ``runs`` times at the given shape and records the high-water mark again
+    (``VmHWM`` from ``/proc/self/status`` on Linux, ``ru_maxrss`` elsewhere). The peak is
+    the whole process (interpreter and libraries included); ``model_mb`` = peak - the RSS
+    before the bundle was opened, i.e. what opening and running this bundle added.
+
+    Returns:
+        ``{"peak_rss_mb", "baseline_rss_mb", "model_mb", "source", "batch", "sequence"}``,
+        or ``{"error": ...}`` when the child failed (the benchmark goes on).
+    """
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", _PROBE, str(path), str(batch), str(sequence),
+               str(threads or 0), str(runs)]
+    try:
+        completed = subprocess.run(
+            command, capture_output=True, text=True, env=env, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"memory probe timed out after {timeout_s:.0f} s"}
+    if completed.returncode != 0:
+        last = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"memory probe failed: {last}"}
+    return json.loads(completed.stdout.strip().splitlines()[-1])

@@ -1,0 +1,233 @@
+"""``lrt-bench``: benchmark exported bundles against each other, torch-free.
+
+Only parses arguments, calls :func:`lrt_deploy.runtime.bench.benchmark_bundles` and prints;
+everything it measures is available from Python too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from lrt_deploy.errors import LrtDeployError
+
+from .bench import BenchResult, benchmark_bundles
+
+__all__ = ["build_parser", "format_tables", "main"]
+
+EXIT_USAGE = 2
+_PROG = "lrt-bench"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated whole numbers such as 1,8, got {text!r}"
+        ) from None
+    if not values or any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"expected numbers >= 1 such as 1,8, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the ``lrt-bench`` argument parser."""
+    parser = _Parser(
+        prog=_PROG,
+        description="Benchmark exported bundles: load time, first run, latency percentiles, "
+        "throughput and peak memory over a sweep of batch, sequence length and threads. "
+        "Bundles run interleaved, run by run, so machine drift cancels in the ratios to the "
+        "first bundle.",
+    )
+    parser.add_argument("bundles", nargs="+", metavar="BUNDLE",
+                        help="bundle folders (or .onnx/.ort files); the first is the reference")
+    parser.add_argument("--batch", type=_int_list, default=[1], metavar="N[,N...]",
+                        help="batch sizes to sweep (default 1)")
+    parser.add_argument("--sequence", type=_int_list, default=[128], metavar="N[,N...]",
+                        help="sequence lengths to sweep (default 128)")
+    parser.add_argument("--threads", type=_int_list, default=None, metavar="N[,N...]",
+                        help="intra-op thread counts to sweep (default: onnxruntime's, one per "
+                        "core)")
+    parser.add_argument("--runs", type=int, default=30, help="timed rounds per setting "
+                        "(default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs per bundle and "
+                        "setting (default 5)")
+    parser.add_argument("--max-seconds", type=float, default=None, metavar="S",
+                        help="stop a setting's rounds after S seconds (at least 3 rounds)")
+    parser.add_argument("--label", action="append", default=None, metavar="NAME",
+                        help="display name per bundle, in order (default: folder names)")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the per-bundle peak-memory probe (one fresh process each)")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
+                        help="also write every figure as JSON (schemas/bench.schema.json)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    return parser
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            cell.ljust(width) if index == 0 else cell.rjust(width)
+            for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
+
+
+def _number(value: Any, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _difference(value: float | None, minus: float | None) -> float | None:
+    return None if value is None or minus is None else value - minus
+
+
+def format_tables(result: BenchResult | dict[str, Any]) -> str:
+    """Render a benchmark result (or its JSON dict) as two Markdown tables.
+
+    The first lists each bundle (size, load time, first run, peak memory), the second every
+    (threads, batch, sequence, bundle) with latency percentiles, throughput and the ratio of
+    its median to the first bundle's, with the 10th..90th percentile of the per-round ratios.
+    """
+    data = result.to_dict() if isinstance(result, BenchResult) else result
+    bundle_rows = []
+    for info in data["bundles"]:
+        memory = info.get("memory") or {}
+        load = info.get("load_s") or {}
+        first = info.get("first_run_ms") or {}
+        key = next(iter(load), None)
+        bundle_rows.append([
+            info["label"],
+            info.get("model_file", "-"),
+            _number(info.get("model_bytes", 0) / 1e6, 2),
+            _number(load.get(key), 3),
+            _number(first.get(key), 1),
+            _number(_difference(memory.get("after_load_rss_mb"), memory.get("baseline_rss_mb")),
+                    0),
+            _number(memory.get("peak_rss_mb"), 0),
+            _number(memory.get("model_mb"), 0),
+        ])
+    bundles = _table(
+        ["Bundle", "File", "Size (MB)", "Load (s)", "First run (ms)", "RSS after load (MB)",
+         "Peak RSS (MB)", "Run RSS (MB)"],
+        bundle_rows,
+    )
+    rows = []
+    for entry in data["results"]:
+        ratio = entry.get("ratio_vs_first")
+        spread = f"{ratio:.2f}x ({entry['ratio_p10']:.2f}-{entry['ratio_p90']:.2f})"
+        rows.append([
+            entry["bundle"],
+            str(entry["threads"] or "default"),
+            str(entry["batch"]),
+            str(entry["sequence"]),
+            _number(entry["median_ms"], 2),
+            _number(entry["p90_ms"], 2),
+            _number(entry["p99_ms"], 2),
+            _number(entry["throughput_per_s"], 1),
+            spread,
+        ])
+    latency = _table(
+        ["Bundle", "Threads", "Batch", "Seq", "Median (ms)", "p90 (ms)", "p99 (ms)",
+         "Samples/s", "vs first (p10-p90)"],
+        rows,
+    )
+    settings = data["settings"]
+    notes = [
+        f"{settings['runs']} interleaved rounds per setting after {settings['warmup']} warm-up "
+        "runs; intra-op spinning off; ratios are medians vs the first bundle, the spread is "
+        "the 10th-90th percentile of per-round ratios.",
+        "Load and first run: the first thread setting. Memory: a fresh process per bundle; RSS "
+        "after load: what opening the bundle added to the resident set; Peak RSS: the whole "
+        "process's high-water mark (Python and onnxruntime included) after running the largest "
+        "batch x sequence; Run RSS: peak minus the RSS before the bundle was opened (weights "
+        "plus activations at that shape).",
+    ]
+    machine = data.get("machine") or {}
+    if machine:
+        notes.append(
+            f"Machine: {machine.get('platform')}, {machine.get('cpu_count')} CPUs, onnxruntime "
+            f"{machine.get('onnxruntime')}, load average {machine.get('load_average_1min')} at "
+            "the start."
+        )
+    return "\n\n".join([bundles, latency, "\n".join(notes)]) + "\n"
+
+
+def _progress(quiet: bool) -> Callable[[str], None] | None:
+    if quiet:
+        return None
+    interactive = sys.stderr.isatty()
+
+    def show(message: str) -> None:
+        # On a terminal the line is rewritten in place; in a log every update is kept.
+        if interactive:
+            sys.stderr.write(f"\r\033[K{message}")
+        else:
+            sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lrt-bench``; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.runs < 1 or args.warmup < 0:
+        print(f"{_PROG}: error: need --runs >= 1 and --warmup >= 0", file=sys.stderr)
+        return EXIT_USAGE
+    missing = [path for path in args.bundles if not Path(path).exists()]
+    if missing:
+        print(f"{_PROG}: error: {missing[0]} does not exist; pass a bundle folder written by "
+              "lrt-export", file=sys.stderr)
+        return EXIT_USAGE
+    progress = _progress(args.quiet)
+    try:
+        result = benchmark_bundles(
+            args.bundles,
+            batches=args.batch,
+            sequences=args.sequence,
+            threads=args.threads or [None],
+            warmup=args.warmup,
+            runs=args.runs,
+            max_seconds=args.max_seconds,
+            labels=args.label,
+            memory=not args.no_memory,
+            progress=progress,
+        )
+    except KeyboardInterrupt:
+        print(f"\n{_PROG}: interrupted", file=sys.stderr)
+        return 130
+    except LrtDeployError as error:
+        if progress is not None and sys.stderr.isatty():
+            sys.stderr.write("\n")
+        print(f"{_PROG}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if progress is not None and sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+    print(format_tables(result), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
