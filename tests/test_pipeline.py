@@ -106,6 +106,15 @@ def test_compressed_int8_export_has_four_measured_variants(
     sqnr = result.variants[-1].fidelity["sqnr_db"]
     assert f"| {sqnr:.1f} |" in markdown
 
+    # The manifest (target precision as its recipe dict) matches the shipped schema.
+    jsonschema = pytest.importorskip("jsonschema")
+    from lrt_deploy.schemas import load_schema
+
+    validator = jsonschema.Draft202012Validator(load_schema("manifest"))
+    assert list(validator.iter_errors(manifest)) == []
+    broken = {**manifest, "target": {**manifest["target"], "precision": {"kind": "int3"}}}
+    assert list(validator.iter_errors(broken))
+
 
 def test_lowrank_by_design_model_is_its_own_baseline(tmp_path: Path) -> None:
     torch.manual_seed(0)
