@@ -35,9 +35,10 @@ class LinformerSelfAttention(nn.Module):
     * ``"layerwise"``: one ``nn.Linear(max_length, k, bias=False)`` passed in as
       ``projection`` and shared by keys, values and every layer it is given to.
 
-    Inputs shorter than ``max_length`` are padded to it with zeros, and positions the
-    attention mask marks as padding are zeroed before the projection, so padding tokens never
-    reach the output. Longer inputs raise ``ValueError``.
+    Inputs shorter than ``max_length`` are treated as zero-padded to it (the projection
+    columns of absent positions are dropped, which gives the same result without the copy), and
+    positions the attention mask marks as padding are zeroed before the projection, so padding
+    tokens never reach the output. Longer inputs raise ``ValueError``.
 
     Args:
         hidden_size: Width of the input and output.
@@ -127,6 +128,15 @@ class LinformerSelfAttention(nn.Module):
         batch, length, _ = x.shape
         return x.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _project(self, projection: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``projection`` (``[heads or 1, k, seq]``) applied along the sequence of ``x``
+        (``[batch, seq, hidden]``), split into heads: ``[batch, heads, k, head_dim]``."""
+        if projection.shape[0] == 1:
+            # One projection for all heads: a single k x seq by seq x hidden product before the
+            # head split, instead of one thin (head_dim-wide) product per head.
+            return self._split_heads(projection[0] @ x)
+        return projection @ self._split_heads(x)
+
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -157,14 +167,13 @@ class LinformerSelfAttention(nn.Module):
             keep = attention_mask.to(key.dtype).unsqueeze(-1)
             key = key * keep
             value = value * keep
-        # Zero rows up to max_length: the projection weights of absent positions see nothing.
-        padding = (0, 0, 0, self.max_length - length)
-        key = self._split_heads(nn.functional.pad(key, padding))
-        value = self._split_heads(nn.functional.pad(value, padding))
-
         key_projection, value_projection = self._projections()
-        key = key_projection @ key  # [batch, heads, k, head_dim]
-        value = value_projection @ value
+        # Positions past the input would only meet zero padding: drop their projection columns
+        # instead of padding the keys (same result, no copy; a constant slice under export).
+        key_projection = key_projection[..., :length]
+        value_projection = value_projection[..., :length]
+        key = self._project(key_projection, key)  # [batch, heads, k, head_dim]
+        value = self._project(value_projection, value)
         scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)
         context = scores.softmax(dim=-1) @ value
         batch = hidden_states.shape[0]
