@@ -358,3 +358,89 @@ def test_standard_attention_exports_as_fusable_attention(tmp_path: Path) -> None
                               check_inputs={"x": example.numpy()})
     assert result.attention_layers == 2
     assert op_counts(fused)["MultiHeadAttention"] == 2
+
+
+# --- planning the baseline and the report rows it gives ----------------------------------------
+
+def test_by_design_baseline_plans(tmp_path: Path) -> None:
+    from lrt_deploy.export.dense_equivalent import by_design_baseline
+    from lrt_deploy.load import LoadedModel
+
+    torch.save(_seeded(TinyLowRankMLP), tmp_path / "lowrank.pt")
+    lowrank = load_model(tmp_path / "lowrank.pt", trust_pickle=True)
+    plan = by_design_baseline(lowrank)
+    assert plan.kind == "dense-equivalent" and plan.fidelity_comparable and plan.units == 2
+    assert "low-rank pairs multiplied out" in plan.note
+    batch = {"x": torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(6))}
+    torch.testing.assert_close(plan.loaded.forward(batch)["output"],
+                               lowrank.forward(batch)["output"], atol=1e-5, rtol=1e-5)
+    assert any(isinstance(m, LowRankLinear) for m in lowrank.module.modules())
+
+    scripted = _torchscript(_seeded(LEDEncoder), torch.randn(2, 7, 32), tmp_path / "m.ts.pt",
+                            "x=2,7,32")
+    plan = by_design_baseline(scripted)
+    assert plan.kind == "dense-equivalent" and plan.loaded is None
+    assert plan.to_dict()["made_from"] == "onnx graph"
+    program = _pt2(_seeded(LowRankClassifier), torch.randint(0, 40, (2, 9)), tmp_path / "c.pt2")
+    assert by_design_baseline(program).loaded is None
+
+    torch.manual_seed(0)
+    linformer = LoadedModel(
+        module=LinformerEncoder().eval(), format="pickle", name="linformer",
+        example_inputs={"x": torch.randn(1, 16, 32)}, output_names=["output"], dynamic_axes={},
+    )
+    plan = by_design_baseline(linformer)
+    assert plan.kind == "standard-attention" and not plan.fidelity_comparable
+    assert "fidelity not comparable" in plan.note
+    assert by_design_baseline(load_model(tmp_path / "lowrank.pt", trust_pickle=True)) is not None
+    mlp = _torchscript(make_tiny_mlp(), torch.randn(2, 16), tmp_path / "mlp.ts.pt", "x=2,16")
+    assert by_design_baseline(mlp) is None
+
+
+def test_report_rows_for_a_pt2_lrt_model(tmp_path: Path) -> None:
+    """The wiring the pipeline does: the LRT export folded into its dense equivalent, both
+    optimised and int8-quantised the same way, four rows, fidelity ~1.0 between the twins."""
+    from lrt_deploy.export.graph import model_bytes
+    from lrt_deploy.export.optimize import optimize_graph
+    from lrt_deploy.export.quantize import quantize_int8
+    from lrt_deploy.nn.equivalents import DENSE_EQUIVALENT_NOTE
+    from lrt_deploy.report import ComparisonReport, VariantResult
+    from lrt_deploy.runtime import Session, measure_latency
+
+    loaded = _pt2(_seeded(LEDEncoder), torch.randn(2, 7, 32), tmp_path / "m.pt2")
+    raw = export_onnx(loaded, tmp_path / "lrt.raw.onnx")
+    fold = dense_equivalent_onnx(raw, tmp_path / "dense.raw.onnx")
+    paths = {}
+    for key in ("dense", "lrt"):
+        optimize_graph(tmp_path / f"{key}.raw.onnx", tmp_path / f"{key}.fp32.onnx")
+        quantize_int8(tmp_path / f"{key}.fp32.onnx", tmp_path / f"{key}.int8.onnx")
+        paths[f"{key} fp32"] = tmp_path / f"{key}.fp32.onnx"
+        paths[f"{key} int8"] = tmp_path / f"{key}.int8.onnx"
+    x = torch.randn(4, 7, 32, generator=torch.Generator().manual_seed(12))
+    reference = loaded.forward({"x": x})["output"].numpy().reshape(-1, 32)
+    variants = []
+    for name, path in paths.items():
+        session = Session(path, threads=1)
+        out = session.run({"x": x.numpy()})["output"].reshape(-1, 32)
+        cosine = (out * reference).sum(1) / (
+            np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1))
+        variants.append(VariantResult(
+            name=name.replace("dense", "dense-equivalent").replace("lrt", "LRT"),
+            file_bytes=model_bytes(path), is_baseline=name == "dense fp32",
+            latency=measure_latency(session, {"x": x.numpy()}, warmup=1, runs=3),
+            fidelity={"mean_cosine": float(cosine.mean())},
+            notes=[f"{DENSE_EQUIVALENT_NOTE}: {fold.pairs} MatMul pairs folded on the ONNX "
+                   "graph"] if name == "dense fp32" else [],
+        ))
+    assert fold.pairs == 6
+    fp32 = {v.name: v for v in variants}
+    assert fp32["dense-equivalent fp32"].fidelity["mean_cosine"] > 0.99999
+    assert fp32["LRT fp32"].fidelity["mean_cosine"] > 0.99999
+    assert fp32["dense-equivalent int8"].fidelity["mean_cosine"] > 0.99
+    report = ComparisonReport(model="foreign LRT (.pt2)", variants=variants)
+    assert report.size_ratio(fp32["LRT fp32"]) < 1.0
+    markdown = report.to_markdown()
+    assert "dense-equivalent fp32 (baseline)" in markdown
+    assert "low-rank pairs multiplied out" in markdown
+    assert sum(line.startswith("| dense-equivalent") or line.startswith("| LRT")
+               for line in markdown.splitlines()) == 4

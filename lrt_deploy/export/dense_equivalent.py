@@ -21,10 +21,11 @@ Any bias ``Add`` after the pair is left as it is; a ``Gemm`` keeps its ``C``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,7 +33,16 @@ from lrt_deploy.export.external_data import load_model_proto, save_model_proto
 from lrt_deploy.export.graph import count_changes, op_counts
 from lrt_deploy.export.graph_index import GraphIndex
 
-__all__ = ["FoldResult", "dense_equivalent_onnx", "fold_lowrank_pairs"]
+if TYPE_CHECKING:
+    from lrt_deploy.load import LoadedModel
+
+__all__ = [
+    "ByDesignBaseline",
+    "FoldResult",
+    "by_design_baseline",
+    "dense_equivalent_onnx",
+    "fold_lowrank_pairs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -221,3 +231,82 @@ def dense_equivalent_onnx(source: str | Path, target: str | Path) -> FoldResult:
     save_model_proto(model, target)
     result.changes = count_changes(op_counts(source), op_counts(target))
     return result
+
+
+@dataclass
+class ByDesignBaseline:
+    """The baseline to build for a model that is low-rank (or Linformer) by design.
+
+    Attributes:
+        kind: ``"dense-equivalent"`` (low-rank pairs multiplied out: the same function),
+            ``"standard-attention"`` (Linformer replaced: a different function) or
+            ``"dense-equivalent+standard-attention"`` (both).
+        note: What the report says about the baseline (see ``lrt_deploy.nn.equivalents``).
+        fidelity_comparable: False when the baseline computes a different function, so the
+            report must print "not comparable" instead of a cosine.
+        loaded: The baseline as a model to export like any other, or None when it must be
+            made on the graph: export the by-design model, then :func:`dense_equivalent_onnx`
+            on its raw ONNX (TorchScript and ``.pt2`` inputs, whose module classes are gone).
+        units: Low-rank units multiplied out and Linformer attentions replaced in ``loaded``
+            (the ONNX path counts its pairs in :class:`FoldResult` instead).
+    """
+
+    kind: str
+    note: str
+    fidelity_comparable: bool
+    loaded: LoadedModel | None
+    units: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "note": self.note,
+            "fidelity_comparable": self.fidelity_comparable,
+            "made_from": "module" if self.loaded is not None else "onnx graph",
+            "units": self.units,
+        }
+
+
+def by_design_baseline(loaded: LoadedModel) -> ByDesignBaseline | None:
+    """Plan the dense baseline of a model built with low-rank layers or Linformer attention.
+
+    Args:
+        loaded: The model as loaded (not factorized by lrt-deploy).
+
+    Returns:
+        None when the model has neither; else what to build and how to label it.
+    """
+    import torch
+
+    from lrt_deploy.nn import lowrank_layers_in_weights
+    from lrt_deploy.nn.equivalents import (
+        DENSE_EQUIVALENT_NOTE,
+        STANDARD_ATTENTION_NOTE,
+        dense_equivalent,
+        standard_attention_equivalent,
+    )
+
+    module = loaded.module
+    if loaded.can_compress:
+        standard, attentions = standard_attention_equivalent(module)
+        dense, pairs = dense_equivalent(standard)
+        if not pairs and not attentions:
+            return None
+        kinds = (["dense-equivalent"] if pairs else []) + (
+            ["standard-attention"] if attentions else [])
+        notes = ([DENSE_EQUIVALENT_NOTE] if pairs else []) + (
+            [STANDARD_ATTENTION_NOTE] if attentions else [])
+        return ByDesignBaseline(
+            kind="+".join(kinds), note="; ".join(notes), fidelity_comparable=not attentions,
+            loaded=dataclasses.replace(loaded, module=dense), units=pairs + attentions,
+        )
+    if isinstance(module, torch.export.ExportedProgram):
+        state = dict(module.state_dict)
+    else:
+        state = dict(module.state_dict()) if callable(getattr(module, "state_dict", None)) else {}
+    if not lowrank_layers_in_weights(state):
+        return None
+    return ByDesignBaseline(
+        kind="dense-equivalent", note=DENSE_EQUIVALENT_NOTE, fidelity_comparable=True,
+        loaded=None,
+    )
