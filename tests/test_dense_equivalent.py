@@ -437,10 +437,12 @@ def test_report_rows_for_a_pt2_lrt_model(tmp_path: Path) -> None:
     assert fp32["dense-equivalent fp32"].fidelity["mean_cosine"] > 0.99999
     assert fp32["LRT fp32"].fidelity["mean_cosine"] > 0.99999
     assert fp32["dense-equivalent int8"].fidelity["mean_cosine"] > 0.99
-    report = ComparisonReport(model="foreign LRT (.pt2)", variants=variants)
+    report = ComparisonReport(model="foreign LRT (.pt2)", variants=variants,
+                              settings={"baseline": DENSE_EQUIVALENT_NOTE})
     assert report.size_ratio(fp32["LRT fp32"]) < 1.0
     markdown = report.to_markdown()
     assert "dense-equivalent fp32 (baseline)" in markdown
-    assert "low-rank pairs multiplied out" in markdown
+    assert "Baseline: dense-equivalent (low-rank pairs multiplied out)" in markdown
+    assert "Baseline: dense-equivalent" in report.write(tmp_path / "report")["html"].read_text()
     assert sum(line.startswith("| dense-equivalent") or line.startswith("| LRT")
                for line in markdown.splitlines()) == 4
