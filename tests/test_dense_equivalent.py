@@ -395,6 +395,10 @@ def test_by_design_baseline_plans(tmp_path: Path) -> None:
     assert by_design_baseline(load_model(tmp_path / "lowrank.pt", trust_pickle=True)) is not None
     mlp = _torchscript(make_tiny_mlp(), torch.randn(2, 16), tmp_path / "mlp.ts.pt", "x=2,16")
     assert by_design_baseline(mlp) is None
+    dense = LoadedModel(module=make_tiny_mlp(), format="pickle", name="mlp",
+                        example_inputs={"x": torch.randn(2, 16)}, output_names=["output"],
+                        dynamic_axes={})
+    assert by_design_baseline(dense) is None
 
 
 def test_report_rows_for_a_pt2_lrt_model(tmp_path: Path) -> None:

@@ -278,7 +278,7 @@ def by_design_baseline(loaded: LoadedModel) -> ByDesignBaseline | None:
     """
     import torch
 
-    from lrt_deploy.nn import lowrank_layers_in_weights
+    from lrt_deploy.nn import LinformerSelfAttention, is_lowrank_pair, lowrank_layers_in_weights
     from lrt_deploy.nn.equivalents import (
         DENSE_EQUIVALENT_NOTE,
         STANDARD_ATTENTION_NOTE,
@@ -288,10 +288,14 @@ def by_design_baseline(loaded: LoadedModel) -> ByDesignBaseline | None:
 
     module = loaded.module
     if loaded.can_compress:
-        standard, attentions = standard_attention_equivalent(module)
+        has_linformer = any(isinstance(m, LinformerSelfAttention) for m in module.modules())
+        if not has_linformer and not any(is_lowrank_pair(m) for m in module.modules()):
+            return None  # an ordinary dense model: nothing to copy
+        standard, attentions = (
+            standard_attention_equivalent(module) if has_linformer else (module, 0)
+        )
+        # dense_equivalent copies again; the first copy (if any) is dropped right away.
         dense, pairs = dense_equivalent(standard)
-        if not pairs and not attentions:
-            return None
         kinds = (["dense-equivalent"] if pairs else []) + (
             ["standard-attention"] if attentions else [])
         notes = ([DENSE_EQUIVALENT_NOTE] if pairs else []) + (
