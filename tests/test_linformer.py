@@ -97,3 +97,49 @@ def test_onnx_export_fixed_length(tmp_path) -> None:
     with torch.no_grad():
         expected = attention(x, mask).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("share", ["none", "headwise", "kv"])
+def test_matches_the_zero_padded_formulation(share: str) -> None:
+    """Slicing the projections (and projecting before the head split) is exactly the paper's
+    form: keys and values zero-padded to max_length, projected per head."""
+    attention = _attention(share)
+    x = torch.randn(2, 11, HIDDEN, generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(2, 11)
+    mask[1, 8:] = 0
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(2, -1, HEADS, HIDDEN // HEADS).transpose(1, 2)
+
+    with torch.no_grad():
+        pad = (0, 0, 0, MAX_LENGTH - 11)
+        key = nn.functional.pad(attention.key(x) * mask[..., None], pad)
+        value = nn.functional.pad(attention.value(x) * mask[..., None], pad)
+        key_projection, value_projection = attention._projections()
+        key, value = key_projection @ heads(key), value_projection @ heads(value)
+        query = heads(attention.query(x))
+        probs = (query @ key.transpose(-1, -2) / (HIDDEN // HEADS) ** 0.5).softmax(-1)
+        expected = attention.output((probs @ value).transpose(1, 2).reshape(2, 11, HIDDEN))
+        torch.testing.assert_close(attention(x, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("share", "fused"), [("headwise", 1), ("kv", 1), ("none", 0)])
+def test_shared_projection_exports_as_fused_attention(tmp_path, share: str, fused: int) -> None:
+    """With one projection for all heads, keys and values are projected before the head split,
+    so the attention is ORT's MultiHeadAttention over k key rows (one fused kernel)."""
+    from lrt_deploy.export.fusion import fuse_transformer
+    from lrt_deploy.export.graph import op_counts
+    from lrt_deploy.export.onnx_export import export_onnx
+    from lrt_deploy.load import LoadedModel
+
+    attention = _attention(share)
+    x = torch.randn(1, MAX_LENGTH, HIDDEN, generator=torch.Generator().manual_seed(8))
+    loaded = LoadedModel(module=attention, format="pickle", name="linformer",
+                         example_inputs={"hidden_states": x}, output_names=["output"],
+                         dynamic_axes={})
+    raw = export_onnx(loaded, tmp_path / "linformer.onnx")
+    result = fuse_transformer(raw, tmp_path / "fused.onnx", num_heads=HEADS, hidden_size=HIDDEN,
+                              check_inputs={"hidden_states": x.numpy()})
+    assert result.attention_layers == fused
+    assert op_counts(tmp_path / "fused.onnx")["MultiHeadAttention"] == fused
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4

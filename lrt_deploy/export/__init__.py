@@ -3,7 +3,9 @@
 Passes, one per module: ``onnx_export`` (torch -> ONNX), ``validate``, ``fusion``
 (``fuse_transformer``: ``fuse_attention`` + ``fuse_gelu`` + ORT ``extended``), ``optimize``,
 ``quantize`` (dynamic int8, static QDQ int8, sensitivity, 4-bit weights), ``float16`` (cuda),
-``mobile`` (ORT format), ``external_data`` (> 2 GB models), ``reproducibility``.
+``mobile`` (ORT format), ``external_data`` (> 2 GB models), ``reproducibility``,
+``dense_equivalent`` (the dense baseline of a model low-rank by design: its low-rank MatMul
+pairs folded into one, and ``by_design_baseline`` to plan it).
 Composed per target: ``precision`` (typed recipes and their passes), ``targets`` (presets),
 ``build`` (export -> validate -> optimise -> precision, per model), ``bundle`` (manifest and
 atomic write).

@@ -15,6 +15,11 @@ weight, so a low-rank (LRT) model would have to multiply its factors back togeth
 graph has (one MatMul when dense, an encoder MatMul then a decoder MatMul when low-rank), so the
 same pass fuses both. Constant Q/K/V biases move into the node (its ``bias`` input).
 
+A Linformer attention whose sequence projection is shared by the heads
+(``LinformerSelfAttention`` with ``share="headwise"``, ``"kv"`` or ``"layerwise"``) matches too:
+it projects keys and values to ``k`` rows before the head split, so the node is a
+MultiHeadAttention whose keys and values have ``k`` rows instead of ``seq``.
+
 The additive mask the graph computes (``[batch, 1, seq, seq]``, 0 or the float minimum) is passed
 as ``attention_bias`` unchanged, so any mask the model builds keeps its meaning. Rows whose keys
 are all masked get uniform weights rather than the zeros of the ``IsNaN -> Where`` they replace

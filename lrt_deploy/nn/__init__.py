@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lrt_deploy.nn.linformer import LinformerSelfAttention
+from lrt_deploy.nn.linformer import LinformerSelfAttention, StandardSelfAttention
 from lrt_deploy.nn.lowrank import (
     LowRankEmbedding,
     LowRankLinear,
@@ -13,6 +13,7 @@ from lrt_deploy.nn.lowrank import (
 
 __all__ = [
     "LinformerSelfAttention",
+    "StandardSelfAttention",
     "LowRankEmbedding",
     "LowRankLinear",
     "is_lowrank_pair",

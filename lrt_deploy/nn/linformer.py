@@ -16,6 +16,7 @@ from torch import nn
 __all__ = [
     "SHARE_MODES",
     "LinformerSelfAttention",
+    "StandardSelfAttention",
 ]
 
 logger = logging.getLogger(__name__)
@@ -34,9 +35,10 @@ class LinformerSelfAttention(nn.Module):
     * ``"layerwise"``: one ``nn.Linear(max_length, k, bias=False)`` passed in as
       ``projection`` and shared by keys, values and every layer it is given to.
 
-    Inputs shorter than ``max_length`` are padded to it with zeros, and positions the
-    attention mask marks as padding are zeroed before the projection, so padding tokens never
-    reach the output. Longer inputs raise ``ValueError``.
+    Inputs shorter than ``max_length`` are treated as zero-padded to it (the projection
+    columns of absent positions are dropped, which gives the same result without the copy), and
+    positions the attention mask marks as padding are zeroed before the projection, so padding
+    tokens never reach the output. Longer inputs raise ``ValueError``.
 
     Args:
         hidden_size: Width of the input and output.
@@ -126,6 +128,15 @@ class LinformerSelfAttention(nn.Module):
         batch, length, _ = x.shape
         return x.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _project(self, projection: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``projection`` (``[heads or 1, k, seq]``) applied along the sequence of ``x``
+        (``[batch, seq, hidden]``), split into heads: ``[batch, heads, k, head_dim]``."""
+        if projection.shape[0] == 1:
+            # One projection for all heads: a single k x seq by seq x hidden product before the
+            # head split, instead of one thin (head_dim-wide) product per head.
+            return self._split_heads(projection[0] @ x)
+        return projection @ self._split_heads(x)
+
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -156,22 +167,103 @@ class LinformerSelfAttention(nn.Module):
             keep = attention_mask.to(key.dtype).unsqueeze(-1)
             key = key * keep
             value = value * keep
-        # Zero rows up to max_length: the projection weights of absent positions see nothing.
-        padding = (0, 0, 0, self.max_length - length)
-        key = self._split_heads(nn.functional.pad(key, padding))
-        value = self._split_heads(nn.functional.pad(value, padding))
-
         key_projection, value_projection = self._projections()
-        key = key_projection @ key  # [batch, heads, k, head_dim]
-        value = value_projection @ value
+        # Positions past the input would only meet zero padding: drop their projection columns
+        # instead of padding the keys (same result, no copy; a constant slice under export).
+        key_projection = key_projection[..., :length]
+        value_projection = value_projection[..., :length]
+        key = self._project(key_projection, key)  # [batch, heads, k, head_dim]
+        value = self._project(value_projection, value)
         scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)
         context = scores.softmax(dim=-1) @ value
         batch = hidden_states.shape[0]
         context = context.transpose(1, 2).reshape(batch, length, self.hidden_size)
         return self.output(context)
 
+    def to_standard_attention(self) -> StandardSelfAttention:
+        """The same query, key, value and output maps with standard softmax attention.
+
+        This is what attention costs at this length without the sequence projections, the
+        baseline a Linformer model is measured against. It is a different function (every
+        position attends to every other instead of to ``k`` mixtures), so its outputs are not
+        a fidelity reference for the Linformer model.
+
+        Returns:
+            A new module with copies of the four maps' weights.
+        """
+        standard = StandardSelfAttention(
+            self.hidden_size, self.num_heads, bias=self.query.bias is not None
+        ).to(device=self.query.weight.device, dtype=self.query.weight.dtype)
+        standard.load_state_dict(
+            {
+                f"{name}.{param}": tensor
+                for name in ("query", "key", "value", "output")
+                for param, tensor in getattr(self, name).state_dict().items()
+            }
+        )
+        return standard.train(self.training)
+
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
             f"max_length={self.max_length}, k={self.k}, share={self.share!r}"
         )
+
+
+class StandardSelfAttention(nn.Module):
+    """Multi-head softmax self-attention with the call signature of ``LinformerSelfAttention``.
+
+    Written with ``scaled_dot_product_attention`` so that the exported graph is the one
+    ``lrt_deploy.export.fuse_attention`` (and ONNX Runtime) fuses into one attention kernel,
+    which makes it a fair dense baseline.
+
+    Args:
+        hidden_size: Width of the input and output.
+        num_heads: Attention heads; must divide ``hidden_size``.
+        bias: Whether the query, key, value and output maps have biases.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, bias: bool = True) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"num_heads ({num_heads}) must divide hidden_size ({hidden_size})")
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.query = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.key = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.value = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.output = nn.Linear(hidden_size, hidden_size, bias=bias)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attend from every position to every real position.
+
+        Args:
+            hidden_states: ``[batch, seq, hidden]``.
+            attention_mask: Optional ``[batch, seq]`` mask, 1 (or True) for real tokens.
+
+        Returns:
+            ``[batch, seq, hidden]``.
+        """
+        query = self._split_heads(self.query(hidden_states))
+        key = self._split_heads(self.key(hidden_states))
+        value = self._split_heads(self.value(hidden_states))
+        bias = None
+        if attention_mask is not None:
+            # Additive [batch, 1, 1, seq] mask with the float minimum (not -inf), as BERT does.
+            blocked = attention_mask[:, None, None, :] == 0
+            bias = torch.zeros(blocked.shape, dtype=query.dtype, device=query.device)
+            bias = bias.masked_fill(blocked, torch.finfo(query.dtype).min)
+        context = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        batch, length = hidden_states.shape[:2]
+        context = context.transpose(1, 2).reshape(batch, length, self.hidden_size)
+        return self.output(context)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, num_heads={self.num_heads}"

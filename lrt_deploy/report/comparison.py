@@ -98,7 +98,9 @@ class ComparisonReport:
         variants: Measured variants; at most one has ``is_baseline``.
         settings: How the numbers were measured. Keys read when rendering: ``batch``,
             ``sequence``, ``threads``, ``provider_requested``, ``provider_active`` (a name or
-            a list of names) and ``fidelity_inputs`` (a description of the inputs compared).
+            a list of names), ``fidelity_inputs`` (a description of the inputs compared) and
+            ``baseline`` (how the baseline was made, when it is not the user's own dense
+            model, e.g. "dense-equivalent (low-rank pairs multiplied out)").
         layers: Per-layer decisions, dicts with ``name``, ``shape``, ``rank``, ``action``,
             ``reason``.
         optimisation: Variant name -> {op type: count} after graph optimisation.
@@ -239,6 +241,8 @@ class ComparisonReport:
             lines += [f"**Provider fallback:** {fallback}", ""]
         if self.settings.get("fidelity_inputs"):
             lines += [f"Fidelity measured on: {self.settings['fidelity_inputs']}", ""]
+        if self.settings.get("baseline"):
+            lines += [f"Baseline: {self.settings['baseline']}", ""]
         lines += [format_table(self), ""]
         baseline = self.baseline
         lines += [

@@ -133,6 +133,8 @@ def to_html(report: ComparisonReport) -> str:
         body.append(
             f"<p>Fidelity measured on: {escape(str(report.settings['fidelity_inputs']))}</p>"
         )
+    if report.settings.get("baseline"):
+        body.append(f"<p>Baseline: {escape(str(report.settings['baseline']))}</p>")
     body += [
         _html_table(*variant_table(report)),
         f'<div class="charts">{"".join(charts)}</div>',
