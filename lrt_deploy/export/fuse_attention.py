@@ -112,6 +112,7 @@ def _padding_mask_input(model: onnx.ModelProto, biases: list[str]) -> str | None
     probe.CopyFrom(model)
     del probe.graph.output[:]
     probe.graph.output.extend(_unknown_output(name) for name in biases)
+    GraphIndex(probe.graph).remove_dead_nodes()  # run only what computes the biases
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
