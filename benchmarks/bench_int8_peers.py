@@ -175,7 +175,7 @@ def main() -> int:
 
     print(f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, transformers "
           f"{transformers.__version__}; LRT rank {args.rank} (svd); cosine vs the PyTorch model "
-          f"each graph came from, {len(dense_ref)} held-out sentences")
+          f"each graph came from, {len(single)} held-out sentences")
     order = ["stock", "olive", "ours", *(e.partition("=")[0] for e in args.extra), "ours-LRT"]
     print("cosine mean / worst, b1 | b16")
     for name in order:
