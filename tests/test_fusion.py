@@ -120,6 +120,21 @@ def test_fidelity_failure_is_an_error(dense_onnx: Path, work: Path) -> None:
         )
 
 
+def test_rewriter_failure_leaves_the_graph_unfused(
+    dense_onnx: Path, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxscript.rewriter.ort_fusions as ort_fusions
+
+    def broken(model: object) -> None:
+        raise RuntimeError("no pattern for you")
+
+    monkeypatch.setattr(ort_fusions, "optimize_for_ort", broken)
+    result = fuse_transformer(dense_onnx, work / "unfused.onnx", num_heads=HEADS,
+                              hidden_size=HIDDEN, check_inputs=_feeds())
+    assert result.rewrites["failed"] == 1 and result.attention_layers == 0
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+
+
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_int8_turns_packed_attention_into_qattention(
     dense_onnx: Path, dense_fused: Path, work: Path, per_channel: bool
