@@ -10,7 +10,7 @@ Graphs (all per-channel dynamic int8, weights int8, on the same sentence-embeddi
             QEmbedLayerNormalization)
   ours      what ``lrt-export --target cpu --quantize int8`` ships: export_onnx ->
             fuse_transformer -> quantize_int8
-  ours-LRT  the same after ``factorize_(model, LowRankConfig(rank=..., solver="svd"))``
+  LRT-r     the same after ``factorize_(model, LowRankConfig(rank=r, solver="svd"))``
 optimum (optimum-cli export + onnxruntime quantize) is not included: it pins transformers<4.58
 and this environment has transformers 5.
 
@@ -118,7 +118,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rank", type=float, default=0.5, help="LRT rank (fraction)")
+    parser.add_argument("--ranks", type=float, nargs="*", default=[0.5, 0.25],
+                        help="LRT ranks (fractions); at 0.5 MiniLM's square Q/K/V stay dense")
     parser.add_argument("--extra", nargs="*", default=[], metavar="NAME=PATH",
                         help="more int8 graphs to time alongside (e.g. an older build)")
     args = parser.parse_args()
@@ -146,18 +147,18 @@ def main() -> int:
     feeds = {n: t.numpy() for n, t in encoded.items()}
     check = padded[0]
 
-    def reference() -> dict[str, np.ndarray]:
+    def reference(model: Any) -> dict[str, np.ndarray]:
         return {
             tag: np.concatenate([
-                loaded.forward({n: torch.from_numpy(v) for n, v in b.items()})[
-                    loaded.output_names[0]].numpy()
+                model.forward({n: torch.from_numpy(v) for n, v in b.items()})[
+                    model.output_names[0]].numpy()
                 for b in batches
             ])
             for tag, batches in (("b1", single), ("b16", padded))
         }
 
     folder = Path(tempfile.mkdtemp(prefix="bench-int8-peers-"))
-    dense_ref = reference()
+    dense_ref = reference(loaded)
     graphs: dict[str, Path] = {}
     raw, graphs["ours"] = _ours(loaded, folder, "dense", check)
     graphs["stock"] = folder / "stock.int8.onnx"
@@ -168,15 +169,19 @@ def main() -> int:
     for extra in args.extra:
         name, _, path = extra.partition("=")
         graphs[name], refs[name] = Path(path), dense_ref
-    factorize_(loaded.module, LowRankConfig(rank=args.rank, solver="svd"))
-    lrt_ref = reference()
-    _, graphs["ours-LRT"] = _ours(loaded, folder, "lrt", check)
-    refs["ours-LRT"] = lrt_ref
+    lrt_names = []
+    for rank in args.ranks:
+        name = f"LRT-{rank:g}"
+        lrt = load_model("all-MiniLM-L6-v2")
+        factorize_(lrt.module, LowRankConfig(rank=rank, solver="svd"))
+        refs[name] = reference(lrt)
+        _, graphs[name] = _ours(lrt, folder, name, check)
+        lrt_names.append(name)
 
     print(f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, transformers "
-          f"{transformers.__version__}; LRT rank {args.rank} (svd); cosine vs the PyTorch model "
+          f"{transformers.__version__}; LRT by svd, no healing; cosine vs the PyTorch model "
           f"each graph came from, {len(single)} held-out sentences")
-    order = ["stock", "olive", "ours", *(e.partition("=")[0] for e in args.extra), "ours-LRT"]
+    order = ["stock", "olive", "ours", *(e.partition("=")[0] for e in args.extra), *lrt_names]
     print("cosine mean / worst, b1 | b16")
     for name in order:
         cells = []
@@ -184,8 +189,9 @@ def main() -> int:
             mean, worst = _cosines(refs[name][tag], _embeddings(graphs[name], batches))
             cells.append(f"{mean:.4f} / {worst:.4f}")
         print(f"{name:<9} {' | '.join(cells)} | {_ops(graphs[name])}")
-    mean, worst = _cosines(dense_ref["b1"], lrt_ref["b1"])
-    print(f"(PyTorch LRT vs PyTorch dense, b1: cosine mean {mean:.4f} worst {worst:.4f})")
+    for name in lrt_names:
+        mean, worst = _cosines(dense_ref["b1"], refs[name]["b1"])
+        print(f"({name} PyTorch vs dense PyTorch, b1: cosine mean {mean:.4f} worst {worst:.4f})")
     timings = interleaved_latency({n: graphs[n] for n in order}, feeds, baseline="stock",
                                   runs=args.runs, threads=args.threads)
     print(f"batch 1, sequence {SEQUENCE}, {args.threads} threads, spinning off, {args.runs} "
