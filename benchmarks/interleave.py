@@ -1,6 +1,8 @@
 """Interleaved latency of several ONNX graphs in one process, for ratios that survive a loaded
 machine: every run times each graph once (order alternating), so a burst of load from other
-processes hits all graphs alike. The spread is the range of the ratio over blocks of runs."""
+processes hits all graphs of that run alike. The ratio is the median over runs of the paired
+ratio (graph / baseline in the same run), which drifting load does not bias the way a ratio of
+two overall medians is; the spread is its range over blocks of runs."""
 
 from __future__ import annotations
 
@@ -52,8 +54,8 @@ def interleaved_latency(
     threads: int = 2,
     blocks: int = 5,
 ) -> dict[str, Timing]:
-    """Median latency per graph and its ratio to ``baseline``, with the ratio's range over
-    ``blocks`` consecutive blocks of runs."""
+    """Median latency per graph and its paired ratio to ``baseline``, with that ratio's range
+    over ``blocks`` consecutive blocks of runs."""
     sessions = {name: cpu_session(path, threads) for name, path in graphs.items()}
     inputs = {
         name: {i.name: feeds[i.name] for i in session.get_inputs()}
@@ -72,15 +74,11 @@ def interleaved_latency(
     base = np.array(times[baseline])
     result = {}
     for name, values in times.items():
-        series = np.array(values)
-        per_block = [
-            float(np.median(a) / np.median(b))
-            for a, b in zip(np.array_split(series, blocks), np.array_split(base, blocks),
-                            strict=True)
-        ]
+        paired = np.array(values) / base
+        per_block = [float(np.median(block)) for block in np.array_split(paired, blocks)]
         result[name] = Timing(
-            median_ms=float(np.median(series)),
-            ratio=float(np.median(series) / np.median(base)),
+            median_ms=float(np.median(values)),
+            ratio=float(np.median(paired)),
             ratio_low=min(per_block),
             ratio_high=max(per_block),
         )
