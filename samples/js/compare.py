@@ -141,7 +141,8 @@ def serve_bundle(bundle: Path) -> Iterator[str]:
         match = re.search(r"(http://127\.0\.0\.1:\d+/web/)", line)
         if not match:
             proc.kill()
-            raise RuntimeError(f"serve.js did not start: {line}{proc.stderr.read() if proc.stderr else ''}")
+            errors = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"serve.js did not start: {line}{errors}")
         yield match.group(1)
     finally:
         proc.terminate()
