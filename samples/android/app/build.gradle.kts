@@ -26,8 +26,7 @@ android {
     kotlinOptions {
         jvmTarget = "17"
     }
-    // The bundle goes into assets/bundle as it is; ORT and tokenizer files must stay uncompressed
-    // only for memory mapping, which this sample does not do, so the defaults are fine.
+    // The bundle is read from assets/bundle (see README: copy it there before building).
 }
 
 dependencies {
@@ -38,5 +37,4 @@ dependencies {
     // bundle's tokenizer.json as the Python runtime does.
     implementation("ai.djl.huggingface:tokenizers:0.33.0")
     implementation("ai.djl.android:tokenizer-native:0.33.0")
-    implementation("org.jetbrains.kotlinx:kotlinx-coroutines-android:1.8.1")
 }
