@@ -90,3 +90,9 @@ def test_installed_runtime_answer_matches_onnxruntime() -> None:
         except Exception:  # noqa: BLE001 - any failure means "does not run"
             ran = False
         assert claimed is ran
+
+
+def test_dynamic_int8_graphs_carry_the_web_reproducibility_note() -> None:
+    entry = supported_runtimes(_graph_with("DynamicQuantizeLinear"))["onnxruntime-web-wasm"]
+    assert "dynamic int8" in entry["note"]
+    assert "note" not in supported_runtimes(_graph_with("Erf"))["onnxruntime-web-wasm"]
