@@ -120,6 +120,9 @@ export async function createSession(ort, load, modelFile, sessionOptions = {}) {
 function tokenizeOne(tokenizer, text, maxLength) {
   const encoded = tokenizer.encode(text);
   if (encoded.ids.length <= maxLength) return encoded.ids;
+  // Truncate the text's own tokens, then let the post-processor add [CLS]/[SEP] (or the like),
+  // as the Rust tokenizers do.
+  if (!tokenizer.post_processor) return encoded.ids.slice(0, maxLength);
   const plain = tokenizer.tokenize(text, { add_special_tokens: false });
   const specials = encoded.ids.length - plain.length;
   const { tokens } = tokenizer.post_processor(plain.slice(0, maxLength - specials), null, true);
