@@ -261,7 +261,12 @@ def test_page_embeds_like_python(
 def test_page_matches_python_without_dynamic_int8(
     tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory, node_modules: Path
 ) -> None:
-    """4-bit weights keep activations in float: the page then agrees with Python to 0.9999."""
+    """4-bit weights keep activations in float: the page then agrees with Python to 0.9999.
+
+    On MiniLM this is the contrast that matters (int4: 1.000000 against dynamic int8's 0.9977;
+    samples/js/README.md); on this tiny random model dynamic int8 happens to agree too, so
+    this test checks that the int4 path (MatMulNBits in WebAssembly) runs and agrees.
+    """
     bundle = _export(
         [str(tiny_bert_dir), "--target", "mobile", "--rank", "0.5", "--quantize", "int4",
          "--runs", "3"],
