@@ -47,12 +47,15 @@ def main() -> int:
                         help="measure these MiniLM variants instead of the configs (healed.py)")
     parser.add_argument("--corpus", type=Path, help="the healing corpus, for factorize: specs")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    parser.add_argument("--int4", nargs="*", default=(), metavar="NAME",
+                        help="with --healed: also a 4-bit MatMul + Gather variant of these")
     add_measurement_args(parser)
     args = parser.parse_args()
     if args.healed:
         from healed import run_healed
 
-        run_healed(args.healed, args.corpus, args.out, args.runs, args.threads, args.rounds)
+        run_healed(args.healed, args.corpus, args.out, args.runs, args.threads, args.rounds,
+                   tuple(args.int4))
         return 0
 
     from lrt_deploy.compress import LowRankConfig

@@ -23,8 +23,10 @@ from typing import Any
 def build_variant(loaded: Any, spec: str, corpus: Path | None) -> tuple[Any, dict[str, Any]]:
     """``DIR`` of healed factor shards, or ``factorize:BUDGET[e]`` (asvd on the corpus lines the
     healing run factorized with, i.e. the same model before healing)."""
+    import torch
+
     from lrt_deploy.compress import LowRankConfig, factorize_
-    from lrt_deploy.compress.heal import load_lowrank_factors
+    from lrt_deploy.compress.heal import load_lowrank_factors, save_lowrank_factors
 
     module = copy.deepcopy(loaded.module)
     info: dict[str, Any] = {"source": spec}
@@ -44,8 +46,12 @@ def build_variant(loaded: Any, spec: str, corpus: Path | None) -> tuple[Any, dic
         batches = [loaded.tokenize(lines[i : i + 32]) for i in range(0, len(lines), 32)]
         config = LowRankConfig(policy="budget", budget=float(value.rstrip("e")), solver="asvd",
                                factorize_embeddings=embeddings)
-        result = factorize_(module, config, calibration=batches)
-        info.update(params_after=result.params_after, params_before=result.params_before)
+        cache = corpus.parent / f"factorized-{value}"
+        if list(cache.glob("lowrank-*.safetensors")):
+            load_lowrank_factors(module, cache)  # the same factorization, saved by a last run
+        else:
+            factorize_(module, config, calibration=batches)
+            save_lowrank_factors(module, cache, dtype=torch.float32)
     else:
         units = load_lowrank_factors(module, spec)
         info["units"] = len(units)
@@ -79,8 +85,24 @@ def export_int8(model: Any, work: Path, key: str) -> tuple[Path, Path]:
     return fp32, int8
 
 
+def export_int4(fp32: Path, work: Path, key: str, block_size: int = 32) -> Path:
+    """Every MatMul weight and the Gather tables (embeddings, factorized or not) to 4-bit
+    blocks: ``MatMulNBits`` and ``GatherBlockQuantized`` (ONNX Runtime contrib ops)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(fp32)), bits=4, block_size=block_size, is_symmetric=True,
+        op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
+    quantizer.process()
+    int4 = work / f"{key}.int4.onnx"
+    onnx.save(quantizer.model.model, str(int4))
+    return int4
+
+
 def run_healed(specs: list[str], corpus: Path | None, out: Path, runs: int, threads: int,
-               rounds: int = 5) -> list[dict[str, Any]]:
+               rounds: int = 5, int4: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     import numpy as np
 
     from lrt_deploy.compress.fidelity import cosine_per_row
@@ -118,7 +140,10 @@ def run_healed(specs: list[str], corpus: Path | None, out: Path, runs: int, thre
             print(f"== exporting {name}", file=sys.stderr, flush=True)
             fp32, int8 = export_int8(model, work, name)
             torch_fid = fidelity(lambda b, m=model: m.forward(b)[primary].numpy())
-            for suffix, path in (("fp32", fp32), ("int8", int8)):
+            paths = [("fp32", fp32), ("int8", int8)]
+            if name in int4:
+                paths.append(("int4", export_int4(fp32, work, name)))
+            for suffix, path in paths:
                 if name != "dense" and suffix == "fp32":
                     continue
                 label = f"{name} {suffix}"

@@ -182,6 +182,12 @@ def test_stream_reads_lazily_and_holds_back_the_head(tmp_path) -> None:  # noqa:
     assert seen != sorted(seen, key=lambda s: int(s.split()[1]))  # shuffled within the buffer
     assert shuffled.passes == 1 and shuffled.lines_read == 32
 
+    from lrt_deploy.data.stream import healing_data
+
+    stream, selection = healing_data(path, _tokenize, holdback_lines=10, batch_size=4)
+    assert [b["x"].shape[0] for b in selection] == [4, 4, 2]
+    assert stream.holdout_lines == 10 and stream.lines_read == 0  # nothing read yet
+
 
 def test_stream_errors(tmp_path) -> None:  # noqa: ANN001
     from lrt_deploy.data.stream import StreamingTextBatches

@@ -23,6 +23,7 @@ __all__ = [
     "HELDOUT",
     "StreamingTextBatches",
     "iter_text_lines",
+    "healing_data",
     "read_head",
     "shipped_lines",
 ]
@@ -169,3 +170,29 @@ class StreamingTextBatches:
                 f"text corpus '{self.path}' has no training lines after the {self.holdout_lines} "
                 f"held back (a batch needs {self.batch_size}): give a larger corpus"
             )
+
+
+def healing_data(
+    path: str | Path,
+    tokenize: Callable[[Sequence[str]], dict[str, Any]],
+    *,
+    holdback_lines: int = 256,
+    batch_size: int = 32,
+    shuffle_buffer: int = 10_000,
+    seed: int = 0,
+) -> tuple[StreamingTextBatches, list[dict[str, Any]]]:
+    """A large corpus split for healing: the first ``holdback_lines`` lines, tokenized, to
+    choose the best step on, and a stream of the rest to train on.
+
+    Returns:
+        ``(training stream, selection batches)`` for ``heal_(..., batches=stream,
+        eval_batches=selection)``.
+    """
+    held = read_head(path, holdback_lines)
+    if not held:
+        raise LrtDeployError(f"text corpus '{path}' has no text lines")
+    selection = [tokenize(held[i : i + batch_size]) for i in range(0, len(held), batch_size)]
+    stream = StreamingTextBatches(path, tokenize, batch_size=batch_size,
+                                  shuffle_buffer=shuffle_buffer, holdout_lines=len(held),
+                                  seed=seed)
+    return stream, selection
