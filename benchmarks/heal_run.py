@@ -47,6 +47,19 @@ def _fidelity(student, teacher, batches, device):  # noqa: ANN001, ANN202
     return {"mean_cosine": float(cosine.mean()), "worst_cosine": float(cosine.min())}
 
 
+def _factorize(loaded, config, lines, batches_of, device):  # noqa: ANN001, ANN202
+    from lrt_deploy.compress import factorize_
+
+    try:
+        return factorize_(loaded.module, config, calibration=batches_of(lines, 32))
+    except (RuntimeError, NotImplementedError) as exc:  # a solver op missing on this device
+        print(f"factorizing on {device} failed ({exc}); retrying on the CPU", flush=True)
+        loaded.module.cpu()
+        result = factorize_(loaded.module, config, calibration=batches_of(lines, 32))
+        loaded.module.to(device)
+        return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, required=True)
@@ -65,12 +78,15 @@ def main() -> int:
                         "shipped calibration.txt (multi-topic, never trained on here)")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--factors", type=Path,
+                        help="start from these saved factors (save_lowrank_factors) instead of "
+                        "factorizing: e.g. bench_compression.py's cached factorized-0.9")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     import torch
 
-    from lrt_deploy.compress import LowRankConfig, factorize_, heal_
+    from lrt_deploy.compress import LowRankConfig, heal_
     from lrt_deploy.compress.heal import save_lowrank_factors, select_device
     from lrt_deploy.data.stream import (
         DOMAIN_HELDOUT,
@@ -105,15 +121,18 @@ def main() -> int:
     started = time.perf_counter()
     loaded.module.to(device)
     teacher.to(device)
-    try:
-        result = factorize_(loaded.module, config, calibration=batches_of(asvd_lines, 32))
-    except (RuntimeError, NotImplementedError) as exc:  # a solver op missing on this device
-        print(f"factorizing on {device} failed ({exc}); retrying on the CPU", flush=True)
-        loaded.module.cpu()
-        result = factorize_(loaded.module, config, calibration=batches_of(asvd_lines, 32))
+    if args.factors is not None:
+        from lrt_deploy.compress.heal import load_lowrank_factors
+
+        load_lowrank_factors(loaded.module, args.factors)
         loaded.module.to(device)
+        result = None
+    else:
+        result = _factorize(loaded, config, asvd_lines, batches_of, device)
     factorize_seconds = time.perf_counter() - started
-    print(f"factorized on {device} in {factorize_seconds:.1f}s: {result.summary()}", flush=True)
+    if result is not None:
+        print(f"factorized on {device} in {factorize_seconds:.1f}s: {result.summary()}",
+              flush=True)
     before = {name: _fidelity(loaded.module, teacher, b, device) for name, b in tests.items()}
     print("before", json.dumps(before), flush=True)
 
@@ -137,8 +156,10 @@ def main() -> int:
         "select": args.select, "device": str(device),
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "factorize_seconds": factorize_seconds, "params_before": result.params_before,
-        "params_after": result.params_after, "corpus_lines_read": stream.lines_read,
+        "factorize_seconds": factorize_seconds, "factors_from": str(args.factors or ""),
+        "params_before": result.params_before if result else None,
+        "params_after": result.params_after if result else None,
+        "corpus_lines_read": stream.lines_read,
         "corpus_passes": stream.passes, "heal": heal.to_dict(),
         "before": before, "after": after, "shards": [p.name for p in shards],
     }
