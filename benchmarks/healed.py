@@ -180,7 +180,18 @@ def run_healed(specs: list[str], corpus: Path | None, out: Path, runs: int, thre
     out.mkdir(parents=True, exist_ok=True)
     (out / "healed-minilm.json").write_text(json.dumps(rows, indent=2) + "\n")
     print_rows(rows)
+    chart(rows, out / "healed-minilm.png")
     return rows
+
+
+def chart(rows: list[dict[str, Any]], path: Path) -> None:
+    """Size against mean cosine on the different-domain held-out text, with the Pareto front."""
+    from common import size_fidelity_chart
+
+    points = [{"run": "", "variant": r["variant"], "size_mb": r["size_mb"],
+               "mean_cosine": r["fidelity"]["heldout_domain.txt"]["mean_cosine"]} for r in rows]
+    size_fidelity_chart(points, path, "all-MiniLM-L6-v2: size vs mean cosine on "
+                        "heldout_domain.txt (other domain)")
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
