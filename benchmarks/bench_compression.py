@@ -9,6 +9,12 @@ variants (the same, then healed by distillation).
 Each config is one ``export_bundle`` run, so the dense rows it is compared with are measured in
 the same run; every ratio is against that run's dense fp32. The dense rows of the first run are
 printed once. Writes ``results/compression-<model>.json`` and ``.png``.
+
+    python benchmarks/bench_compression.py --healed NAME=DIR NAME=factorize:0.9 [--corpus C]
+
+measures MiniLM variants rebuilt from healed low-rank factor shards (``heal_run.py`` output,
+e.g. from a GPU) or factorized here, against dense int8 per channel in one interleaved run, with
+fidelity on both shipped held-out sets (see ``healed.py``). Writes ``results/healed-minilm.json``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import json
 import sys
 from functools import partial
+from pathlib import Path
 
 from common import MODELS, add_measurement_args, load, measure, print_table, size_fidelity_chart
 
@@ -36,8 +43,20 @@ def main() -> int:
     parser.add_argument("--model", default="minilm", choices=MODELS)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--target", default="cpu", choices=("cpu", "mobile"))
+    parser.add_argument("--healed", nargs="+", metavar="NAME=DIR|NAME=factorize:BUDGET[e]",
+                        help="measure these MiniLM variants instead of the configs (healed.py)")
+    parser.add_argument("--corpus", type=Path, help="the healing corpus, for factorize: specs")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    parser.add_argument("--int4", nargs="*", default=(), metavar="NAME",
+                        help="with --healed: also a 4-bit MatMul + Gather variant of these")
     add_measurement_args(parser)
     args = parser.parse_args()
+    if args.healed:
+        from healed import run_healed
+
+        run_healed(args.healed, args.corpus, args.out, args.runs, args.threads, args.rounds,
+                   tuple(args.int4))
+        return 0
 
     from lrt_deploy.compress import LowRankConfig
     from lrt_deploy.export.precision import DynamicInt8

@@ -16,3 +16,29 @@ if ! { .venv/bin/python -m pip install --upgrade pip &&
     echo "setup: pip install failed (full log above)" >&2
     exit 1
 fi
+
+# Node and browser samples (samples/js): npm packages from the lockfile, and Debian's chromium for
+# the headless page test. Output goes to .venv/setup-js.log, shown only on failure. Without node
+# or apt-get the JS tests skip and say why.
+if command -v npm > /dev/null; then
+    echo "setup: installing samples/js from package-lock.json (log: .venv/setup-js.log)" >&2
+    # onnxruntime-node's install script would fetch CUDA binaries from nuget.org: not needed.
+    if ! (cd samples/js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund) \
+            > .venv/setup-js.log 2>&1; then
+        cat .venv/setup-js.log >&2
+        echo "setup: npm ci in samples/js failed (full log above)" >&2
+        exit 1
+    fi
+else
+    echo "setup: npm not found; the Node and browser tests will skip" >&2
+fi
+if [ ! -x /usr/bin/chromium ] && command -v apt-get > /dev/null; then
+    echo "setup: installing Debian's chromium for the browser test (log: .venv/setup-js.log)" >&2
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    if ! { $SUDO apt-get update && DEBIAN_FRONTEND=noninteractive \
+            $SUDO apt-get install -y --no-install-recommends chromium; } >> .venv/setup-js.log 2>&1; then
+        cat .venv/setup-js.log >&2
+        echo "setup: apt-get install chromium failed (full log above)" >&2
+        exit 1
+    fi
+fi

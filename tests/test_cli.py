@@ -489,8 +489,8 @@ def test_fusion_on_by_default_and_off_on_request(
     fused, plain = tmp_path / "fused", tmp_path / "plain"
     assert _cli([tiny_bert_dir, "-q", *RUNS, "-o", fused], capsys)[0] == 0
     assert _cli([tiny_bert_dir, "--no-fusion", "-q", *RUNS, "-o", plain], capsys)[0] == 0
-    assert _ops(fused / "model.onnx").get("MultiHeadAttention") == 2
-    assert "MultiHeadAttention" not in _ops(plain / "model.onnx")
+    assert _ops(fused / "model.onnx").get("Attention") == 2  # packed QKV (dense model)
+    assert "Attention" not in _ops(plain / "model.onnx")
     manifest = json.loads((fused / "manifest.json").read_text())
     assert manifest["optimization"]["attention_layers"] == 2
     assert manifest["optimization"]["max_abs_diff"] < 1e-4

@@ -1,5 +1,6 @@
-"""Tests for the transformer fusions (lrt_deploy.export.fusion and its passes) on a tiny BERT,
-dense and factorized, and on hand-built GELU graphs."""
+"""Tests for the transformer fusions (lrt_deploy.export.fusion: onnxscript's rewriter plus our
+attention-mask pass) and the int8 quantisation of the fused graphs, on a tiny BERT, dense and
+factorized, and on hand-built attention graphs."""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("transformers")
+pytest.importorskip("onnxscript")
 from onnx import TensorProto, helper  # noqa: E402
 
 from lrt_deploy.errors import ExportValidationError  # noqa: E402
-from lrt_deploy.export.fuse_attention import fuse_attention  # noqa: E402
-from lrt_deploy.export.fuse_gelu import fuse_gelu  # noqa: E402
+from lrt_deploy.export.fuse_attention import attention_mask_to_index  # noqa: E402
 from lrt_deploy.export.fusion import fuse_transformer, max_output_difference  # noqa: E402
 from lrt_deploy.export.graph import op_counts  # noqa: E402
 from lrt_deploy.export.onnx_export import export_onnx  # noqa: E402
+from lrt_deploy.export.quantize import quantize_int8  # noqa: E402
 from lrt_deploy.load import load_model  # noqa: E402
 
 # tests/tiny_models.py: hidden 32, 2 heads, 2 layers, intermediate 64.
@@ -53,25 +55,36 @@ def lowrank_onnx(tiny_bert_dir: Path, work: Path) -> Path:
     return export_onnx(loaded, work / "lrt.onnx")
 
 
-def test_dense_bert_fuses_attention_gelu_skip_layernorm(dense_onnx: Path, work: Path) -> None:
+@pytest.fixture(scope="module")
+def dense_fused(dense_onnx: Path, work: Path) -> Path:
     target = work / "dense.fused.onnx"
+    fuse_transformer(dense_onnx, target, num_heads=HEADS, hidden_size=HIDDEN)
+    return target
+
+
+def test_dense_bert_fuses_packed_attention_gelu_skip_layernorm(
+    dense_onnx: Path, work: Path
+) -> None:
+    target = work / "dense.checked.onnx"
     result = fuse_transformer(
         dense_onnx, target, num_heads=HEADS, hidden_size=HIDDEN, check_inputs=_feeds()
     )
     assert result.attention_layers == LAYERS and result.gelus == LAYERS
-    assert result.fused["MultiHeadAttention"] == LAYERS
+    assert result.fused["Attention"] == LAYERS  # packed QKV: dynamic int8 makes QAttention of it
     assert result.fused["SkipLayerNormalization"] == 2 * LAYERS
     assert result.fused["BiasGelu"] == LAYERS
+    assert result.rewrites["attention_mask_to_index"] == LAYERS
     after = op_counts(target)
     assert after["Softmax"] == 0 and after["Erf"] == 0 and after["IsNaN"] == 0
-    assert after["MatMul"] == 6 * LAYERS  # Q, K, V, output and two FFN projections
-    assert result.nodes_after < result.nodes_before / 2
+    assert after["Where"] == 0 and after["GatherND"] == 0  # the mask-to-bias subgraph is gone
+    assert after["MatMul"] == 3 * LAYERS  # output and two FFN projections; Q, K, V are packed
+    assert result.nodes_after < result.nodes_before / 3
     assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
     assert max_output_difference(dense_onnx, target, _feeds(1)) < 1e-4
     assert result.to_dict()["fused"] == result.fused
 
 
-def test_lowrank_bert_fuses_the_same_and_keeps_matmul_pairs(
+def test_lowrank_bert_fuses_multihead_attention_and_keeps_matmul_pairs(
     lowrank_onnx: Path, work: Path
 ) -> None:
     before = op_counts(lowrank_onnx)
@@ -79,31 +92,24 @@ def test_lowrank_bert_fuses_the_same_and_keeps_matmul_pairs(
     result = fuse_transformer(
         lowrank_onnx, target, num_heads=HEADS, hidden_size=HIDDEN, check_inputs=_feeds()
     )
-    assert result.attention_layers == LAYERS
-    assert result.fused["MultiHeadAttention"] == LAYERS
+    # Q/K/V are factor pairs: no packed weight, so MultiHeadAttention after the pairs.
+    assert result.fused["MultiHeadAttention"] == LAYERS and "Attention" not in result.fused
     assert result.fused["SkipLayerNormalization"] == 2 * LAYERS
     assert result.fused["BiasGelu"] == LAYERS
+    assert result.rewrites["attention_mask_to_index"] == LAYERS
     after = op_counts(target)
     # The two attention-score MatMuls per layer are gone; every low-rank pair is still there.
     assert after["MatMul"] == before["MatMul"] - 2 * LAYERS
-    assert after["MatMul"] > 6 * LAYERS
+    assert after["MatMul"] == 12 * LAYERS  # six projections, each a pair
+    assert after["Where"] == 0
     assert max_output_difference(lowrank_onnx, target, _feeds(2)) < 1e-4
 
 
-def test_wrong_head_count_fuses_no_attention(dense_onnx: Path, work: Path) -> None:
-    model = onnx.load(str(dense_onnx))
-    assert fuse_attention(model, num_heads=4, hidden_size=HIDDEN) == 0
+def test_wrong_head_count_is_an_error(dense_onnx: Path, work: Path) -> None:
+    with pytest.raises(ExportValidationError, match="heads"):
+        fuse_transformer(dense_onnx, work / "heads.onnx", num_heads=4, hidden_size=HIDDEN)
     with pytest.raises(ValueError, match="multiple"):
-        fuse_attention(model, num_heads=3, hidden_size=HIDDEN)
-
-
-def test_passes_can_be_turned_off(dense_onnx: Path, work: Path) -> None:
-    result = fuse_transformer(
-        dense_onnx, work / "noattn.onnx", num_heads=HEADS, hidden_size=HIDDEN,
-        attention=False, gelu=False,
-    )
-    assert result.attention_layers == 0 and result.gelus == 0
-    assert "MultiHeadAttention" not in result.fused and "BiasGelu" not in result.fused
+        fuse_transformer(dense_onnx, work / "heads.onnx", num_heads=3, hidden_size=HIDDEN)
 
 
 def test_fidelity_failure_is_an_error(dense_onnx: Path, work: Path) -> None:
@@ -114,51 +120,127 @@ def test_fidelity_failure_is_an_error(dense_onnx: Path, work: Path) -> None:
         )
 
 
-def _gelu_graph(variant: str) -> onnx.ModelProto:
-    """y = gelu(x + b) written three ways exporters do."""
-    const = {
-        "sqrt2": np.array(np.sqrt(2.0), np.float32), "one": np.array(1.0, np.float32),
-        "half": np.array(0.5, np.float32), "b": np.linspace(-1, 1, 4).astype(np.float32),
-    }
-    inits = [onnx.numpy_helper.from_array(v, k) for k, v in const.items()]
-    nodes = [
-        helper.make_node("Add", ["x", "b"], ["xb"]),
-        helper.make_node("Div", ["xb", "sqrt2"], ["d"]),
-        helper.make_node("Erf", ["d"], ["e"]),
-        helper.make_node("Add", ["e", "one"], ["p"]),
+def test_rewriter_failure_leaves_the_graph_unfused(
+    dense_onnx: Path, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxscript.rewriter.ort_fusions as ort_fusions
+
+    def broken(model: object) -> None:
+        raise RuntimeError("no pattern for you")
+
+    monkeypatch.setattr(ort_fusions, "optimize_for_ort", broken)
+    result = fuse_transformer(dense_onnx, work / "unfused.onnx", num_heads=HEADS,
+                              hidden_size=HIDDEN, check_inputs=_feeds())
+    assert result.rewrites["failed"] == 1 and result.attention_layers == 0
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_int8_turns_packed_attention_into_qattention(
+    dense_onnx: Path, dense_fused: Path, work: Path, per_channel: bool
+) -> None:
+    target = work / f"dense.int8.{per_channel}.onnx"
+    result = quantize_int8(dense_fused, target, per_channel=per_channel)
+    assert result.quantized_ops["QAttention"] == LAYERS
+    assert result.quantized_ops["MatMulInteger"] == 3 * LAYERS  # Q, K, V are inside QAttention
+    assert result.settings["op_types"] == ["MatMul", "Gather", "Attention"]
+    after = op_counts(target)
+    assert after["Attention"] == 0 and after["MatMul"] == 0
+    # int8 noise on a random tiny model: well under the output scale (LayerNorm-ed, ~1).
+    assert max_output_difference(dense_onnx, target, _feeds(3)) < 0.1
+
+
+def test_int8_without_attention_keeps_it_float(dense_fused: Path, work: Path) -> None:
+    result = quantize_int8(dense_fused, work / "noattn.int8.onnx", op_types=("MatMul",))
+    assert "QAttention" not in result.quantized_ops
+    assert op_counts(work / "noattn.int8.onnx")["Attention"] == LAYERS
+
+
+def test_int8_lowrank_quantizes_every_factor(lowrank_onnx: Path, work: Path) -> None:
+    fused = work / "lrt.fused.q.onnx"
+    fuse_transformer(lowrank_onnx, fused, num_heads=HEADS, hidden_size=HIDDEN)
+    target = work / "lrt.int8.onnx"
+    result = quantize_int8(fused, target)
+    assert "QAttention" not in result.quantized_ops
+    assert result.quantized_ops["MatMulInteger"] == 12 * LAYERS
+    assert op_counts(target)["MultiHeadAttention"] == LAYERS
+    assert max_output_difference(lowrank_onnx, target, _feeds(4)) < 0.1
+
+
+def _attention_graph(causal: bool) -> onnx.ModelProto:
+    """Embedding -> MultiHeadAttention whose additive bias is built from ``attention_mask``
+    (padding only, or padding plus a causal triangle)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((20, 8)).astype(np.float32), "emb"),
+        onnx.numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        onnx.numpy_helper.from_array(np.array(-1e9, np.float32), "big"),
+        onnx.numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        onnx.numpy_helper.from_array(np.array([1, 2], np.int64), "axes12"),
+        onnx.numpy_helper.from_array(np.array([1], np.int64), "one_i"),
     ]
-    if variant == "half-first":  # dynamo
-        nodes += [helper.make_node("Mul", ["half", "p"], ["h"]),
-                  helper.make_node("Mul", ["xb", "h"], ["y"])]
-    elif variant == "x-first":
-        nodes += [helper.make_node("Mul", ["xb", "p"], ["h"]),
-                  helper.make_node("Mul", ["h", "half"], ["y"])]
-    else:  # (0.5 * x) * (1 + erf)
-        nodes += [helper.make_node("Mul", ["xb", "half"], ["h"]),
-                  helper.make_node("Mul", ["h", "p"], ["y"])]
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["x"]),
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["one", "m"], ["pad"]),
+        helper.make_node("Mul", ["pad", "big"], ["pad_bias"]),
+        helper.make_node("Unsqueeze", ["pad_bias", "axes12"], ["bias4"]),
+    ]
+    # ORT wants the bias as (batch or 1, heads or 1, sequence, sequence): add a square.
+    nodes += [
+        helper.make_node("Shape", ["attention_mask"], ["seq"], start=1),
+        helper.make_node("Concat", ["seq", "seq"], ["square"], axis=0),
+        helper.make_node("ConstantOfShape", ["square"], ["ones"],
+                         value=onnx.numpy_helper.from_array(np.array([1.0], np.float32))),
+        helper.make_node("Trilu", ["ones", "one_i"], ["future"], upper=1),
+        helper.make_node("Mul", ["future", "big" if causal else "zero"], ["future_bias"]),
+        helper.make_node("Add", ["bias4", "future_bias"], ["bias"]),
+    ]
+    nodes.append(helper.make_node(
+        "MultiHeadAttention", ["x", "x", "x", "", "", "bias"], ["y"], domain="com.microsoft",
+        num_heads=2,
+    ))
     graph = helper.make_graph(
-        nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])], inits,
+        nodes, "attention",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+         for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 8])],
+        inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    return helper.make_model(
+        graph, ir_version=10,
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
+    )
 
 
-@pytest.mark.parametrize("variant", ["half-first", "x-first", "half-x-first"])
-def test_gelu_variants_fuse_to_one_node(variant: str, tmp_path: Path) -> None:
-    model = _gelu_graph(variant)
-    source = tmp_path / "gelu.onnx"
+def test_padding_bias_becomes_the_mask_itself(tmp_path: Path) -> None:
+    model = _attention_graph(causal=False)
+    source = tmp_path / "pad.onnx"
     onnx.save(model, str(source))
-    assert fuse_gelu(model) == 1
-    fused = tmp_path / "gelu.fused.onnx"
-    onnx.save(model, str(fused))
-    assert dict(op_counts(fused)) == {"Add": 1, "Gelu": 1}
-    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
-    assert max_output_difference(source, fused, {"x": x}) < 1e-5
+    assert attention_mask_to_index(model) == 1
+    target = tmp_path / "pad.fused.onnx"
+    onnx.save(model, str(target))
+    assert dict(op_counts(target)) == {"Cast": 1, "Gather": 1, "MultiHeadAttention": 1}
+    assert not any(init.name == "big" for init in model.graph.initializer)
+    feeds = _feeds(5)
+    del feeds["token_type_ids"]
+    feeds["input_ids"] = feeds["input_ids"] % 20
+    # Rows of padded queries differ (a -1e9 bias vs the kernel's own fill); compare kept ones.
+    y_source, y_target = (
+        _run(path, feeds)[feeds["attention_mask"].astype(bool)] for path in (source, target)
+    )
+    assert np.abs(y_source - y_target).max() < 1e-5
 
 
-def test_gelu_with_wrong_constant_is_left_alone() -> None:
-    model = _gelu_graph("half-first")
-    for init in model.graph.initializer:
-        if init.name == "sqrt2":
-            init.CopyFrom(onnx.numpy_helper.from_array(np.array(2.0, np.float32), "sqrt2"))
-    assert fuse_gelu(model) == 0
+def test_causal_bias_is_left_alone() -> None:
+    model = _attention_graph(causal=True)
+    before = [list(node.input) for node in model.graph.node]
+    assert attention_mask_to_index(model) == 0
+    assert [list(node.input) for node in model.graph.node] == before
+
+
+def _run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]

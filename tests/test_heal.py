@@ -137,3 +137,166 @@ def test_primary_output_rules() -> None:
     assert primary_output(SimpleNamespace(last_hidden_state=tensor)) is tensor
     with pytest.raises(TypeError, match="primary output"):
         primary_output("text")
+
+
+# --- healing at scale: streaming, device, schedule -------------------------------------------
+
+
+def _tokenize(lines: list[str]) -> dict[str, torch.Tensor]:
+    # A deterministic stand-in for a tokenizer: each line becomes one DIM-vector.
+    rows = []
+    for line in lines:
+        generator = torch.Generator().manual_seed(sum(map(ord, line)) * 31 + len(line))
+        rows.append(torch.randn(DIM, generator=generator))
+    return {"x": torch.stack(rows)}
+
+
+def _corpus(tmp_path, lines: int = 10_000):  # noqa: ANN001, ANN202
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(f"sentence number {i}\n\n" if i % 7 == 0 else f"sentence number {i}\n"
+                            for i in range(lines)), encoding="utf-8")
+    return path
+
+
+def test_stream_reads_lazily_and_holds_back_the_head(tmp_path) -> None:  # noqa: ANN001
+    from itertools import islice
+
+    from lrt_deploy.data.stream import StreamingTextBatches, read_head
+
+    path = _corpus(tmp_path)
+    stream = StreamingTextBatches(path, _tokenize, batch_size=4, shuffle_buffer=16,
+                                  holdout_lines=8, seed=0)
+    batches = list(islice(iter(stream), 3))
+    assert [b["x"].shape for b in batches] == [(4, DIM)] * 3
+    # 16 lines fill the buffer, then one line per emitted line: far from the 10,000 lines.
+    assert stream.lines_read <= 16 + 12
+    assert read_head(path, 3) == ["sentence number 0", "sentence number 1", "sentence number 2"]
+
+    small = tmp_path / "small.txt"
+    small.write_text("\n".join(f"line {i}" for i in range(40)) + "\n", encoding="utf-8")
+    seen: list[str] = []
+    shuffled = StreamingTextBatches(small, lambda lines: seen.extend(lines) or _tokenize(lines),
+                                    batch_size=5, shuffle_buffer=10, holdout_lines=8, seed=1)
+    assert len(list(shuffled)) == 32 // 5  # drop_last
+    assert not set(seen) & set(read_head(small, 8))  # held-back lines never trained on
+    assert seen != sorted(seen, key=lambda s: int(s.split()[1]))  # shuffled within the buffer
+    assert shuffled.passes == 1 and shuffled.lines_read == 32
+
+    from lrt_deploy.data.stream import healing_data
+
+    stream, selection = healing_data(path, _tokenize, holdback_lines=10, batch_size=4)
+    assert [b["x"].shape[0] for b in selection] == [4, 4, 2]
+    assert stream.holdout_lines == 10 and stream.lines_read == 0  # nothing read yet
+
+
+def test_stream_errors(tmp_path) -> None:  # noqa: ANN001
+    from lrt_deploy.data.stream import StreamingTextBatches
+    from lrt_deploy.errors import LrtDeployError
+
+    with pytest.raises(LrtDeployError, match="does not exist"):
+        StreamingTextBatches(tmp_path / "missing.txt", _tokenize)
+    short = tmp_path / "short.txt"
+    short.write_text("one\ntwo\n", encoding="utf-8")
+    with pytest.raises(LrtDeployError, match="no training lines"):
+        list(StreamingTextBatches(short, _tokenize, batch_size=4, holdout_lines=1))
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\n\xff\xfe broken\n")
+    with pytest.raises(LrtDeployError, match="line 2 is not UTF-8"):
+        list(StreamingTextBatches(bad, _tokenize, batch_size=1))
+
+
+def test_heal_on_a_stream_computes_targets_on_the_fly(tmp_path) -> None:  # noqa: ANN001
+    from lrt_deploy.data.stream import StreamingTextBatches
+
+    student, teacher = _pair()
+    calls = {"n": 0}
+
+    def counting_teacher(**inputs: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return teacher(**inputs)
+
+    stream = StreamingTextBatches(_corpus(tmp_path, 400), _tokenize, batch_size=16,
+                                  shuffle_buffer=64, holdout_lines=64, seed=0)
+    held = [_tokenize([f"sentence number {i}" for i in range(64)])]
+    result = heal_(student, counting_teacher, stream, steps=40, lr=3e-3, eval_batches=held,
+                   eval_every=10, device="cpu", progress=False)
+    # One teacher call for the held-back references, then one per step: nothing cached.
+    assert calls["n"] == 1 + 40
+    assert stream.passes == 2  # 336 training lines = 21 batches: the stream restarted once
+    assert result.after_mean_cosine >= result.before_mean_cosine  # never worse
+    assert result.device == "cpu" and result.precision == "fp32"
+    with pytest.raises(ValueError, match="needs eval_batches"):
+        heal_(student, teacher, stream, steps=1, progress=False)
+
+
+def test_heal_one_shot_iterator_that_runs_dry_stops_early() -> None:
+    student, teacher = _pair()
+    result = heal_(student, teacher, iter(_batches(0, 3)), steps=10, lr=3e-3,
+                   eval_batches=_batches(1, 1), progress=False)
+    assert result.steps_run == 3 and "ran out after 3 steps" in result.stopped_early
+    assert result.after_mean_cosine >= result.before_mean_cosine
+
+
+def test_lr_schedule_warms_up_then_decays_along_a_cosine() -> None:
+    from lrt_deploy.compress.heal import lr_multiplier
+
+    values = [lr_multiplier(step, 110, 10) for step in range(1, 111)]
+    assert values[:10] == pytest.approx([i / 10 for i in range(1, 11)])
+    assert values[59] == pytest.approx(0.5)  # half way through the decay
+    assert values[-1] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(values[9:], values[10:], strict=False))
+    assert lr_multiplier(110, 110, 10, final_fraction=0.1) == pytest.approx(0.1)
+    assert lr_multiplier(5, 5, 10) == pytest.approx(0.5)  # all warm-up
+    # The optimiser really follows it: the lr logged at each evaluation.
+    student, teacher = _pair()
+    result = heal_(student, teacher, _batches(0, 4), steps=40, lr=1e-3, warmup_steps=8,
+                   eval_batches=_batches(1, 1), eval_every=4, progress=False)
+    for entry in result.history:
+        expected = 1e-3 * lr_multiplier(int(entry["step"]) + 1, 40, 8)
+        assert entry["lr"] == pytest.approx(expected)
+
+
+def test_device_selection() -> None:
+    from lrt_deploy.compress.heal import autocast_dtype, select_device
+    from lrt_deploy.errors import LrtDeployError
+
+    assert select_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert select_device("auto").type == expected and select_device(None).type == expected
+    assert autocast_dtype(torch.device("cpu")) is None
+    assert autocast_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        autocast_dtype(torch.device("cpu"), "int4")
+    with pytest.raises(LrtDeployError, match="unknown device"):
+        select_device("gpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(LrtDeployError, match="no CUDA GPU"):
+            select_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_heal_on_cuda_with_autocast_returns_the_model_to_its_device() -> None:
+    student, teacher = _pair()
+    result = heal_(student, teacher, _batches(0, 4), steps=30, lr=3e-3, device="cuda",
+                   eval_batches=_batches(1, 1), progress=False)
+    assert result.device.startswith("cuda") and result.precision in ("bfloat16", "float16")
+    assert next(student.parameters()).device.type == "cpu"
+    assert next(teacher.parameters()).device.type == "cpu"
+    assert result.after_mean_cosine >= result.before_mean_cosine
+
+
+def test_lowrank_factors_round_trip_in_small_shards(tmp_path) -> None:  # noqa: ANN001
+    from lrt_deploy.compress.heal import load_lowrank_factors, save_lowrank_factors
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Embedding(300, DIM), nn.Linear(DIM, 48), nn.Linear(48, DIM))
+    factored = copy.deepcopy(dense)
+    factorize_(factored, LowRankConfig(rank=4, solver="svd", factorize_embeddings=True))
+    paths = save_lowrank_factors(factored, tmp_path, dtype=torch.float32, max_file_bytes=2048)
+    assert len(paths) > 2 and all(p.stat().st_size < 2048 + 1024 for p in paths)
+    units = load_lowrank_factors(dense, tmp_path)
+    assert {u["name"] for u in units} == {"0", "1", "2"}
+    ids = torch.randint(0, 300, (3, 5))
+    torch.testing.assert_close(dense(ids), factored(ids))
+    with pytest.raises(ValueError, match="no low-rank units"):
+        save_lowrank_factors(nn.Linear(2, 2), tmp_path / "none")

@@ -123,10 +123,11 @@ def test_matches_the_zero_padded_formulation(share: str) -> None:
         torch.testing.assert_close(attention(x, mask), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("share", "fused"), [("headwise", 1), ("kv", 1), ("none", 0)])
+@pytest.mark.parametrize(("share", "fused"), [("headwise", 1), ("kv", 1), ("none", 1)])
 def test_shared_projection_exports_as_fused_attention(tmp_path, share: str, fused: int) -> None:
-    """With one projection for all heads, keys and values are projected before the head split,
-    so the attention is ORT's MultiHeadAttention over k key rows (one fused kernel)."""
+    """Linformer attention is ORT's MultiHeadAttention over k key rows (one fused kernel): with a
+    shared projection keys and values are projected before the head split; onnxscript's SDPA
+    rule also fuses per-head projections (share="none"), which our old pass did not."""
     from lrt_deploy.export.fusion import fuse_transformer
     from lrt_deploy.export.graph import op_counts
     from lrt_deploy.export.onnx_export import export_onnx

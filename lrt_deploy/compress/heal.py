@@ -1,16 +1,22 @@
-"""Healing: a short distillation of a factorized student to its dense teacher, on CPU.
+"""Healing: a distillation of a factorized student to its dense teacher, on CPU or a GPU.
 
-Truncation errors compound through depth; a few hundred optimiser steps on the calibration
-batches let the low-rank factors absorb each other's errors. ``heal_`` never hands back a model
-that is worse on the held-out batches than the one it was given.
+Truncation errors compound through depth; optimiser steps on calibration text let the low-rank
+factors absorb each other's errors. Small runs cycle a list of batches on CPU; large runs stream a
+corpus (:class:`lrt_deploy.data.stream.StreamingTextBatches`) on a GPU under bf16/fp16 autocast,
+computing the teacher's targets batch by batch. The learning rate warms up linearly, then decays
+along a cosine. ``heal_`` never hands back a model that is worse on the evaluation batches (keep
+them out of training) than the one it was given.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,17 +26,27 @@ from tqdm.auto import tqdm
 
 from lrt_deploy.compress.calibration import primary_output
 from lrt_deploy.compress.fidelity import cosine_per_row
-from lrt_deploy.nn.lowrank import is_lowrank_pair
+from lrt_deploy.errors import LrtDeployError
+from lrt_deploy.nn.lowrank import LowRankEmbedding, is_lowrank_pair
 
 __all__ = [
+    "PRECISIONS",
     "TRAINABLE",
     "HealResult",
+    "autocast_dtype",
     "heal_",
+    "load_lowrank_factors",
+    "lowrank_state",
+    "lr_multiplier",
+    "save_lowrank_factors",
+    "select_device",
 ]
 
 logger = logging.getLogger(__name__)
 
-TRAINABLE = ("lowrank", "all")
+TRAINABLE = ("lowrank", "linear", "all")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_PART = "::part"
 
 Batch = Mapping[str, Any]
 
@@ -51,7 +67,10 @@ class HealResult:
         seconds: Wall time of the call.
         stopped_early: Why training stopped before ``steps``, e.g. a non-finite loss; None
             when it ran them all.
-        history: One ``{"step", "loss", "mean_cosine", "worst_cosine"}`` dict per evaluation.
+        history: One ``{"step", "loss", "mean_cosine", "worst_cosine", "lr"}`` dict per
+            evaluation.
+        device: Where it trained (``"cpu"``, ``"cuda:0"``...).
+        precision: ``"fp32"``, or the autocast dtype (``"bfloat16"``, ``"float16"``).
     """
 
     before_mean_cosine: float
@@ -63,6 +82,8 @@ class HealResult:
     seconds: float
     stopped_early: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    device: str = "cpu"
+    precision: str = "fp32"
 
     @property
     def improved(self) -> bool:
@@ -76,7 +97,8 @@ class HealResult:
     def summary(self) -> str:
         """One line: the fidelity change and which step was kept."""
         text = (
-            f"healed {self.steps_run} steps in {self.seconds:.0f}s: mean cosine "
+            f"healed {self.steps_run} steps in {self.seconds:.0f}s on {self.device} "
+            f"({self.precision}): mean cosine "
             f"{self.before_mean_cosine:.4f} -> {self.after_mean_cosine:.4f}, worst "
             f"{self.before_worst_cosine:.4f} -> {self.after_worst_cosine:.4f}"
         )
@@ -103,7 +125,11 @@ def _trainable_parameters(student: nn.Module, trainable: str) -> list[nn.Paramet
         return [p for p in student.parameters() if p.is_floating_point()]
     params: list[nn.Parameter] = []
     for module in student.modules():
-        if is_lowrank_pair(module):
+        # "linear" leaves factorized embedding tables as they are: their shared projection
+        # would otherwise be fitted to the tokens of the training corpus alone.
+        if is_lowrank_pair(module) and not (
+            trainable == "linear" and isinstance(module, LowRankEmbedding)
+        ):
             params.extend(module.parameters())
     if not params:
         raise ValueError(
@@ -148,10 +174,81 @@ def _relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (student - teacher).square().mean() / teacher.square().mean().clamp(min=1e-12)
 
 
+def select_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The device healing runs on: ``"auto"`` (or None) is CUDA when PyTorch sees a GPU, else
+    the CPU; ``"cpu"``/``"cuda"``/``"cuda:N"`` are taken as given.
+
+    Raises:
+        LrtDeployError: ``"cuda"`` was asked for but PyTorch sees no CUDA device, or the name
+            is not a device.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise LrtDeployError(
+            f"unknown device {device!r}: use --device auto, cpu or cuda"
+        ) from exc
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise LrtDeployError(
+            "--device cuda was asked for but PyTorch sees no CUDA GPU: install a CUDA build of "
+            "torch, or use --device auto or cpu"
+        )
+    if chosen.type not in ("cpu", "cuda"):
+        raise LrtDeployError(f"unsupported healing device {device!r}: use auto, cpu or cuda")
+    return chosen
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``: None means plain fp32.
+
+    ``"auto"`` is bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on the CPU (CPU
+    autocast is slower than fp32 for these small matrices).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def lr_multiplier(step: int, steps: int, warmup_steps: int, final_fraction: float = 0.0) -> float:
+    """Learning-rate factor at optimiser step ``step`` (1-based) of ``steps``: a linear warm-up
+    over ``warmup_steps`` to 1, then a cosine decay to ``final_fraction`` at the last step."""
+    if warmup_steps > 0 and step <= warmup_steps:
+        return step / warmup_steps
+    decay_steps = steps - warmup_steps
+    if decay_steps <= 0:
+        return 1.0
+    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
+    return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _batch_stream(batches: Iterable[Batch]) -> Iterator[tuple[int | None, Batch]]:
+    """(cache key, batch) forever: a Sequence is cycled (key = its index, so the teacher's
+    targets can be cached); any other iterable is re-iterated pass after pass (key None: targets
+    are computed on the fly and dropped). A one-shot iterator ends when it runs dry."""
+    if isinstance(batches, Sequence):
+        while True:
+            yield from enumerate(batches)
+    while True:
+        produced = False
+        for batch in batches:
+            produced = True
+            yield None, batch
+        if not produced or iter(batches) is batches:
+            return
+
+
 def heal_(
     student: nn.Module | Any,
     teacher: nn.Module | Callable[..., Any],
-    batches: Sequence[Batch],
+    batches: Iterable[Batch],
     *,
     steps: int,
     lr: float = 1e-4,
@@ -160,6 +257,10 @@ def heal_(
     hidden_modules: Sequence[str] = (),
     trainable: str = "lowrank",
     progress: bool = True,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    warmup_steps: int | None = None,
+    final_lr_fraction: float = 0.0,
 ) -> HealResult:
     """Distil the factorized ``student`` towards the dense ``teacher``, in place.
 
@@ -168,51 +269,79 @@ def heal_(
     ignores the scale of normalised embeddings. ``hidden_modules`` adds the relative MSE of
     named submodules' outputs (e.g. each transformer layer), which gives many more targets per
     sentence than a pooled embedding. Adam runs in eval mode (no dropout, so the targets are
-    exact) with gradients clipped to norm 1.
+    exact) with gradients clipped to norm 1; the learning rate warms up linearly for
+    ``warmup_steps`` and then follows a cosine down to ``final_lr_fraction * lr``.
 
-    By default only the low-rank units' factors train: the error lives there, the rest of the
-    student still equals the teacher, and a few hundred calibration sentences overfit fewer
-    parameters less. The held-out fidelity is measured before training and every
-    ``eval_every`` steps; the best weights are kept and, when no step beats the initial
-    weights (or the loss diverges), the initial weights are restored.
+    ``batches`` is either a list (cycled; the teacher's targets are cached, right for a few
+    hundred sentences on CPU) or any re-iterable stream such as
+    :class:`lrt_deploy.data.stream.StreamingTextBatches` (the teacher runs on each batch as it
+    comes and nothing is kept, so the corpus can be far larger than memory).
+
+    By default only the low-rank units' factors train: the error lives there and the rest of
+    the student still equals the teacher. The fidelity on ``eval_batches`` is measured in fp32
+    before training and every ``eval_every`` steps; the best weights are kept and, when no step
+    beats the initial weights (or the loss diverges), the initial weights are restored.
 
     Args:
         student: The factorized model (or an object holding it in ``.module``), called as
             ``student(**batch)``; modified in place.
         teacher: The dense reference, an ``nn.Module`` (or holder) or any callable.
-        batches: Training batches of keyword arguments, cycled for ``steps`` steps.
+        batches: Training batches of keyword arguments (list or stream, see above).
         steps: Optimiser steps, >= 1.
-        lr: Adam learning rate.
-        eval_batches: Held-out batches fidelity is judged on; defaults to ``batches``, which
-            only measures the fit to the training data.
+        lr: Peak Adam learning rate.
+        eval_batches: Batches the best step is chosen on; keep them out of ``batches``. The
+            default (the training list) only measures the fit to the training data and is
+            refused for a stream.
         eval_every: Steps between evaluations; default ``max(1, steps // 10)``.
         hidden_modules: Names of submodules present in both models whose outputs to match
             too; the teacher must then be an ``nn.Module``.
-        trainable: ``"lowrank"`` (the factors of low-rank units) or ``"all"``.
+        trainable: ``"lowrank"`` (the factors of low-rank units), ``"linear"`` (those of
+            low-rank linear layers only: factorized embeddings stay as factorized) or ``"all"``.
         progress: Show a tqdm progress bar.
+        device: Where to train: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``; None
+            keeps the student where it is. Both models are moved there for the run and moved
+            back afterwards.
+        precision: ``"auto"`` (bf16/fp16 autocast on a GPU, fp32 on CPU), ``"fp32"``,
+            ``"bf16"`` or ``"fp16"`` (with loss scaling).
+        warmup_steps: Linear warm-up steps; default ``min(100, steps // 10)``.
+        final_lr_fraction: Learning rate at the last step, as a fraction of ``lr``.
 
     Returns:
-        Before/after fidelity, steps run and the step kept.
+        Before/after fidelity, steps run, the step kept, the device and precision.
 
     Raises:
-        ValueError: Invalid ``steps``, ``trainable``, empty batches, or a student without
-            low-rank units under ``trainable="lowrank"``.
+        ValueError: Invalid ``steps``, ``trainable``, ``precision``, empty batches, a stream
+            without ``eval_batches``, or a student without low-rank units under
+            ``trainable="lowrank"``.
+        LrtDeployError: ``device="cuda"`` without a GPU.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
-    if not batches:
+    if isinstance(batches, Sequence) and not batches:
         raise ValueError("heal_ needs at least one training batch")
     student_module = _as_module(student, "student")
     teacher_fn = teacher if not hasattr(teacher, "module") else _as_module(teacher, "teacher")
     if eval_batches is None:
+        if not isinstance(batches, Sequence):
+            raise ValueError("healing on a stream needs eval_batches held back from the stream")
         logger.warning("no eval_batches given: judging healing on the training batches")
         eval_batches = batches
     every = eval_every or max(1, steps // 10)
-    device = next(student_module.parameters()).device
+    warmup = min(100, steps // 10) if warmup_steps is None else max(0, warmup_steps)
+    home = next(student_module.parameters()).device
+    target_device = home if device is None else select_device(device)
+    amp_dtype = autocast_dtype(target_device, precision)
     params = _trainable_parameters(student_module, trainable)
     started = time.perf_counter()
+
+    teacher_module = teacher_fn if isinstance(teacher_fn, nn.Module) else None
+    teacher_home = None
+    if teacher_module is not None:
+        teacher_home = next(teacher_module.parameters(), torch.empty(0)).device
+        teacher_module.to(target_device)
+    student_module.to(target_device)
 
     student_capture = _Capture(student_module, hidden_modules) if hidden_modules else None
     teacher_capture = None
@@ -220,21 +349,28 @@ def heal_(
         teacher_capture = _Capture(_as_module(teacher_fn, "teacher"), hidden_modules)
     teacher_cache: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
 
-    def teacher_targets(index: int, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict]:
-        if index not in teacher_cache:
-            with torch.no_grad():
-                output = primary_output(teacher_fn(**inputs)).detach()
-            hidden = {} if teacher_capture is None else dict(teacher_capture.outputs)
-            teacher_cache[index] = (output, {k: v.detach() for k, v in hidden.items()})
-        return teacher_cache[index]
+    def autocast() -> Any:
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=target_device.type, dtype=amp_dtype)
 
-    eval_inputs = [_to_device(batch, device) for batch in eval_batches]
-    with torch.no_grad():
-        eval_reference = [
-            primary_output(teacher_fn(**b)).float().cpu().numpy() for b in eval_inputs
-        ]
+    def teacher_targets(key: int | None, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        if key is not None and key in teacher_cache:
+            return teacher_cache[key]
+        with torch.no_grad(), autocast():
+            output = primary_output(teacher_fn(**inputs)).detach()
+        hidden = {} if teacher_capture is None else dict(teacher_capture.outputs)
+        targets = (output, {k: v.detach() for k, v in hidden.items()})
+        if key is not None:
+            teacher_cache[key] = targets
+        return targets
+
+    eval_inputs = [_to_device(batch, target_device) for batch in eval_batches]
+    if not eval_inputs:
+        raise ValueError("heal_ needs at least one evaluation batch")
 
     def evaluate() -> tuple[float, float]:
+        # fp32 and no autocast: the figure the kept step is chosen by is the exported model's.
         with torch.no_grad():
             outputs = [
                 primary_output(student_module(**b)).float().cpu().numpy() for b in eval_inputs
@@ -251,38 +387,63 @@ def heal_(
     for p in student_module.parameters():
         p.requires_grad_(id(p) in chosen)
     try:
+        with torch.no_grad():
+            eval_reference = [
+                primary_output(teacher_fn(**b)).float().cpu().numpy() for b in eval_inputs
+            ]
         before_mean, before_worst = evaluate()
         best_mean, best_worst, best_step = before_mean, before_worst, 0
         best_state = [p.detach().clone() for p in params]
         history: list[dict[str, float]] = []
         optimizer = torch.optim.Adam(params, lr=lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda index: lr_multiplier(index + 1, steps, warmup, final_lr_fraction)
+        )
+        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
         stopped_early = None
         steps_run = 0
+        stream = _batch_stream(batches)
         bar = tqdm(total=steps, desc="healing", unit="step", disable=not progress)
         for step in range(1, steps + 1):
-            index = (step - 1) % len(batches)
-            inputs = _to_device(batches[index], device)
-            target, target_hidden = teacher_targets(index, inputs)
-            loss = _cosine_loss(primary_output(student_module(**inputs)).float(), target.float())
+            try:
+                key, batch = next(stream)
+            except StopIteration:
+                stopped_early = f"the training data ran out after {steps_run} steps"
+                logger.warning("healing stopped: %s", stopped_early)
+                break
+            inputs = _to_device(batch, target_device)
+            target, target_hidden = teacher_targets(key, inputs)
+            with autocast():
+                output = primary_output(student_module(**inputs))
+            loss = _cosine_loss(output.float(), target.float())
             if student_capture is not None:
                 for name in hidden_modules:
                     loss = loss + _relative_mse(
                         student_capture.outputs[name].float(), target_hidden[name].float()
                     ) / len(hidden_modules)
+            if not loss.requires_grad:
+                raise ValueError(
+                    "none of the trainable parameters reaches the healed outputs (e.g. only an "
+                    "unused pooler was factorized): heal with trainable='all' or factorize more"
+                )
             if not torch.isfinite(loss):
                 stopped_early = f"loss became {loss.item()} at step {step}"
                 logger.warning("healing stopped: %s", stopped_early)
                 break
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
             steps_run = step
             bar.update(1)
             if step % every == 0 or step == steps:
                 mean, worst = evaluate()
                 history.append(
-                    {"step": step, "loss": loss.item(), "mean_cosine": mean, "worst_cosine": worst}
+                    {"step": step, "loss": loss.item(), "mean_cosine": mean,
+                     "worst_cosine": worst, "lr": optimizer.param_groups[0]["lr"]}
                 )
                 bar.set_postfix(loss=f"{loss.item():.4f}", cosine=f"{mean:.4f}")
                 if mean > best_mean:
@@ -299,6 +460,9 @@ def heal_(
         for capture in (student_capture, teacher_capture):
             if capture is not None:
                 capture.remove()
+        student_module.to(home)
+        if teacher_module is not None and teacher_home is not None:
+            teacher_module.to(teacher_home)
 
     result = HealResult(
         before_mean_cosine=before_mean,
@@ -310,6 +474,141 @@ def heal_(
         seconds=time.perf_counter() - started,
         stopped_early=stopped_early,
         history=history,
+        device=str(target_device),
+        precision=str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
     )
     logger.info(result.summary())
     return result
+
+
+def lowrank_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of ``module``'s low-rank units, by qualified name: what
+    healing changed (with ``trainable="lowrank"``) and all that must travel to reproduce it."""
+    state: dict[str, torch.Tensor] = {}
+    for name, unit in module.named_modules():
+        if is_lowrank_pair(unit):
+            for key, value in unit.state_dict().items():
+                state[f"{name}.{key}" if name else key] = value.detach()
+    return state
+
+
+def save_lowrank_factors(
+    module: nn.Module,
+    folder: str | Path,
+    *,
+    dtype: torch.dtype = torch.float16,
+    max_file_bytes: int = 16 * 2**20,
+) -> list[Path]:
+    """Write the low-rank factors of ``module`` as safetensors shards of at most
+    ``max_file_bytes`` each (so healed weights can travel between machines without the dense
+    rest of the model, which the receiver already has).
+
+    Args:
+        module: A factorized (e.g. healed) model.
+        folder: Output folder, created if needed; shards are ``lowrank-NNN.safetensors``.
+        dtype: Storage dtype of floating tensors (fp16 halves the size; load them into fp32).
+        max_file_bytes: Size limit of one shard.
+
+    Returns:
+        The shard paths.
+
+    Raises:
+        ValueError: ``module`` has no low-rank units.
+    """
+    from safetensors.torch import save_file
+
+    state = lowrank_state(module)
+    if not state:
+        raise ValueError("the model has no low-rank units to save: factorize it first")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, value in state.items():
+        tensor = (value.to(dtype) if value.is_floating_point() else value).cpu().contiguous()
+        row_bytes = max(1, tensor[0].numel() * tensor.element_size()) if tensor.dim() else 1
+        rows_per_part = max(1, max_file_bytes // row_bytes)
+        # A tensor larger than one file (an embedding table's factor) goes in row blocks.
+        parts = (
+            {key: tensor}
+            if tensor.dim() == 0 or tensor.shape[0] <= rows_per_part
+            else {
+                f"{key}{_PART}{index}": tensor[start : start + rows_per_part].contiguous()
+                for index, start in enumerate(range(0, tensor.shape[0], rows_per_part))
+            }
+        )
+        for part_key, part in parts.items():
+            nbytes = part.numel() * part.element_size()
+            if size + nbytes > max_file_bytes and shards[-1]:
+                shards.append({})
+                size = 0
+            shards[-1][part_key] = part
+            size += nbytes
+    paths = []
+    for index, shard in enumerate(shards):
+        path = out / f"lowrank-{index:03d}.safetensors"
+        save_file(shard, str(path))
+        paths.append(path)
+    return paths
+
+
+def load_lowrank_factors(module: nn.Module, folder: str | Path) -> list[dict[str, object]]:
+    """Rebuild the low-rank units saved by :func:`save_lowrank_factors` in the dense
+    ``module`` (same architecture), in place, and load their weights as fp32.
+
+    Returns:
+        One ``{"name", "rank", "shape", "type"}`` dict per unit rebuilt.
+
+    Raises:
+        LrtDeployError: No shards in ``folder``, or the weights do not fit the model.
+    """
+    from safetensors.torch import load_file
+
+    from lrt_deploy.compress.config import LowRankConfig
+    from lrt_deploy.compress.factorize import factorize_
+    from lrt_deploy.nn.lowrank import lowrank_layers_in_weights
+
+    paths = sorted(Path(folder).glob("lowrank-*.safetensors"))
+    if not paths:
+        raise LrtDeployError(f"no lowrank-*.safetensors in '{folder}': save them with "
+                             "save_lowrank_factors first")
+    loaded: dict[str, torch.Tensor] = {}
+    for path in paths:
+        loaded.update(load_file(str(path)))
+    state: dict[str, torch.Tensor] = {}
+    blocks: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in loaded.items():
+        if _PART in key:
+            base, index = key.rsplit(_PART, 1)
+            blocks.setdefault(base, {})[int(index)] = value
+        else:
+            state[key] = value
+    for base, parts in blocks.items():
+        state[base] = torch.cat([parts[i] for i in sorted(parts)])
+    units = lowrank_layers_in_weights(state)
+    names = {str(unit["name"]) for unit in units}
+    config = LowRankConfig(
+        rank=1, solver="svd",
+        factorize_embeddings=any(unit["type"] == "LowRankEmbedding" for unit in units),
+        rank_overrides={str(unit["name"]): int(unit["rank"]) for unit in units},  # type: ignore[call-overload]
+    )
+    result = factorize_(module, config, filter_fn=lambda _m, name: name in names)
+    rebuilt = {d.name for d in result.factorized}
+    if rebuilt != names:
+        raise LrtDeployError(
+            f"the saved factors do not fit this model ({len(names - rebuilt)} units not "
+            "rebuilt): load them into the architecture they were saved from"
+        )
+    reference = module.state_dict()
+    missing = [key for key in state if key not in reference]
+    if missing:
+        raise LrtDeployError(f"the saved factors name {missing[:3]} which this model lacks")
+    with torch.no_grad():
+        for key, value in state.items():
+            target = reference[key]
+            if target.shape != value.shape:
+                raise LrtDeployError(
+                    f"{key}: saved shape {tuple(value.shape)} != model {tuple(target.shape)}"
+                )
+            target.copy_(value.to(target.dtype))
+    return units

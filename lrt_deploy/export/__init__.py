@@ -1,7 +1,8 @@
 """Export stage: torch -> ONNX, validation, graph optimisation, int8, mobile packaging.
 
 Passes, one per module: ``onnx_export`` (torch -> ONNX), ``validate``, ``fusion``
-(``fuse_transformer``: ``fuse_attention`` + ``fuse_gelu`` + ORT ``extended``), ``optimize``,
+(``fuse_transformer``: onnxscript's rewriter + ``fuse_attention``'s mask pass + ORT
+``extended``), ``optimize``,
 ``quantize`` (dynamic int8, static QDQ int8, sensitivity, 4-bit weights), ``float16`` (cuda),
 ``mobile`` (ORT format), ``external_data`` (> 2 GB models), ``reproducibility``,
 ``dense_equivalent`` (the dense baseline of a model low-rank by design: its low-rank MatMul

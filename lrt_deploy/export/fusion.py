@@ -2,20 +2,32 @@
 
 Order matters:
 
-1. ``fuse_attention`` first, on the exporter's own graph: ORT's ``extended`` level folds the
-   Q and K scale ``Mul`` nodes into ``FusedMatMul``, which would hide the scale from the matcher.
-2. ``fuse_gelu``: turns the erf GELU into ``Gelu`` so that step 3 can fold its bias.
-3. ONNX Runtime's ``extended`` optimisation (portable): SkipLayerNormalization (residual Add +
-   LayerNorm), BiasGelu (bias Add + Gelu), constant folding and its other fusions.
+1. ``onnxscript``'s ``optimize_for_ort`` on the exporter's own graph: SDPA -> MultiHeadAttention
+   -> (dense Q/K/V) packed-QKV ``Attention``, erf GELU -> ``Gelu`` -> ``BiasGelu``, residual Add +
+   LayerNorm -> ``SkipLayerNormalization``. On low-rank graphs whose Q/K/V are factor pairs it
+   stops at ``MultiHeadAttention`` after the pairs, which is what our former hand-written pass
+   produced too (measured on all-MiniLM-L6-v2, see ``benchmarks/bench_fusion.py``).
+2. Our :func:`~lrt_deploy.export.fuse_attention.attention_mask_to_index`, for what the library
+   leaves: the padding mask as a ~20-node additive-bias subgraph, which also keeps ORT's dynamic
+   quantiser from making ``QAttention`` of the packed Attention.
+3. ONNX Runtime's ``extended`` optimisation (portable): constant folding (the rewriter packs the
+   Q/K/V weights with a ``Concat`` that must become one initializer for the quantiser) and its
+   remaining fusions.
 
-Low-rank pairs (``MatMul -> MatMul -> Add``) need nothing special: the attention pass starts
-after the projections and the bias folds work on the ``Add`` after the decoder MatMul.
+Our former passes (attention -> MultiHeadAttention, erf GELU, ~360 lines with their tests'
+helpers) were deleted: on all-MiniLM-L6-v2, dense and LRT (svd, rank 0.5 and 0.25), the library
+fuses every subgraph they did (attention 6, SkipLayerNormalization 12, BiasGelu 6) and packs
+dense Q/K/V as well; nodes 103/115/139 (ours) -> 64/76/118, max |diff| ~1e-7 against the unfused
+graph for both, fp32 latency within the noise of a loaded 2-core machine (paired ratio to ours
+0.9-1.1 over several interleaved runs). See ``benchmarks/FUSION_INT8.md``. No LRT graph was
+found where the library fuses less than our passes did.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +38,9 @@ import numpy as np
 from lrt_deploy.errors import ExportValidationError
 from lrt_deploy.export.external_data import (
     EXTERNAL_DATA_THRESHOLD,
-    load_model_proto,
     save_model_proto,
 )
-from lrt_deploy.export.fuse_attention import fuse_attention
-from lrt_deploy.export.fuse_gelu import fuse_gelu
+from lrt_deploy.export.fuse_attention import attention_mask_to_index
 from lrt_deploy.export.graph import count_changes, op_counts
 from lrt_deploy.export.optimize import optimize_graph
 
@@ -59,12 +69,14 @@ class FusionResult:
     Attributes:
         nodes_before: Node count of the source graph.
         nodes_after: Node count of the fused graph.
-        attention_layers: Attention subgraphs fused into MultiHeadAttention by our pass.
-        gelus: GELU subgraphs fused by our pass (before ORT folds their biases).
+        attention_layers: Fused attention nodes (Attention or MultiHeadAttention).
+        gelus: Fused GELU nodes (BiasGelu or Gelu).
         fused: Count per fused op type in the result (see :data:`FUSED_OP_TYPES`).
         changes: Per op type, nodes added (+) or removed (-) overall.
         level: ORT optimisation level applied after our passes.
         max_abs_diff: Largest output difference source vs result on the check inputs, if run.
+        rewrites: What each rule set of ``onnxscript``'s rewriter and our own passes did.
+        seconds: Time spent fusing (the ORT pass and the check excluded).
     """
 
     nodes_before: int
@@ -75,6 +87,8 @@ class FusionResult:
     changes: dict[str, int] = field(default_factory=dict)
     level: str = "extended"
     max_abs_diff: float | None = None
+    rewrites: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +100,7 @@ class FusionResult:
             "op_changes": self.changes,
             "level": self.level,
             "max_abs_diff": self.max_abs_diff,
+            "rewrites": dict(self.rewrites),
         }
 
 
@@ -95,8 +110,6 @@ def fuse_transformer(
     *,
     num_heads: int,
     hidden_size: int,
-    attention: bool = True,
-    gelu: bool = True,
     level: str = "extended",
     check_inputs: Mapping[str, np.ndarray] | None = None,
     atol: float = 1e-4,
@@ -107,10 +120,10 @@ def fuse_transformer(
     Args:
         source: ONNX file as the exporter wrote it (not yet optimised by ORT).
         target: Where the fused graph goes (portable: no machine-specific layouts).
-        num_heads: Attention heads per layer.
-        hidden_size: Model width; ``hidden_size / num_heads`` must be the head size in the graph.
-        attention: Fuse attention into ``com.microsoft.MultiHeadAttention``.
-        gelu: Fuse erf GELU into ``com.microsoft.Gelu`` (then ``BiasGelu``).
+        num_heads: Attention heads per layer; fused attention with another head count is an
+            error (the rewriter reads it from the graph's reshapes).
+        hidden_size: Model width (recorded for the check above; ``hidden_size / num_heads`` is
+            the head size).
         level: ORT optimisation applied last: ``basic`` or ``extended``.
         check_inputs: Named numpy inputs; when given, both graphs run on them on CPU and the
             largest output difference is recorded and checked against ``atol``.
@@ -122,37 +135,73 @@ def fuse_transformer(
         Counts of fused ops and nodes before/after.
 
     Raises:
-        ExportValidationError: The fused graph differs from the source by more than ``atol``.
+        ExportValidationError: The fused graph differs from the source by more than ``atol``,
+            or its attention has another head count than ``num_heads``.
     """
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    from lrt_deploy._logs import quiet_loggers
+
+    if num_heads < 1 or hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} must be a multiple of num_heads {num_heads}")
     source, target = Path(source), Path(target)
-    model = load_model_proto(source)
-    layers = fuse_attention(model, num_heads=num_heads, hidden_size=hidden_size) if attention else 0
-    gelus = fuse_gelu(model) if gelu else 0
+    started = time.perf_counter()
+    model = ir.load(str(source))
+    try:
+        with quiet_loggers("onnxscript"):
+            model, counts = optimize_for_ort(model)
+    except Exception as exc:  # noqa: BLE001 - a graph the rewriter cannot take still deploys
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        logger.warning("onnxscript's transformer fusion failed (%s): graph left unfused", first)
+        model, counts = ir.load(str(source)), {"failed": 1}
+    proto = ir.serde.serialize_model(model)
+    del model
+    rewrites = {name: count for name, count in counts.items() if count}
+    rewrites["attention_mask_to_index"] = attention_mask_to_index(proto)
+    heads = {
+        _attribute(node, "num_heads") for node in proto.graph.node
+        if node.op_type in ("Attention", "MultiHeadAttention")
+    }
+    if heads - {num_heads}:
+        raise ExportValidationError(
+            f"fused attention has {sorted(heads)} heads, the model config says {num_heads}: "
+            "check the config's num_attention_heads, or export with fusion off"
+        )
+    seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory(prefix="lrt-fusion-") as folder:
         staged = Path(folder) / "fused.onnx"
-        save_model_proto(model, staged, threshold=external_data_threshold)
-        del model
+        save_model_proto(proto, staged, threshold=external_data_threshold)
+        del proto
         optimize_graph(staged, target, level)
     before, after = op_counts(source), op_counts(target)
     result = FusionResult(
         nodes_before=sum(before.values()),
         nodes_after=sum(after.values()),
-        attention_layers=layers,
-        gelus=gelus,
+        attention_layers=after["Attention"] + after["MultiHeadAttention"],
+        gelus=after["BiasGelu"] + after["Gelu"],
         fused={op: after[op] for op in FUSED_OP_TYPES if after.get(op)},
         changes=count_changes(before, after),
         level=level,
+        rewrites=rewrites,
+        seconds=seconds,
     )
     if check_inputs is not None:
         result.max_abs_diff = max_output_difference(source, target, check_inputs)
         if not result.max_abs_diff <= atol:
             raise ExportValidationError(
                 f"fused graph differs from its source by {result.max_abs_diff:.3g} > atol "
-                f"{atol:g}: rerun with attention=False or gelu=False to find the pass at fault"
+                f"{atol:g}: export with fusion off and report the model to lrt-deploy"
             )
     logger.info("fused transformer: %d -> %d nodes, %s", result.nodes_before,
                 result.nodes_after, result.fused)
     return result
+
+
+def _attribute(node: Any, name: str) -> Any:
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
 
 
 def max_output_difference(

@@ -15,6 +15,7 @@ from lrt_deploy._logs import quiet_loggers
 from lrt_deploy.export.graph import count_changes, op_counts
 
 __all__ = [
+    "DYNAMIC_INT8_OP_TYPES",
     "NodeSensitivity",
     "QuantizationResult",
     "find_sensitive_nodes",
@@ -25,6 +26,8 @@ __all__ = [
 
 _QUANTIZED_OP_TYPES = (
     "MatMulInteger",
+    "QAttention",
+    "QEmbedLayerNormalization",
     "DynamicQuantizeLinear",
     "QuantizeLinear",
     "DequantizeLinear",
@@ -58,20 +61,37 @@ class QuantizationResult:
         }
 
 
+# What dynamic int8 quantises by default. ``Attention`` (packed QKV, which
+# ``export.fusion.fuse_transformer`` makes of dense Q/K/V) becomes ``QAttention``: the QKV
+# projection runs in int8 inside the attention kernel, one node instead of three MatMulIntegers
+# and their rescaling. ORT's quantiser only does so for an Attention without
+# ``qkv_hidden_sizes`` and with a ``mask_index`` rather than an additive bias, which is why the
+# fusion rewrites those (see ``export/fuse_attention.py``). MultiHeadAttention (low-rank Q/K/V)
+# has no integer kernel and stays float; the factor MatMuls around it are quantised.
+DYNAMIC_INT8_OP_TYPES = ("MatMul", "Gather", "Attention")
+
+
 def quantize_int8(
-    source: str | Path, target: str | Path, *, per_channel: bool = True
+    source: str | Path,
+    target: str | Path,
+    *,
+    per_channel: bool = True,
+    op_types: Sequence[str] = DYNAMIC_INT8_OP_TYPES,
 ) -> QuantizationResult:
     """Dynamic int8 quantisation: weights int8 (signed, per output channel by default),
-    activations quantised at run time. MatMul and Gather weights are quantised.
+    activations quantised at run time. MatMul, Gather (embedding) and packed-QKV Attention
+    weights are quantised.
 
     Args:
         source: fp32 ONNX file (optimised or not).
         target: Where the quantised ONNX file goes.
         per_channel: One scale per output channel (per-tensor costs MiniLM ~0.04 cosine).
+        op_types: Op types to quantise (see :data:`DYNAMIC_INT8_OP_TYPES`).
 
     Returns:
         The settings used and which ops changed.
     """
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with quiet_loggers(""):  # ORT's quantisers log hints on the root logger
@@ -80,19 +100,19 @@ def quantize_int8(
             str(target),
             per_channel=per_channel,
             weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gather"],
+            op_types_to_quantize=list(op_types),
+            # Shape inference cannot type the outputs of com.microsoft ops (SkipLayerNorm,
+            # BiasGelu); every float tensor in these graphs is fp32.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     before, after = op_counts(source), op_counts(target)
     result = QuantizationResult(
         mode="dynamic",
         per_channel=per_channel,
         weight_type="int8",
-        quantized_ops={
-            op: after[op]
-            for op in ("MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear")
-            if after.get(op)
-        },
+        quantized_ops=_quantized_ops(target),
         changes=count_changes(before, after),
+        settings={"op_types": list(op_types)},
     )
     logger.info("quantised int8 (per_channel=%s): %s", per_channel, result.quantized_ops)
     return result
