@@ -196,6 +196,11 @@ def test_lowrank_by_design_model_is_compared_with_its_dense_equivalent(
         assert baseline["fold"] is None and baseline["units"] == 2
         assert result.manifest["params"]["deployed"] < result.manifest["params"]["dense"]
     assert result.manifest["variant"] == "LRT int8"
+    jsonschema = pytest.importorskip("jsonschema")
+    from lrt_deploy.schemas import load_schema
+
+    validator = jsonschema.Draft202012Validator(load_schema("manifest"))
+    assert list(validator.iter_errors(result.manifest)) == []
 
     markdown = (out / "report.md").read_text()
     assert "Baseline: dense-equivalent (low-rank pairs multiplied out)" in markdown
