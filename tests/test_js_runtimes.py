@@ -226,6 +226,10 @@ def test_node_embeds_like_python(
     assert cosines.min() >= 0.9999, cosines
     assert result["memory"]["peakRssBytes"] > 0
     assert result["latency"]["medianMs"] > 0
+    # What just ran in Node must be what the manifest claims runs there (no unverified ops).
+    runtimes = json.loads((quickstart_bundle / "manifest.json").read_text())["runtimes"]
+    assert runtimes["onnxruntime-node"]["runs"] is True, runtimes["onnxruntime-node"]
+    assert runtimes["onnxruntime-web-wasm"]["unverified"] == [], runtimes
 
 
 # The page on the quick start's bundle: cosine 0.9977 to 0.9997 to Python, sentence by sentence

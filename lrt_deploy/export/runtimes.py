@@ -34,8 +34,11 @@ _STANDARD_OPS = frozenset({
     "MatMul", "MatMulInteger", "Max", "Mul", "QuantizeLinear", "Range", "ReduceL2", "ReduceSum",
     "Reshape", "Shape", "Slice", "Softmax", "Squeeze", "Transpose", "Unsqueeze", "Where",
 })
+# Attention and QAttention: onnxscript's packed-QKV fusion (fp32 in the int4 bundle's page test,
+# QAttention in the quick start's int8 bundle, run by Node and the page).
 _CONTRIB_OPS = frozenset({
-    "BiasGelu", "FusedMatMul", "MatMulNBits", "MultiHeadAttention", "SkipLayerNormalization",
+    "Attention", "BiasGelu", "FusedMatMul", "MatMulNBits", "MultiHeadAttention", "QAttention",
+    "SkipLayerNormalization",
 })
 _VERIFIED = frozenset({(_STANDARD, op) for op in _STANDARD_OPS}) | frozenset(
     {(_MICROSOFT, op) for op in _CONTRIB_OPS}
