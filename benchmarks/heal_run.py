@@ -87,7 +87,8 @@ def main() -> int:
     import torch
 
     from lrt_deploy.compress import LowRankConfig, heal_
-    from lrt_deploy.compress.heal import save_lowrank_factors, select_device
+    from lrt_deploy.compress.factor_shards import save_lowrank_factors
+    from lrt_deploy.compress.heal import select_device
     from lrt_deploy.data.stream import (
         DOMAIN_HELDOUT,
         HELDOUT,
@@ -122,7 +123,7 @@ def main() -> int:
     loaded.module.to(device)
     teacher.to(device)
     if args.factors is not None:
-        from lrt_deploy.compress.heal import load_lowrank_factors
+        from lrt_deploy.compress.factor_shards import load_lowrank_factors
 
         load_lowrank_factors(loaded.module, args.factors)
         loaded.module.to(device)

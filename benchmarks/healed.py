@@ -26,7 +26,7 @@ def build_variant(loaded: Any, spec: str, corpus: Path | None) -> tuple[Any, dic
     import torch
 
     from lrt_deploy.compress import LowRankConfig, factorize_
-    from lrt_deploy.compress.heal import load_lowrank_factors, save_lowrank_factors
+    from lrt_deploy.compress.factor_shards import load_lowrank_factors, save_lowrank_factors
 
     module = copy.deepcopy(loaded.module)
     info: dict[str, Any] = {"source": spec}

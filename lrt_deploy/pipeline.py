@@ -159,8 +159,10 @@ def export_bundle(
         text_healing_data,
     )
     from lrt_deploy.data import readers
-    from lrt_deploy.export.build import build_variants
+    from lrt_deploy.export.build import build_by_design_variants, build_variants
     from lrt_deploy.export.bundle import commit, staging_folder, write_bundle
+    from lrt_deploy.export.dense_equivalent import by_design_baseline
+    from lrt_deploy.report.summary import baseline_description
 
     settings = _plan_settings(loaded, target, settings or BenchmarkSettings())
     out_dir = Path(out_dir)
@@ -214,8 +216,9 @@ def export_bundle(
         work = staging / ".work"
         work.mkdir()
         # A factorized model is compared with its dense original; a model that is low-rank
-        # by design has no dense twin and is its own baseline.
+        # (or Linformer) by design with its dense equivalent, built here.
         design_layers = lowrank_by_design(loaded.module) if compress is None else []
+        by_design = by_design_baseline(loaded) if compress is None else None
         plan = [] if design_layers else [("dense", "dense", dense)]
         if compress is not None or design_layers:
             plan.append(("lrt", "LRT", loaded))
@@ -224,6 +227,14 @@ def export_bundle(
         )
         calibration_feeds = readers.to_numpy_batches(batches) if calibrate else []
         variants: list[Variant] = []
+        fold = None
+        if by_design is not None:
+            variants, fold = build_by_design_variants(
+                loaded, by_design, target=target, work=work,
+                validation_batches=lambda model: readers.validation_batches(model, evaluation),
+                check_feeds=feeds, calibration_feeds=calibration_feeds, progress=progress,
+            )
+            plan = []  # built above
         for key, label, model in plan:
             variants.extend(build_variants(
                 key, label, model, target=target, work=work,
@@ -236,15 +247,31 @@ def export_bundle(
 
         _measure_all(variants, loaded, measured_feeds, reference, masks, feeds, target,
                      settings, progress)
+        # Standard attention is not the Linformer's function: its cosine would mislead.
+        incomparable = [
+            v.label for v in variants
+            if by_design is not None and not by_design.fidelity_comparable
+            and v.key.startswith("dense")
+        ]
+        for variant in variants:
+            if variant.label in incomparable:
+                variant.fidelity = {}
         if outcome is not None and outcome.selection_fidelity is not None:
             _judge_floor(outcome, deployed, dense, loaded, target, settings, feeds, progress)
 
         progress("packaging the bundle")
         lowrank = (
             outcome.to_manifest() if outcome is not None
-            else {"origin": "by design", "layers": design_layers} if design_layers
+            else {"origin": "by design", "layers": design_layers}
+            if design_layers or by_design is not None
             else None
         )
+        baseline_text = None
+        if by_design is not None and lowrank is not None:
+            lowrank["baseline"] = {
+                **by_design.to_dict(), "fold": fold.to_dict() if fold is not None else None
+            }
+            baseline_text = baseline_description(by_design, fold)
         manifest = write_bundle(
             staging, target=target, deployed=deployed, reference=variants[0],
             source={"name": loaded.name, "format": loaded.format,
@@ -253,7 +280,8 @@ def export_bundle(
             benchmark=settings.to_dict(), feeds=feeds,
             threads=settings.threads, lowrank=lowrank,
         )
-        report = _report(loaded, target, variants, settings, outcome, design_layers)
+        report = _report(loaded, target, variants, settings, outcome, design_layers,
+                         baseline_text, incomparable)
         report.write(staging)
         shutil.rmtree(work)
         commit(staging, out_dir)
@@ -361,6 +389,8 @@ def _report(
     settings: BenchmarkSettings,
     outcome: CompressionOutcome | None,
     design_layers: list[dict[str, Any]],
+    baseline: str | None = None,
+    incomparable: list[str] | None = None,
 ) -> Any:
     from lrt_deploy.report.summary import fidelity_description, run_report
 
@@ -377,8 +407,11 @@ def _report(
         measured_on=measured_on,
         threads=settings.threads,
         fidelity_inputs=fidelity_description(
-            loaded.kind, loaded.output_names[0], loaded.is_text, outcome is not None
+            loaded.kind, loaded.output_names[0], loaded.is_text, outcome is not None,
+            by_design=baseline is not None,
         ),
         compression=outcome,
         design_layers=design_layers,
+        baseline=baseline,
+        incomparable=incomparable or (),
     )

@@ -431,7 +431,11 @@ def test_lowrank_by_design_default_output(capsys, tmp_path: Path, models: Path,
     assert lowrank["origin"] == "by design"
     assert [(layer["name"], layer["rank"]) for layer in lowrank["layers"]] == [("led", 4)]
     assert manifest["target"]["name"] == "cpu"
-    assert "LRT fp32" in out
+    # A model low-rank by design is measured against its dense equivalent, same function.
+    assert "dense fp32 (baseline)" in out and "LRT fp32 (deployed)" in out
+    assert "Baseline: dense-equivalent" in out
+    assert lowrank["baseline"]["kind"] == "dense-equivalent"
+    assert manifest["params"]["dense"] > manifest["params"]["deployed"]
     assert not (out_dir / "model.ort").exists()
     assert "tokenizer" not in manifest["files"]
 

@@ -286,7 +286,7 @@ def test_heal_on_cuda_with_autocast_returns_the_model_to_its_device() -> None:
 
 
 def test_lowrank_factors_round_trip_in_small_shards(tmp_path) -> None:  # noqa: ANN001
-    from lrt_deploy.compress.heal import load_lowrank_factors, save_lowrank_factors
+    from lrt_deploy.compress.factor_shards import load_lowrank_factors, save_lowrank_factors
 
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Embedding(300, DIM), nn.Linear(DIM, 48), nn.Linear(48, DIM))

@@ -17,7 +17,7 @@ from lrt_deploy.compress import LowRankConfig  # noqa: E402
 from lrt_deploy.errors import BundleExistsError, ExportValidationError  # noqa: E402
 from lrt_deploy.export.precision import DynamicInt8  # noqa: E402
 from lrt_deploy.export.targets import Target  # noqa: E402
-from lrt_deploy.load import load_model  # noqa: E402
+from lrt_deploy.load import load_model, parse_input_spec  # noqa: E402
 from lrt_deploy.pipeline import BenchmarkSettings, export_bundle  # noqa: E402
 
 FAST = BenchmarkSettings(runs=3, warmup=1)
@@ -116,16 +116,144 @@ def test_compressed_int8_export_has_four_measured_variants(
     assert list(validator.iter_errors(broken))
 
 
-def test_lowrank_by_design_model_is_its_own_baseline(tmp_path: Path) -> None:
+class _LEDBlocks(torch.nn.Module):
+    """Blocks whose projection and FFN are greenformer LED pairs ``Sequential(Linear(no
+    bias), Linear)``: a model trained low-rank, with no dense twin of its own."""
+
+    def __init__(self, hidden: int = 32, rank: int = 4) -> None:
+        super().__init__()
+
+        def led(inp: int, out: int) -> torch.nn.Sequential:
+            return torch.nn.Sequential(
+                torch.nn.Linear(inp, rank, bias=False), torch.nn.Linear(rank, out)
+            )
+
+        self.proj, self.up, self.down = led(hidden, hidden), led(hidden, 96), led(96, hidden)
+        self.norm = torch.nn.LayerNorm(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.proj(x)
+        return self.norm(x + self.down(torch.relu(self.up(x))))
+
+
+def _by_design(tmp_path: Path, case: str):
     torch.manual_seed(0)
-    loaded = load_model(_pickled(tmp_path, TinyLowRankMLP().eval(), "led"), trust_pickle=True)
-    result = export_bundle(loaded, tmp_path / "bundle", Target.cpu(), settings=FAST)
-    assert [v.label for v in result.variants] == ["LRT fp32"]
-    assert result.variants[0].is_baseline and result.variants[0].deployed
-    lowrank = result.manifest["lowrank"]
-    assert lowrank["origin"] == "by design"
-    assert sorted(layer["rank"] for layer in lowrank["layers"]) == [4, 4]
-    assert [row["action"] for row in result.report.layers] == ["low-rank by design"] * 2
+    if case == "lowranklinear":
+        return load_model(
+            _pickled(tmp_path, TinyLowRankMLP().eval(), "lowrank"), trust_pickle=True
+        )
+    model = _LEDBlocks().eval()
+    example = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(4))
+    if case == "torchscript":
+        path = tmp_path / "led.ts.pt"
+        torch.jit.trace(model, example).save(str(path))
+        return load_model(path, input_specs=[parse_input_spec("x=2,7,32")])
+    path = tmp_path / "led.pt2"
+    program = torch.export.export(
+        model, (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}}
+    )
+    torch.export.save(program, str(path))
+    return load_model(path)
+
+
+@pytest.mark.parametrize(
+    ("case", "made_from"),
+    [("torchscript", "onnx graph"), ("pt2", "onnx graph"), ("lowranklinear", "module")],
+)
+def test_lowrank_by_design_model_is_compared_with_its_dense_equivalent(
+    tmp_path: Path, case: str, made_from: str
+) -> None:
+    loaded = _by_design(tmp_path, case)
+    out = tmp_path / "bundle"
+    result = export_bundle(loaded, out, Target.cpu(precision=DynamicInt8()), settings=FAST)
+
+    labels = [v.label for v in result.variants]
+    assert labels == ["dense fp32", "dense int8", "LRT fp32", "LRT int8"]
+    assert [v.is_baseline for v in result.variants] == [True, False, False, False]
+    assert [v.deployed for v in result.variants] == [False, False, False, True]
+    rows = {v.label: v for v in result.variants}
+    # Multiplying the pairs out computes the same function as the deployed model.
+    assert rows["dense fp32"].fidelity["mean_cosine"] >= 0.9999
+    assert rows["LRT fp32"].fidelity["mean_cosine"] >= 0.9999
+    assert rows["dense int8"].fidelity["mean_cosine"] > 0.99
+    # fp32 only: on models this tiny each quantised MatMul's scales and casts outweigh the
+    # bytes int8 saves, so the int8 LRT graph need not be the smaller one.
+    assert result.report.size_ratio(result.report.variants[2]) < 1.0
+    assert rows["dense fp32"].validation and all(c["passed"] for c in rows["dense fp32"].validation)
+
+    baseline = result.manifest["lowrank"]["baseline"]
+    assert baseline["kind"] == "dense-equivalent" and baseline["fidelity_comparable"]
+    assert baseline["made_from"] == made_from
+    if made_from == "onnx graph":
+        fold = baseline["fold"]
+        assert fold["pairs"] == 3
+        # Dense parameters: the factors replaced by their products (32x32, 32x96, 96x32).
+        assert fold["params_after"] == 32 * 32 + 2 * 32 * 96
+        if rows["LRT fp32"].params is not None:
+            assert rows["dense fp32"].params == (
+                rows["LRT fp32"].params - fold["params_before"] + fold["params_after"])
+    else:
+        assert baseline["fold"] is None and baseline["units"] == 2
+        assert result.manifest["params"]["deployed"] < result.manifest["params"]["dense"]
+    assert result.manifest["variant"] == "LRT int8"
+    jsonschema = pytest.importorskip("jsonschema")
+    from lrt_deploy.schemas import load_schema
+
+    validator = jsonschema.Draft202012Validator(load_schema("manifest"))
+    assert list(validator.iter_errors(result.manifest)) == []
+
+    markdown = (out / "report.md").read_text()
+    assert "Baseline: dense-equivalent (low-rank pairs multiplied out)" in markdown
+    assert "by-design PyTorch fp32 model" in markdown
+    table = markdown.split("| Variant | Size (MB)")[1].split("\n\n")[0].splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == [
+        "| dense fp32 (baseline)", "| dense int8", "| LRT fp32", "| LRT int8 (deployed)"]
+    assert "Baseline: dense-equivalent" in (out / "report.html").read_text()
+
+
+class _LinformerBlocks(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from lrt_deploy.nn import LinformerSelfAttention
+
+        self.attention = torch.nn.ModuleList(
+            LinformerSelfAttention(32, 4, 16, 4) for _ in range(2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.attention:
+            x = x + layer(x)
+        return x
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        return (torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(5)),)
+
+
+def test_linformer_by_design_baseline_fidelity_is_not_comparable(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    loaded = load_model(
+        _pickled(tmp_path, _LinformerBlocks().eval(), "linformer"), trust_pickle=True
+    )
+    out = tmp_path / "bundle"
+    result = export_bundle(loaded, out, Target.cpu(), settings=FAST)
+
+    assert [v.label for v in result.variants] == ["dense fp32", "Linformer fp32"]
+    dense, linformer = result.variants
+    assert dense.is_baseline and linformer.deployed
+    # No cosine for a different function; the Linformer graph still matches its PyTorch.
+    assert dense.fidelity == {} and result.report.variants[0].fidelity == {}
+    assert linformer.fidelity["mean_cosine"] == pytest.approx(1.0, abs=1e-5)
+    baseline = result.manifest["lowrank"]["baseline"]
+    assert baseline["kind"] == "standard-attention" and not baseline["fidelity_comparable"]
+    assert baseline["units"] == 2
+
+    markdown = (out / "report.md").read_text()
+    assert "Baseline: standard attention over the same weights; fidelity not comparable" in (
+        markdown)
+    assert "fidelity not comparable: standard attention is a different function" in markdown
+    dense_row = next(line for line in markdown.splitlines()
+                     if line.startswith("| dense fp32"))
+    assert dense_row.rstrip(" |").split("|")[-1].strip() == "-"
 
 
 def test_failure_leaves_no_staging_folder_and_keeps_existing_bundle(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,10 +34,7 @@ __all__ = [
     "HealResult",
     "autocast_dtype",
     "heal_",
-    "load_lowrank_factors",
-    "lowrank_state",
     "lr_multiplier",
-    "save_lowrank_factors",
     "select_device",
 ]
 
@@ -46,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 TRAINABLE = ("lowrank", "linear", "all")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_PART = "::part"
 
 Batch = Mapping[str, Any]
 
@@ -479,136 +474,3 @@ def heal_(
     )
     logger.info(result.summary())
     return result
-
-
-def lowrank_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters and buffers of ``module``'s low-rank units, by qualified name: what
-    healing changed (with ``trainable="lowrank"``) and all that must travel to reproduce it."""
-    state: dict[str, torch.Tensor] = {}
-    for name, unit in module.named_modules():
-        if is_lowrank_pair(unit):
-            for key, value in unit.state_dict().items():
-                state[f"{name}.{key}" if name else key] = value.detach()
-    return state
-
-
-def save_lowrank_factors(
-    module: nn.Module,
-    folder: str | Path,
-    *,
-    dtype: torch.dtype = torch.float16,
-    max_file_bytes: int = 16 * 2**20,
-) -> list[Path]:
-    """Write the low-rank factors of ``module`` as safetensors shards of at most
-    ``max_file_bytes`` each (so healed weights can travel between machines without the dense
-    rest of the model, which the receiver already has).
-
-    Args:
-        module: A factorized (e.g. healed) model.
-        folder: Output folder, created if needed; shards are ``lowrank-NNN.safetensors``.
-        dtype: Storage dtype of floating tensors (fp16 halves the size; load them into fp32).
-        max_file_bytes: Size limit of one shard.
-
-    Returns:
-        The shard paths.
-
-    Raises:
-        ValueError: ``module`` has no low-rank units.
-    """
-    from safetensors.torch import save_file
-
-    state = lowrank_state(module)
-    if not state:
-        raise ValueError("the model has no low-rank units to save: factorize it first")
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, value in state.items():
-        tensor = (value.to(dtype) if value.is_floating_point() else value).cpu().contiguous()
-        row_bytes = max(1, tensor[0].numel() * tensor.element_size()) if tensor.dim() else 1
-        rows_per_part = max(1, max_file_bytes // row_bytes)
-        # A tensor larger than one file (an embedding table's factor) goes in row blocks.
-        parts = (
-            {key: tensor}
-            if tensor.dim() == 0 or tensor.shape[0] <= rows_per_part
-            else {
-                f"{key}{_PART}{index}": tensor[start : start + rows_per_part].contiguous()
-                for index, start in enumerate(range(0, tensor.shape[0], rows_per_part))
-            }
-        )
-        for part_key, part in parts.items():
-            nbytes = part.numel() * part.element_size()
-            if size + nbytes > max_file_bytes and shards[-1]:
-                shards.append({})
-                size = 0
-            shards[-1][part_key] = part
-            size += nbytes
-    paths = []
-    for index, shard in enumerate(shards):
-        path = out / f"lowrank-{index:03d}.safetensors"
-        save_file(shard, str(path))
-        paths.append(path)
-    return paths
-
-
-def load_lowrank_factors(module: nn.Module, folder: str | Path) -> list[dict[str, object]]:
-    """Rebuild the low-rank units saved by :func:`save_lowrank_factors` in the dense
-    ``module`` (same architecture), in place, and load their weights as fp32.
-
-    Returns:
-        One ``{"name", "rank", "shape", "type"}`` dict per unit rebuilt.
-
-    Raises:
-        LrtDeployError: No shards in ``folder``, or the weights do not fit the model.
-    """
-    from safetensors.torch import load_file
-
-    from lrt_deploy.compress.config import LowRankConfig
-    from lrt_deploy.compress.factorize import factorize_
-    from lrt_deploy.nn.lowrank import lowrank_layers_in_weights
-
-    paths = sorted(Path(folder).glob("lowrank-*.safetensors"))
-    if not paths:
-        raise LrtDeployError(f"no lowrank-*.safetensors in '{folder}': save them with "
-                             "save_lowrank_factors first")
-    loaded: dict[str, torch.Tensor] = {}
-    for path in paths:
-        loaded.update(load_file(str(path)))
-    state: dict[str, torch.Tensor] = {}
-    blocks: dict[str, dict[int, torch.Tensor]] = {}
-    for key, value in loaded.items():
-        if _PART in key:
-            base, index = key.rsplit(_PART, 1)
-            blocks.setdefault(base, {})[int(index)] = value
-        else:
-            state[key] = value
-    for base, parts in blocks.items():
-        state[base] = torch.cat([parts[i] for i in sorted(parts)])
-    units = lowrank_layers_in_weights(state)
-    names = {str(unit["name"]) for unit in units}
-    config = LowRankConfig(
-        rank=1, solver="svd",
-        factorize_embeddings=any(unit["type"] == "LowRankEmbedding" for unit in units),
-        rank_overrides={str(unit["name"]): int(unit["rank"]) for unit in units},  # type: ignore[call-overload]
-    )
-    result = factorize_(module, config, filter_fn=lambda _m, name: name in names)
-    rebuilt = {d.name for d in result.factorized}
-    if rebuilt != names:
-        raise LrtDeployError(
-            f"the saved factors do not fit this model ({len(names - rebuilt)} units not "
-            "rebuilt): load them into the architecture they were saved from"
-        )
-    reference = module.state_dict()
-    missing = [key for key in state if key not in reference]
-    if missing:
-        raise LrtDeployError(f"the saved factors name {missing[:3]} which this model lacks")
-    with torch.no_grad():
-        for key, value in state.items():
-            target = reference[key]
-            if target.shape != value.shape:
-                raise LrtDeployError(
-                    f"{key}: saved shape {tuple(value.shape)} != model {tuple(target.shape)}"
-                )
-            target.copy_(value.to(target.dtype))
-    return units

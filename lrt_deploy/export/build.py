@@ -18,9 +18,12 @@ from lrt_deploy.export.precision import PrecisionContext, apply_precision
 from lrt_deploy.export.targets import Target
 
 if TYPE_CHECKING:
+    from lrt_deploy.export.dense_equivalent import ByDesignBaseline, FoldResult
     from lrt_deploy.load import LoadedModel
 
-__all__ = ["Variant", "build_variants", "count_params"]
+__all__ = [
+    "Variant", "build_by_design_variants", "build_variants", "count_params", "raw_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +84,7 @@ def build_variants(
     check_feeds: Mapping[str, np.ndarray],
     calibration_feeds: Sequence[Mapping[str, np.ndarray]] = (),
     progress: Callable[[str], None] = lambda _line: None,
+    raw: Path | None = None,
 ) -> list[Variant]:
     """Export one model and derive its deployable variants: fp32 (optimised), then the
     target's precision recipe when it has one.
@@ -96,6 +100,8 @@ def build_variants(
         check_feeds: Inputs the fused graph is checked against the unfused one on.
         calibration_feeds: Named input arrays for precision recipes that calibrate.
         progress: Called with a short line as each step starts.
+        raw: Start from this ONNX graph instead of exporting ``model`` (a graph derived from
+            its export, e.g. the dense equivalent); it is still validated against ``model``.
 
     Returns:
         The fp32 variant, then the precision variant when the target has one.
@@ -104,10 +110,12 @@ def build_variants(
     from lrt_deploy.export.reproducibility import normalize_for_reproducibility
     from lrt_deploy.export.validate import validate_onnx
 
-    progress(f"exporting {label} to ONNX (opset {target.opset})")
-    raw = export_onnx(model, work / f"{key}.raw.onnx", opset=target.opset)
-    # Drops exporter stack traces (absolute paths of this machine) so builds are reproducible.
-    normalize_for_reproducibility(raw)
+    if raw is None:
+        progress(f"exporting {label} to ONNX (opset {target.opset})")
+        raw = export_onnx(model, raw_path(work, key), opset=target.opset)
+        # Drops exporter stack traces (absolute paths of this machine) so builds are
+        # reproducible.
+        normalize_for_reproducibility(raw)
     progress(f"validating {label} ONNX against PyTorch")
     checks = [c.to_dict() for c in validate_onnx(raw, model.forward, list(validation_batches))]
     fp32 = work / f"{key}.fp32.onnx"
@@ -144,6 +152,84 @@ def build_variants(
             optimization=optimization, quantization=details, params=params,
         ))
     return variants
+
+
+def raw_path(work: Path, key: str) -> Path:
+    """Where :func:`build_variants` writes the exporter's graph of ``key``."""
+    return work / f"{key}.raw.onnx"
+
+
+def build_by_design_variants(
+    model: LoadedModel,
+    baseline: ByDesignBaseline,
+    *,
+    target: Target,
+    work: Path,
+    validation_batches: Callable[[LoadedModel], Sequence[dict[str, Any]]],
+    check_feeds: Mapping[str, np.ndarray],
+    calibration_feeds: Sequence[Mapping[str, np.ndarray]] = (),
+    progress: Callable[[str], None] = lambda _line: None,
+) -> tuple[list[Variant], FoldResult | None]:
+    """The variants of a model built low-rank (or Linformer) by design and of its baseline.
+
+    The baseline (``baseline.loaded``, or for TorchScript/``.pt2`` models the model's own
+    raw ONNX with every low-rank pair multiplied out) goes through the same optimise and
+    precision steps as the model. The folded graph is validated against the by-design
+    model's PyTorch outputs, which checks the fold.
+
+    Args:
+        model: The by-design model (deployed).
+        baseline: From :func:`lrt_deploy.export.dense_equivalent.by_design_baseline`.
+        target: As for :func:`build_variants`.
+        work: As for :func:`build_variants`.
+        validation_batches: Validation inputs of a model (``data.readers.validation_batches``
+            with the run's held-out batches bound).
+        check_feeds: As for :func:`build_variants`.
+        calibration_feeds: As for :func:`build_variants`.
+        progress: As for :func:`build_variants`.
+
+    Returns:
+        The dense variants (baseline first) then the model's (deployed last), and the fold
+        when the baseline was made on the graph. A graph with no foldable pair gives only
+        the model's variants, its fp32 one the baseline.
+    """
+    from lrt_deploy.export.dense_equivalent import dense_equivalent_onnx
+
+    label = "Linformer" if baseline.kind == "standard-attention" else "LRT"
+    common: dict[str, Any] = {
+        "target": target, "work": work, "check_feeds": check_feeds,
+        "calibration_feeds": calibration_feeds, "progress": progress,
+    }
+    if baseline.loaded is not None:
+        dense = build_variants(
+            "dense", "dense", baseline.loaded, is_baseline=True,
+            validation_batches=validation_batches(baseline.loaded), **common,
+        )
+        lowrank = build_variants(
+            "lrt", label, model, is_baseline=False,
+            validation_batches=validation_batches(model), **common,
+        )
+        return dense + lowrank, None
+    # Graph path: the module classes are gone, so the LRT export is folded instead.
+    checks = validation_batches(model)
+    lowrank = build_variants(
+        "lrt", label, model, is_baseline=False, validation_batches=checks, **common
+    )
+    progress("multiplying out the low-rank pairs of the exported graph (dense equivalent)")
+    fold = dense_equivalent_onnx(raw_path(work, "lrt"), raw_path(work, "dense"))
+    if not fold.pairs:
+        logger.warning("no low-rank MatMul pair found in the exported graph: the model is "
+                       "its own baseline")
+        lowrank[0].is_baseline = True
+        return lowrank, fold
+    dense = build_variants(
+        "dense", "dense", model, is_baseline=True, validation_batches=checks,
+        raw=raw_path(work, "dense"), **common,
+    )
+    for variant in dense:
+        if variant.params is not None:
+            variant.params += fold.params_after - fold.params_before
+    return dense + lowrank, fold
 
 
 def _maybe_fix_shapes(path: Path, fixed_shape: Mapping[str, int]) -> Path:

@@ -25,6 +25,7 @@ from lrt_deploy.errors import BundleExistsError, LrtDeployError
 from lrt_deploy.export.build import Variant
 from lrt_deploy.export.graph import default_opset, model_bytes
 from lrt_deploy.export.targets import Target
+from lrt_deploy.runtime.contract import SUPPORTED_FORMAT_VERSION
 
 __all__ = [
     "FORMAT_VERSION",
@@ -38,7 +39,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+#: The manifest/report format written; the runtime reads up to the same number.
+FORMAT_VERSION = SUPPORTED_FORMAT_VERSION
 
 
 def prepare_out_dir(out_dir: Path, force: bool, source: Path | None = None) -> None:
@@ -236,6 +238,7 @@ def write_bundle(
         The manifest written.
     """
     from lrt_deploy.export.external_data import load_model_proto, save_model_proto
+    from lrt_deploy.export.runtimes import supported_runtimes
 
     files: dict[str, str] = {"onnx": "model.onnx"}
     model = load_model_proto(deployed.onnx_path)
@@ -286,6 +289,8 @@ def write_bundle(
         "inputs": _tensor_info(model.graph.input),
         "outputs": _tensor_info(model.graph.output),
         "text": text_limits,
+        # Which ONNX Runtime packages (Python, Node, WebAssembly, Android) run this graph.
+        "runtimes": supported_runtimes(model),
         "opset": default_opset(model),
         "variant": deployed.label,
         "quantization": deployed.quantization,

@@ -31,9 +31,11 @@ logger = logging.getLogger(__name__)
 #: Component names, in display order.
 COMPONENTS = ("embeddings", "attention", "ffn", "other")
 
-_ATTENTION_OPS = frozenset({"MultiHeadAttention", "Attention", "Softmax", "GroupQueryAttention"})
+_ATTENTION_OPS = frozenset(
+    {"MultiHeadAttention", "Attention", "QAttention", "Softmax", "GroupQueryAttention"}
+)
 _FFN_OPS = frozenset({"Gelu", "BiasGelu", "FastGelu", "Erf", "Relu", "QuickGelu", "Sigmoid"})
-_EMBEDDING_OPS = frozenset({"Gather", "EmbedLayerNormalization"})
+_EMBEDDING_OPS = frozenset({"Gather", "GatherBlockQuantized", "EmbedLayerNormalization"})
 # Normalisation separates transformer blocks: walks do not cross it.
 _BOUNDARY_OPS = frozenset(
     {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",

@@ -18,8 +18,22 @@ if TYPE_CHECKING:
     from lrt_deploy.compress.recipe import CompressionOutcome
     from lrt_deploy.compress.search import BudgetSearchResult
     from lrt_deploy.export.build import Variant
+    from lrt_deploy.export.dense_equivalent import ByDesignBaseline, FoldResult
 
-__all__ = ["compression_notes", "fidelity_description", "floor_notes", "run_report"]
+__all__ = [
+    "INCOMPARABLE_NOTE",
+    "baseline_description",
+    "compression_notes",
+    "fidelity_description",
+    "floor_notes",
+    "run_report",
+]
+
+#: Under each baseline row whose function differs from the deployed model's (Linformer).
+INCOMPARABLE_NOTE = (
+    "fidelity not comparable: standard attention is a different function from the deployed "
+    "Linformer model, so no cosine is printed"
+)
 
 _COMPARED = {
     "text-embedding": "sentence embeddings",
@@ -29,17 +43,40 @@ _COMPARED = {
 
 
 def fidelity_description(
-    kind: str, output_name: str, is_text: bool, compressed: bool
+    kind: str, output_name: str, is_text: bool, compressed: bool, by_design: bool = False
 ) -> str:
-    """What the fidelity columns compare, on which inputs, against which reference."""
+    """What the fidelity columns compare, on which inputs, against which reference
+    (``by_design``: a low-rank/Linformer-by-design model measured against its baseline)."""
     what = _COMPARED.get(kind, f"output '{output_name}' rows")
     source = (
         "the shipped held-out sentences (heldout.txt, never used for calibration)"
         if is_text
         else "the example inputs"
     )
-    reference = "dense PyTorch fp32 model" if compressed else "PyTorch fp32 model"
+    reference = (
+        "dense PyTorch fp32 model" if compressed
+        else "by-design PyTorch fp32 model" if by_design
+        else "PyTorch fp32 model"
+    )
     return f"cosine of {what} vs the {reference} on {source}"
+
+
+def baseline_description(baseline: ByDesignBaseline, fold: FoldResult | None) -> str:
+    """How the baseline of a by-design model was made, for the report's "Baseline:" line."""
+    if fold is not None:
+        if not fold.pairs:
+            return "the model itself: no low-rank pair was found on its exported graph"
+        how = (
+            f"{fold.pairs} low-rank pairs folded on the exported ONNX graph "
+            f"({fold.params_before:,} -> {fold.params_after:,} weights)"
+        )
+    else:
+        what = {
+            "dense-equivalent": "low-rank units multiplied out",
+            "standard-attention": "Linformer attentions replaced",
+        }.get(baseline.kind, "low-rank units and Linformer attentions replaced")
+        how = f"{baseline.units} {what} in the PyTorch model"
+    return f"{baseline.note}; {how}, then built exactly like the deployed model"
 
 
 def _search_note(search: BudgetSearchResult, selection: str) -> str:
@@ -108,6 +145,8 @@ def run_report(
     fidelity_inputs: str,
     compression: CompressionOutcome | None = None,
     design_layers: Sequence[Mapping[str, Any]] = (),
+    baseline: str | None = None,
+    incomparable: Sequence[str] = (),
 ) -> ComparisonReport:
     """The comparison report of one run.
 
@@ -119,6 +158,8 @@ def run_report(
         fidelity_inputs: :func:`fidelity_description` of the fidelity columns.
         compression: How the low-rank model was made (its notes go under its first row).
         design_layers: Low-rank-by-design layers when nothing was factorized.
+        baseline: How the baseline was made, when it is not the user's dense model.
+        incomparable: Labels of variants whose fidelity is not comparable (blank, with a note).
     """
     # Notes on how the low-rank model was made are shown once, under its first row.
     first_lrt = next((v for v in variants if v.label.startswith("LRT")), None)
@@ -132,9 +173,11 @@ def run_report(
             is_baseline=v.is_baseline,
             params=v.params,
             latency=v.latency,
-            fidelity=v.fidelity,
+            fidelity={} if v.label in incomparable else v.fidelity,
             provider_report=v.provider,
-            notes=(list(notes) if v is first_lrt else []) + (floors if v.deployed else []),
+            notes=(list(notes) if v is first_lrt else [])
+            + ([INCOMPARABLE_NOTE] if v.label in incomparable else [])
+            + (floors if v.deployed else []),
         )
         for v in variants
     ]
@@ -149,6 +192,7 @@ def run_report(
             "provider_requested": provider.get("requested"),
             "provider_active": provider.get("active"),
             "fidelity_inputs": fidelity_inputs,
+            **({"baseline": baseline} if baseline else {}),
         },
         layers=_layer_rows(compression, design_layers),
         optimisation={
