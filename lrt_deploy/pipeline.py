@@ -371,7 +371,9 @@ def _judge_floor(
         figures[readers.DOMAIN_HELDOUT_TEXT] = _figure(
             output_fidelity(loaded.kind, reference, result.outputs, masks)
         )
-    outcome.floor_verdict = judge_floor(floor, figures, selection_data=SELECTION_DATA)
+    # The lines go out once: through progress when there is one, else as judge_floor logs them.
+    with quiet_loggers(*(("lrt_deploy.compress.search",) if progress is not _noop else ())):
+        outcome.floor_verdict = judge_floor(floor, figures, selection_data=SELECTION_DATA)
     for line in outcome.floor_verdict.lines():
         progress(line)
 
