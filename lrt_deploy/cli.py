@@ -18,9 +18,18 @@ from lrt_deploy.errors import LrtDeployError
 if TYPE_CHECKING:
     from lrt_deploy.export.precision import Precision
 
-__all__ = ["main", "build_parser"]
+__all__ = ["EXIT_FLOOR_MISSED", "EXIT_USAGE", "FidelityFloorMissed", "main", "build_parser"]
 
 EXIT_USAGE = 2
+#: ``--strict``: the bundle was written but a held-out figure is below ``--fidelity-floor``.
+EXIT_FLOOR_MISSED = 3
+
+
+class FidelityFloorMissed(LrtDeployError):
+    """``--strict`` and the fidelity floor was missed on held-out text (the bundle is written,
+    so it can be inspected; the exit code lets CI gate on it)."""
+
+    exit_code = EXIT_FLOOR_MISSED
 
 
 def _rank(text: str) -> int | float:
@@ -94,10 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--heal", type=int, default=0, metavar="STEPS",
                       help="after factorizing, distil towards the dense model for STEPS steps "
                       "on the calibration data (keeps the best; never worse)")
+    comp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="where --heal trains: auto (a CUDA GPU when PyTorch sees one, "
+                      "default), cpu or cuda (an error without a GPU)")
+    comp.add_argument("--heal-precision", choices=("auto", "fp32", "bf16", "fp16"),
+                      default="auto",
+                      help="--heal autocast: auto (bf16/fp16 on a GPU, fp32 on CPU, default)")
+    comp.add_argument("--strict", action="store_true",
+                      help="with --fidelity-floor: exit with code 3 when a held-out figure "
+                      "(heldout.txt or heldout_domain.txt) is below the floor; the bundle is "
+                      "still written")
     comp.add_argument("--solver", choices=("asvd", "svd"), default="asvd",
                       help="asvd: activation-aware (calibrated) SVD (default); svd: plain SVD")
     comp.add_argument("--calibration", metavar="FILE",
-                      help="text lines (.txt) or named inputs (.npz); default: shipped corpus")
+                      help="text lines (.txt) or named inputs (.npz); default: shipped corpus. "
+                      "With --heal a text file is streamed (any size; its first 2048 lines "
+                      "calibrate the factorization)")
     comp.add_argument("--factorize-embeddings", action="store_true",
                       help="also factorize Embedding tables")
     comp.add_argument("--skip", action="append", default=[], metavar="PATTERN",
@@ -174,6 +195,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.heal < 0 or (args.heal and not chosen):
         raise _usage_error("--heal needs a factorization (--rank, --budget, --energy or "
                            "--fidelity-floor) and a step count >= 1")
+    if args.strict and args.fidelity_floor is None:
+        raise _usage_error("--strict gates on a fidelity floor: add --fidelity-floor COSINE")
+    if args.heal:
+        from lrt_deploy.compress.heal import select_device
+
+        select_device(args.device)  # no GPU: one line now, before loading anything
     compress = None
     if chosen:
         policy = {"--rank": "uniform", "--budget": "budget", "--energy": "energy",
@@ -218,9 +245,21 @@ def _run(args: argparse.Namespace) -> int:
         heal_steps=args.heal,
         fidelity_floor=args.fidelity_floor,
         progress=progress,
+        device=args.device,
+        heal_precision=args.heal_precision,
     )
     print(result.report.to_markdown())
     progress(f"bundle written to {result.out_dir}")
+    verdict = result.compression.floor_verdict if result.compression is not None else None
+    if verdict is not None and not verdict.met:
+        if args.quiet:  # progress showed them otherwise; a miss is never silent
+            print(verdict.lines()[-1], file=sys.stderr)
+        if args.strict:
+            raise FidelityFloorMissed(
+                f"fidelity floor {verdict.floor:g} missed on {', '.join(verdict.missed_on)} "
+                f"(bundle written to {result.out_dir}): raise --fidelity-floor, heal, or "
+                "drop --strict"
+            )
     return 0
 
 
@@ -318,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(exc, LrtDeployError):
             raise
         print(f"lrt-export: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return int(getattr(exc, "exit_code", EXIT_USAGE))
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -300,3 +300,48 @@ def test_lowrank_factors_round_trip_in_small_shards(tmp_path) -> None:  # noqa: 
     torch.testing.assert_close(dense(ids), factored(ids))
     with pytest.raises(ValueError, match="no low-rank units"):
         save_lowrank_factors(nn.Linear(2, 2), tmp_path / "none")
+
+
+def test_text_healing_data_selects_on_the_shipped_corpus_unless_it_is_trained_on(
+    tmp_path, tiny_bert_dir  # noqa: ANN001
+) -> None:
+    from lrt_deploy.compress.recipe import HOLDBACK_LINES, text_healing_data
+    from lrt_deploy.data.stream import shipped_lines
+    from lrt_deploy.load import load_model
+
+    loaded = load_model(str(tiny_bert_dir))
+    shipped = shipped_lines("calibration.txt")
+    own = tmp_path / "own.txt"
+    own.write_text("\n".join(f"sentence number {i} about rivers" for i in range(600)),
+                   encoding="utf-8")
+    data = text_healing_data(loaded, own, batch_size=16)
+    assert data.selection_data == "the shipped calibration.txt (never trained on)"
+    assert sum(len(b["input_ids"]) for b in data.selection) == len(shipped)
+    assert data.train.holdout_lines == 0
+    batches = list(data.train)
+    assert len(batches) == 600 // 16 and data.to_dict()["lines_read"] == 600
+    # A corpus that contains the shipped sentences would train on them: hold back its head.
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("\n".join(shipped + [f"extra line {i}" for i in range(400)]),
+                     encoding="utf-8")
+    data = text_healing_data(loaded, mixed, batch_size=16)
+    assert data.selection_data.startswith(f"the first {HOLDBACK_LINES} lines of mixed.txt")
+    assert data.train.holdout_lines == HOLDBACK_LINES
+    assert sum(len(b["input_ids"]) for b in data.selection) == HOLDBACK_LINES
+
+
+def test_calibration_batches_read_only_the_head_of_a_large_file(
+    tmp_path, tiny_bert_dir  # noqa: ANN001
+) -> None:
+    from lrt_deploy.data.readers import DOMAIN_HELDOUT_TEXT, calibration_batches, evaluation_batches
+    from lrt_deploy.load import load_model
+
+    loaded = load_model(str(tiny_bert_dir))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i}" for i in range(1000)) + "\n\xff broken tail\n",
+                      encoding="latin-1")  # the tail is not UTF-8: reading it all would fail
+    batches = calibration_batches(loaded, corpus, batch_size=16, max_lines=100)
+    assert sum(len(b["input_ids"]) for b in batches) == 100
+    domain = evaluation_batches(loaded, 16, corpus=DOMAIN_HELDOUT_TEXT)
+    heldout = evaluation_batches(loaded, 16)
+    assert not torch.equal(domain[0]["input_ids"], heldout[0]["input_ids"])

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CALIBRATION_TEXT",
+    "DOMAIN_HELDOUT_TEXT",
     "HELDOUT_TEXT",
     "calibration_batches",
     "evaluation_batches",
@@ -35,6 +36,8 @@ __all__ = [
 
 CALIBRATION_TEXT = "calibration.txt"
 HELDOUT_TEXT = "heldout.txt"
+#: The second shipped held-out set, of a domain the calibration corpus does not cover.
+DOMAIN_HELDOUT_TEXT = "heldout_domain.txt"
 
 
 def read_text_lines(path: str | Path | None, default: str) -> list[str]:
@@ -127,10 +130,17 @@ def read_npz_inputs(loaded: LoadedModel, calibration: str | Path) -> dict[str, n
 
 
 def calibration_batches(
-    loaded: LoadedModel, calibration: str | Path | None, batch_size: int = 16
+    loaded: LoadedModel,
+    calibration: str | Path | None,
+    batch_size: int = 16,
+    max_lines: int | None = None,
 ) -> list[dict[str, Any]]:
     """Named input batches for activation statistics: text lines (shipped corpus by default) for
     text models, an ``.npz`` of named arrays for any model.
+
+    ``max_lines`` bounds how much of a user's text file is read (its first lines only, the rest
+    of the file is never opened past them): a large healing corpus is streamed separately, and
+    activation statistics and the budget search need only a few thousand sentences.
 
     Raises:
         LrtDeployError: The file is missing or lacks an input; text given for a non-text model.
@@ -154,19 +164,30 @@ def calibration_batches(
             "activation-aware factorization needs calibration data for a non-text model: pass "
             "--calibration inputs.npz (one array per input) or use --solver svd"
         )
-    lines = read_text_lines(calibration, CALIBRATION_TEXT)
+    if calibration is not None and max_lines is not None:
+        from lrt_deploy.data.stream import read_head
+
+        lines = read_head(calibration, max_lines)
+        if not lines:
+            raise LrtDeployError(f"calibration file '{calibration}' has no text lines")
+    else:
+        lines = read_text_lines(calibration, CALIBRATION_TEXT)
     return [loaded.tokenize(chunk) for chunk in _chunks(lines, batch_size)]
 
 
 def evaluation_batches(
-    loaded: LoadedModel, batch_size: int = 16, fixed_shape: dict[str, int] | None = None
+    loaded: LoadedModel,
+    batch_size: int = 16,
+    fixed_shape: dict[str, int] | None = None,
+    corpus: str = HELDOUT_TEXT,
 ) -> list[dict[str, Any]]:
-    """Held-out inputs for fidelity: the shipped held-out corpus for text models (never used for
-    calibration), the example inputs otherwise. A fixed-shape graph gets batches of its shape
-    (only full batches, padded to its sequence length)."""
+    """Held-out inputs for fidelity: a shipped held-out corpus for text models (``corpus``:
+    :data:`HELDOUT_TEXT` or :data:`DOMAIN_HELDOUT_TEXT`, never used for calibration), the
+    example inputs otherwise. A fixed-shape graph gets batches of its shape (only full batches,
+    padded to its sequence length)."""
     if not loaded.is_text:
         return [example_at_batch(loaded, (fixed_shape or {}).get("batch"))]
-    lines = read_text_lines(None, HELDOUT_TEXT)
+    lines = read_text_lines(None, corpus)
     if fixed_shape:
         size = fixed_shape.get("batch", batch_size)
         pad_to = fixed_shape.get("sequence")

@@ -25,6 +25,7 @@ __all__ = [
     "baseline_description",
     "compression_notes",
     "fidelity_description",
+    "floor_notes",
     "run_report",
 ]
 
@@ -80,16 +81,19 @@ def baseline_description(baseline: ByDesignBaseline, fold: FoldResult | None) ->
 
 def _search_note(search: BudgetSearchResult, selection: str) -> str:
     tried = ", ".join(f"{t['budget']:.3f}: {t['mean_cosine']:.4f}" for t in search.trials)
+    target = (f"{search.floor} + margin {search.margin:.4f} (the drop measured on "
+              f"{search.probe_data})" if search.probe_data else f"{search.floor}")
     return (
         f"budget {search.budget:.3f} is the smallest tried with mean cosine >= "
-        f"{search.floor} on the {selection} (tried {tried})"
+        f"{target} on the {selection} (tried {tried})"
     )
 
 
 def _healing_note(healing: HealResult, selection: str) -> str:
     return (
-        f"healed {healing.steps_run} steps in {healing.seconds:.0f}s, kept step "
-        f"{healing.best_step}; mean cosine on the {selection} "
+        f"healed {healing.steps_run} steps in {healing.seconds:.0f}s on {healing.device} "
+        f"({healing.precision}), kept step {healing.best_step}; mean cosine on "
+        f"{'' if selection.startswith('the ') else 'the '}{selection} "
         f"{healing.before_mean_cosine:.4f} -> {healing.after_mean_cosine:.4f}"
     )
 
@@ -104,8 +108,16 @@ def compression_notes(outcome: CompressionOutcome | None) -> list[str]:
     if outcome.budget_search is not None:
         notes.append(_search_note(outcome.budget_search, SELECTION_DATA))
     if outcome.healing is not None:
-        notes.append(_healing_note(outcome.healing, SELECTION_DATA))
+        notes.append(_healing_note(outcome.healing, outcome.healing_selection))
     return notes
+
+
+def floor_notes(outcome: CompressionOutcome | None) -> list[str]:
+    """The fidelity floor's verdict on the deployed variant, one line per dataset and a
+    warning when a held-out figure is below the floor."""
+    if outcome is None or outcome.floor_verdict is None:
+        return []
+    return outcome.floor_verdict.lines()
 
 
 def _layer_rows(
@@ -152,6 +164,8 @@ def run_report(
     # Notes on how the low-rank model was made are shown once, under its first row.
     first_lrt = next((v for v in variants if v.label.startswith("LRT")), None)
     notes = compression_notes(compression)
+    # The floor is judged on what ships, so its verdict goes under the deployed row.
+    floors = floor_notes(compression)
     results = [
         VariantResult(
             name=v.label + (" (deployed)" if v.deployed else ""),
@@ -162,7 +176,8 @@ def run_report(
             fidelity={} if v.label in incomparable else v.fidelity,
             provider_report=v.provider,
             notes=(list(notes) if v is first_lrt else [])
-            + ([INCOMPARABLE_NOTE] if v.label in incomparable else []),
+            + ([INCOMPARABLE_NOTE] if v.label in incomparable else [])
+            + (floors if v.deployed else []),
         )
         for v in variants
     ]
