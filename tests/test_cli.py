@@ -694,6 +694,10 @@ def test_fidelity_floor_missed_on_the_other_domain_fails_strict(
     assert floor["figures"]["heldout_domain.txt"]["mean_cosine"] < 0.95
     search = manifest["lowrank"]["budget_search"]
     assert search["probe_data"] == "heldout_domain.txt" and "margin" in search
+    jsonschema = pytest.importorskip("jsonschema")
+    from lrt_deploy.schemas import load_schema
+
+    jsonschema.Draft202012Validator(load_schema("manifest")).validate(manifest)
     assert "MISSED on heldout_domain.txt (held out)" in out
     assert "met on heldout.txt (held out)" in out
     assert "warning: the fidelity floor 0.95 was not kept on heldout_domain.txt" in out
