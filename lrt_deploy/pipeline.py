@@ -24,11 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from lrt_deploy._logs import quiet_loggers
 from lrt_deploy.errors import LrtDeployError
-from lrt_deploy.export.graph import model_bytes
 from lrt_deploy.export.targets import Target
 
 if TYPE_CHECKING:
@@ -162,6 +158,7 @@ def export_bundle(
     from lrt_deploy.export.build import build_by_design_variants, build_variants
     from lrt_deploy.export.bundle import commit, staging_folder, write_bundle
     from lrt_deploy.export.dense_equivalent import by_design_baseline
+    from lrt_deploy.measure import judge_deployed_floor, measure_variants, reference_outputs
     from lrt_deploy.report.summary import baseline_description
 
     settings = _plan_settings(loaded, target, settings or BenchmarkSettings())
@@ -208,10 +205,7 @@ def export_bundle(
             if target.fixed_shape
             else evaluation
         )
-        primary = loaded.output_names[0]
-        reference = [dense.forward(batch)[primary].numpy() for batch in measured]
-        masks = [b["attention_mask"].numpy() if "attention_mask" in b else None for b in measured]
-        measured_feeds = readers.to_numpy_batches(measured)
+        reference = reference_outputs(dense, loaded.output_names[0], measured)
 
         work = staging / ".work"
         work.mkdir()
@@ -245,8 +239,8 @@ def export_bundle(
         deployed = variants[-1]
         deployed.deployed = True
 
-        _measure_all(variants, loaded, measured_feeds, reference, masks, feeds, target,
-                     settings, progress)
+        measure_variants(variants, loaded.kind, reference, feeds, target.providers, settings,
+                         progress)
         # Standard attention is not the Linformer's function: its cosine would mislead.
         incomparable = [
             v.label for v in variants
@@ -257,7 +251,8 @@ def export_bundle(
             if variant.label in incomparable:
                 variant.fidelity = {}
         if outcome is not None and outcome.selection_fidelity is not None:
-            _judge_floor(outcome, deployed, dense, loaded, target, settings, feeds, progress)
+            judge_deployed_floor(outcome, deployed, dense, loaded, target, settings, feeds,
+                                 quiet=progress is not _noop, progress=progress)
 
         progress("packaging the bundle")
         lowrank = (
@@ -287,101 +282,6 @@ def export_bundle(
         commit(staging, out_dir)
     factorization = outcome.factorization if outcome is not None else None
     return BundleResult(out_dir, manifest, report, variants, factorization, outcome)
-
-
-def _measure_all(
-    variants: list[Variant],
-    loaded: LoadedModel,
-    evaluation: list[dict[str, np.ndarray]],
-    reference: list[np.ndarray],
-    masks: list[np.ndarray | None],
-    feeds: dict[str, np.ndarray],
-    target: Target,
-    settings: BenchmarkSettings,
-    progress: ProgressFn,
-) -> None:
-    """Fidelity against the dense PyTorch outputs, latency, size: one session per variant."""
-    from lrt_deploy.compress.fidelity import output_fidelity
-    from lrt_deploy.runtime.benchmark import measure_model
-
-    progress(
-        f"measuring {len(variants)} variants: batch {settings.batch}, sequence "
-        f"{settings.sequence}, {settings.threads} threads"
-    )
-    primary = loaded.output_names[0]
-    for index, variant in enumerate(variants):
-        # A provider fallback is warned about once (it is the same for every variant) and
-        # written into the report's header for each run.
-        quiet = ("lrt_deploy.runtime",) if index > 0 else ()
-        with quiet_loggers(*quiet):
-            result = measure_model(
-                variant.onnx_path, providers=target.providers, threads=settings.threads,
-                evaluation=evaluation, output=primary, feeds=feeds,
-                warmup=settings.warmup, runs=settings.runs,
-            )
-        variant.provider = result.provider
-        variant.fidelity = output_fidelity(loaded.kind, reference, result.outputs, masks)
-        variant.latency = result.latency.to_dict()
-        variant.file_bytes = model_bytes(variant.onnx_path)
-        if index == 0 and variant.provider.get("fell_back"):
-            progress(f"provider fallback: {variant.provider.get('message')}")
-
-
-def _judge_floor(
-    outcome: CompressionOutcome,
-    deployed: Variant,
-    dense: LoadedModel,
-    loaded: LoadedModel,
-    target: Target,
-    settings: BenchmarkSettings,
-    feeds: dict[str, np.ndarray],
-    progress: ProgressFn,
-) -> None:
-    """Judge the fidelity floor on the deployed variant: its figure on heldout.txt (already
-    measured) and on the shipped different-domain held-out set (measured here the same way,
-    ONNX Runtime against the dense PyTorch model), the calibration split shown beside them."""
-    from lrt_deploy.compress.fidelity import output_fidelity
-    from lrt_deploy.compress.recipe import SELECTION_DATA
-    from lrt_deploy.compress.search import judge_floor
-    from lrt_deploy.data import readers
-    from lrt_deploy.runtime.benchmark import measure_model
-
-    floor = outcome.budget_search.floor if outcome.budget_search is not None else None
-    if floor is None or outcome.selection_fidelity is None:
-        return
-    figures: dict[str, dict[str, float]] = {SELECTION_DATA: outcome.selection_fidelity}
-    if not loaded.is_text:
-        figures["example inputs"] = _figure(deployed.fidelity)
-    else:
-        figures[readers.HELDOUT_TEXT] = _figure(deployed.fidelity)
-        progress(f"measuring the deployed variant on {readers.DOMAIN_HELDOUT_TEXT}")
-        fixed = dict(target.fixed_shape) or None
-        domain = readers.evaluation_batches(loaded, settings.eval_batch, fixed,
-                                            corpus=readers.DOMAIN_HELDOUT_TEXT)
-        primary = loaded.output_names[0]
-        reference = [dense.forward(batch)[primary].numpy() for batch in domain]
-        masks = [b["attention_mask"].numpy() if "attention_mask" in b else None for b in domain]
-        # Only the outputs are wanted: one untimed run satisfies the latency part.
-        with quiet_loggers("lrt_deploy.runtime"):
-            result = measure_model(
-                deployed.onnx_path, providers=target.providers, threads=settings.threads,
-                evaluation=readers.to_numpy_batches(domain), output=primary, feeds=feeds,
-                warmup=0, runs=1,
-            )
-        figures[readers.DOMAIN_HELDOUT_TEXT] = _figure(
-            output_fidelity(loaded.kind, reference, result.outputs, masks)
-        )
-    # The lines go out once: through progress when there is one, else as judge_floor logs them.
-    with quiet_loggers(*(("lrt_deploy.compress.search",) if progress is not _noop else ())):
-        outcome.floor_verdict = judge_floor(floor, figures, selection_data=SELECTION_DATA)
-    for line in outcome.floor_verdict.lines():
-        progress(line)
-
-
-def _figure(fidelity: dict[str, Any] | None) -> dict[str, float]:
-    fidelity = fidelity or {}
-    return {"mean_cosine": float(fidelity.get("mean_cosine", float("nan"))),
-            "worst_cosine": float(fidelity.get("worst_cosine", float("nan")))}
 
 
 def _report(

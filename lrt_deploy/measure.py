@@ -1,0 +1,145 @@
+"""Measuring built variants against the PyTorch reference: fidelity, latency, size.
+
+Part of the composition (``pipeline.export_bundle``), not a stage: it joins what the stages
+return — PyTorch reference outputs (``load``/``compress``), ONNX graphs (``export``) and ONNX
+Runtime sessions (``runtime``) — with the same inputs, threads and provider for every variant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lrt_deploy._logs import quiet_loggers
+from lrt_deploy.export.graph import model_bytes
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from lrt_deploy.compress.recipe import CompressionOutcome
+    from lrt_deploy.export.build import Variant
+    from lrt_deploy.export.targets import Target
+    from lrt_deploy.load import LoadedModel
+
+__all__ = ["Reference", "judge_deployed_floor", "measure_variants", "reference_outputs"]
+
+ProgressFn = Callable[[str], None]
+
+
+@dataclass
+class Reference:
+    """What every variant is compared with: PyTorch outputs on named input batches."""
+
+    output: str
+    feeds: list[dict[str, np.ndarray]]
+    outputs: list[np.ndarray]
+    masks: list[np.ndarray | None]
+
+
+def reference_outputs(model: LoadedModel, output: str, batches: Sequence[dict[str, Any]]
+                      ) -> Reference:
+    """Run ``model`` (PyTorch) on ``batches``; keep the outputs, the masks and numpy feeds."""
+    from lrt_deploy.data.readers import to_numpy_batches
+
+    return Reference(
+        output=output,
+        feeds=to_numpy_batches(batches),
+        outputs=[model.forward(batch)[output].numpy() for batch in batches],
+        masks=[b["attention_mask"].numpy() if "attention_mask" in b else None for b in batches],
+    )
+
+
+def _run_against(path: Path, kind: str, reference: Reference, feeds: dict[str, np.ndarray],
+                 providers: Sequence[str], threads: int, warmup: int, runs: int) -> Any:
+    from lrt_deploy.compress.fidelity import output_fidelity
+    from lrt_deploy.runtime.benchmark import measure_model
+
+    result = measure_model(
+        path, providers=providers, threads=threads, evaluation=reference.feeds,
+        output=reference.output, feeds=feeds, warmup=warmup, runs=runs,
+    )
+    return result, output_fidelity(kind, reference.outputs, result.outputs, reference.masks)
+
+
+def measure_variants(
+    variants: list[Variant],
+    kind: str,
+    reference: Reference,
+    feeds: dict[str, np.ndarray],
+    providers: Sequence[str],
+    settings: Any,
+    progress: ProgressFn,
+) -> None:
+    """Fidelity against the reference, latency on ``feeds``, file size: one session each."""
+    progress(
+        f"measuring {len(variants)} variants: batch {settings.batch}, sequence "
+        f"{settings.sequence}, {settings.threads} threads"
+    )
+    for index, variant in enumerate(variants):
+        # A provider fallback is warned about once (it is the same for every variant) and
+        # written into the report's header for each run.
+        quiet = ("lrt_deploy.runtime",) if index > 0 else ()
+        with quiet_loggers(*quiet):
+            result, fidelity = _run_against(
+                variant.onnx_path, kind, reference, feeds, providers, settings.threads,
+                settings.warmup, settings.runs,
+            )
+        variant.provider = result.provider
+        variant.fidelity = fidelity
+        variant.latency = result.latency.to_dict()
+        variant.file_bytes = model_bytes(variant.onnx_path)
+        if index == 0 and variant.provider.get("fell_back"):
+            progress(f"provider fallback: {variant.provider.get('message')}")
+
+
+def judge_deployed_floor(
+    outcome: CompressionOutcome,
+    deployed: Variant,
+    dense: LoadedModel,
+    loaded: LoadedModel,
+    target: Target,
+    settings: Any,
+    feeds: dict[str, np.ndarray],
+    *,
+    quiet: bool,
+    progress: ProgressFn,
+) -> None:
+    """Judge the fidelity floor on the deployed variant: its figure on heldout.txt (already
+    measured) and on the shipped different-domain held-out set (measured here the same way,
+    ONNX Runtime against the dense PyTorch model), the calibration split shown beside them.
+    ``quiet``: the verdict lines go out through ``progress`` only, not the search's logger."""
+    from lrt_deploy.compress.recipe import SELECTION_DATA
+    from lrt_deploy.compress.search import judge_floor
+    from lrt_deploy.data import readers
+
+    floor = outcome.budget_search.floor if outcome.budget_search is not None else None
+    if floor is None or outcome.selection_fidelity is None:
+        return
+    figures: dict[str, dict[str, float]] = {SELECTION_DATA: outcome.selection_fidelity}
+    if not loaded.is_text:
+        figures["example inputs"] = _figure(deployed.fidelity)
+    else:
+        figures[readers.HELDOUT_TEXT] = _figure(deployed.fidelity)
+        progress(f"measuring the deployed variant on {readers.DOMAIN_HELDOUT_TEXT}")
+        fixed = dict(target.fixed_shape) or None
+        domain = readers.evaluation_batches(loaded, settings.eval_batch, fixed,
+                                            corpus=readers.DOMAIN_HELDOUT_TEXT)
+        reference = reference_outputs(dense, loaded.output_names[0], domain)
+        # Only the outputs are wanted: one untimed run satisfies the latency part.
+        with quiet_loggers("lrt_deploy.runtime"):
+            _, fidelity = _run_against(deployed.onnx_path, loaded.kind, reference, feeds,
+                                       target.providers, settings.threads, 0, 1)
+        figures[readers.DOMAIN_HELDOUT_TEXT] = _figure(fidelity)
+    with quiet_loggers(*(("lrt_deploy.compress.search",) if quiet else ())):
+        outcome.floor_verdict = judge_floor(floor, figures, selection_data=SELECTION_DATA)
+    for line in outcome.floor_verdict.lines():
+        progress(line)
+
+
+def _figure(fidelity: dict[str, Any] | None) -> dict[str, float]:
+    fidelity = fidelity or {}
+    return {"mean_cosine": float(fidelity.get("mean_cosine", float("nan"))),
+            "worst_cosine": float(fidelity.get("worst_cosine", float("nan")))}
