@@ -28,8 +28,7 @@ import onnxruntime as ort
 from lrt_deploy.errors import LrtDeployError
 
 from .bundle import bundle_file
-from .providers import CPU_PROVIDER, resolve_providers
-from .session import TensorSpec, _resolve_model_path, _spec_from_node
+from .session import Session, TensorSpec, _resolve_model_path
 
 __all__ = [
     "BENCH_FORMAT_VERSION",
@@ -159,6 +158,10 @@ class BundleUnderTest:
         return size
 
 
+# A spinning pool burns a core after each run and slows whichever bundle runs next.
+_NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+
+
 def open_for_benchmark(
     path: str | os.PathLike[str],
     *,
@@ -183,33 +186,27 @@ def open_for_benchmark(
             or does not match its checksums.
     """
     folder = Path(path)
-    # Same checks as Session: contract, files inside the bundle, SHA-256 of the model.
-    model_path, manifest = _resolve_model_path(folder, verify=True)
-    if providers is None:
-        providers = ((manifest or {}).get("target") or {}).get("providers") or [CPU_PROVIDER]
-    resolution = resolve_providers(providers)
-    options = ort.SessionOptions()
-    if threads is not None:
-        if threads < 1:
-            raise BenchInputError(f"threads must be >= 1, got {threads}")
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if threads is not None and threads < 1:
+        raise BenchInputError(f"threads must be >= 1, got {threads}")
+    # Checked (contract, files inside the bundle, SHA-256) before the clock starts.
+    _resolve_model_path(folder, verify=True)
     began = time.perf_counter()
-    session = ort.InferenceSession(str(model_path), sess_options=options, providers=resolution.used)
+    opened = Session(folder, providers=providers, threads=threads, verify=False,
+                     session_config=_NO_SPINNING)
     load_s = time.perf_counter() - began
+    manifest = opened.manifest
     tokenizer_path = bundle_file(folder, manifest, "tokenizer") if manifest else None
+    report = opened.provider_report()
     return BundleUnderTest(
         label=label or (folder.name if folder.is_dir() else folder.stem),
         path=folder,
-        model_path=model_path,
+        model_path=opened.model_path,
         manifest=manifest,
-        session=session,
-        inputs=[_spec_from_node(node) for node in session.get_inputs()],
+        session=opened.inference_session,
+        inputs=opened.inputs,
         load_s=load_s,
-        providers=list(session.get_providers()),
-        provider_message=resolution.message,
+        providers=list(opened.active_providers),
+        provider_message=report["message"],
         tokenizer_path=tokenizer_path,
     )
 

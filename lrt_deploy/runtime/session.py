@@ -170,6 +170,8 @@ class Session:
             ``onnxruntime.GraphOptimizationLevel``. None keeps ORT's default.
         verify: Check the bundle's files against the SHA-256 checksums in its manifest before
             opening (False skips the hashing, for start-up time, when the files are trusted).
+        session_config: ONNX Runtime session config entries, e.g.
+            ``{"session.intra_op.allow_spinning": "0"}`` (lrt-bench turns spinning off).
 
     Example:
         >>> session = Session("out/minilm", threads=4)  # doctest: +SKIP
@@ -185,6 +187,7 @@ class Session:
         threads: int | None = None,
         optimization_level: str | ort.GraphOptimizationLevel | None = None,
         verify: bool = True,
+        session_config: Mapping[str, str] | None = None,
     ) -> None:
         self.model_path, self._manifest = _resolve_model_path(Path(path), verify)
         requested = self._requested_providers(target, providers)
@@ -198,6 +201,8 @@ class Session:
             options.inter_op_num_threads = 1
         if optimization_level is not None:
             options.graph_optimization_level = self._optimization_level(optimization_level)
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
 
         try:
             self._session = ort.InferenceSession(
