@@ -69,7 +69,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from lrt_deploy.data.stream import DOMAIN_HELDOUT, HELDOUT, shipped_lines
+    from lrt_deploy.data.readers import DOMAIN_HELDOUT_TEXT as DOMAIN_HELDOUT
+    from lrt_deploy.data.readers import HELDOUT_TEXT as HELDOUT
+    from lrt_deploy.data.stream import shipped_lines
 
     excluded = set()
     for name in (HELDOUT, DOMAIN_HELDOUT, "calibration.txt"):

@@ -89,9 +89,9 @@ def main() -> int:
     from lrt_deploy.compress import LowRankConfig, heal_
     from lrt_deploy.compress.factor_shards import save_lowrank_factors
     from lrt_deploy.compress.heal import select_device
+    from lrt_deploy.data.readers import DOMAIN_HELDOUT_TEXT as DOMAIN_HELDOUT
+    from lrt_deploy.data.readers import HELDOUT_TEXT as HELDOUT
     from lrt_deploy.data.stream import (
-        DOMAIN_HELDOUT,
-        HELDOUT,
         StreamingTextBatches,
         iter_text_lines,
         read_head,

@@ -107,7 +107,9 @@ def run_healed(specs: list[str], corpus: Path | None, out: Path, runs: int, thre
     import numpy as np
 
     from lrt_deploy.compress.fidelity import cosine_per_row
-    from lrt_deploy.data.stream import DOMAIN_HELDOUT, HELDOUT, shipped_lines
+    from lrt_deploy.data.readers import DOMAIN_HELDOUT_TEXT as DOMAIN_HELDOUT
+    from lrt_deploy.data.readers import HELDOUT_TEXT as HELDOUT
+    from lrt_deploy.data.stream import shipped_lines
     from lrt_deploy.export.graph import model_bytes
     from lrt_deploy.load import load_model
     from lrt_deploy.runtime import Session, measure_latency

@@ -9,7 +9,6 @@ one fixed input every variant is timed on.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +46,9 @@ def read_text_lines(path: str | Path | None, default: str) -> list[str]:
         LrtDeployError: The file is missing, not UTF-8 text, or has no text lines.
     """
     if path is None:
-        text = resources.files("lrt_deploy.data").joinpath(default).read_text(encoding="utf-8")
+        from lrt_deploy.data.stream import shipped_lines
+
+        lines = shipped_lines(default)
     else:
         file = Path(path)
         if not file.is_file():
@@ -59,7 +60,7 @@ def read_text_lines(path: str | Path | None, default: str) -> list[str]:
                 f"calibration file '{file}' is not UTF-8 text: give one sentence per line, or an "
                 ".npz of named input arrays"
             ) from exc
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise LrtDeployError(f"calibration file '{path}' has no text lines")
     return lines

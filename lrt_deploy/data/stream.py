@@ -19,8 +19,6 @@ from typing import Any
 from lrt_deploy.errors import LrtDeployError
 
 __all__ = [
-    "DOMAIN_HELDOUT",
-    "HELDOUT",
     "StreamingTextBatches",
     "iter_text_lines",
     "healing_data",
@@ -30,10 +28,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The shipped held-out set in the calibration corpus's style (never calibrated on).
-HELDOUT = "heldout.txt"
-#: The shipped held-out set of a domain the calibration corpus does not cover.
-DOMAIN_HELDOUT = "heldout_domain.txt"
 
 
 def shipped_lines(name: str) -> list[str]:
