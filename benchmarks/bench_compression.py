@@ -49,13 +49,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
     parser.add_argument("--int4", nargs="*", default=(), metavar="NAME",
                         help="with --healed: also a 4-bit MatMul + Gather variant of these")
+    parser.add_argument("--int4-block", type=int, default=32,
+                        help="values per scale of the 4-bit variants (64: smaller)")
     add_measurement_args(parser)
     args = parser.parse_args()
     if args.healed:
         from healed import run_healed
 
         run_healed(args.healed, args.corpus, args.out, args.runs, args.threads, args.rounds,
-                   tuple(args.int4))
+                   tuple(args.int4), args.int4_block)
         return 0
 
     from lrt_deploy.compress import LowRankConfig

@@ -2,13 +2,20 @@
 
     python benchmarks/heal_run.py --corpus corpus.txt --budget 0.8 --steps 5000 \
         [--embeddings] [--device auto] [--model-dir DIR] --out results/heal-0.8
+    python benchmarks/heal_run.py --corpus corpus.txt --budget 0.9 --quantization int8 \
+        --trainable layers --precision fp32 --out results/qat-0.9   # quantisation-aware
 
 Factorization: ``factorize_`` with the budget policy and the ``asvd`` solver on the first corpus
 lines after the held-back ones. Healing: ``heal_`` streams the rest of the corpus (batches of
 ``--batch-size``, shuffled in a buffer), matches the sentence embedding and each block's output,
 and keeps the step that does best on the first ``--holdback`` corpus lines (never trained on).
 Before/after fidelity is measured on both shipped held-out sets (never used for any choice).
-Writes the healed low-rank factors (fp16 safetensors shards) and ``result.json`` to ``--out``.
+With ``--quantization int8|int4`` the student computes on fake-quantised weights (and int8
+activations) as the export will, during training, selection and the simulated figures
+(``before_simulated``/``after_simulated``); ``--budget 1`` keeps the model dense (quantisation-
+aware healing alone). Writes the healed weights (fp16 safetensors shards: the low-rank factors,
+plus every other weight but the embedding tables with ``--trainable layers``) and
+``result.json`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -72,7 +79,11 @@ def main() -> int:
     parser.add_argument("--holdback", type=int, default=512)
     parser.add_argument("--asvd-lines", type=int, default=2048)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--trainable", default="lowrank", choices=("lowrank", "linear", "all"))
+    parser.add_argument("--trainable", default="lowrank",
+                        choices=("lowrank", "linear", "layers"))
+    parser.add_argument("--quantization", choices=("int8", "int4"),
+                        help="simulate this deployed precision in the healing loop")
+    parser.add_argument("--block", type=int, default=32, help="int4 block size")
     parser.add_argument("--select", default="corpus", choices=("corpus", "calibration"),
                         help="choose the best step on the held-back corpus lines, or on the "
                         "shipped calibration.txt (multi-topic, never trained on here)")
@@ -89,6 +100,7 @@ def main() -> int:
     from lrt_deploy.compress import LowRankConfig, heal_
     from lrt_deploy.compress.factor_shards import save_lowrank_factors
     from lrt_deploy.compress.heal import select_device
+    from lrt_deploy.compress.quant_aware import FakeQuantization, quantization_aware
     from lrt_deploy.data.readers import DOMAIN_HELDOUT_TEXT as DOMAIN_HELDOUT
     from lrt_deploy.data.readers import HELDOUT_TEXT as HELDOUT
     from lrt_deploy.data.stream import (
@@ -100,6 +112,9 @@ def main() -> int:
     from lrt_deploy.load import load_model
 
     device = select_device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 QAT: 10-bit mantissa is ample
+    quantization = (FakeQuantization(args.quantization, args.block) if args.quantization
+                    else None)
     loaded = load_model(args.model_dir)
     loaded.module.float().eval()  # the fp16 carried weights are used as fp32
     teacher = copy.deepcopy(loaded.module)
@@ -117,8 +132,8 @@ def main() -> int:
             break
     tests = {name: batches_of(shipped_lines(name)) for name in (HELDOUT, DOMAIN_HELDOUT)}
 
-    config = LowRankConfig(policy="budget", budget=args.budget, solver="asvd",
-                           factorize_embeddings=args.embeddings)
+    config = None if args.budget >= 1.0 else LowRankConfig(
+        policy="budget", budget=args.budget, solver="asvd", factorize_embeddings=args.embeddings)
     started = time.perf_counter()
     loaded.module.to(device)
     teacher.to(device)
@@ -128,29 +143,41 @@ def main() -> int:
         load_lowrank_factors(loaded.module, args.factors)
         loaded.module.to(device)
         result = None
+    elif args.budget >= 1.0:
+        result = None  # dense: quantisation-aware healing alone
     else:
         result = _factorize(loaded, config, asvd_lines, batches_of, device)
     factorize_seconds = time.perf_counter() - started
     if result is not None:
         print(f"factorized on {device} in {factorize_seconds:.1f}s: {result.summary()}",
               flush=True)
+    def simulated() -> dict | None:  # noqa: ANN202
+        if quantization is None:
+            return None
+        with quantization_aware(loaded.module, quantization):
+            return {name: _fidelity(loaded.module, teacher, b, device)
+                    for name, b in tests.items()}
+
     before = {name: _fidelity(loaded.module, teacher, b, device) for name, b in tests.items()}
-    print("before", json.dumps(before), flush=True)
+    before_simulated = simulated()
+    print("before", json.dumps(before), json.dumps(before_simulated), flush=True)
 
     stream = StreamingTextBatches(args.corpus, tokenize, batch_size=args.batch_size,
                                   shuffle_buffer=20_000, holdout_lines=args.holdback, seed=0)
     heal = heal_(loaded.module, teacher, stream, steps=args.steps, lr=args.lr,
                  eval_batches=held, eval_every=args.eval_every or max(1, args.steps // 20),
                  hidden_modules=_block_names(loaded.module), device=device,
-                 trainable=args.trainable,
+                 trainable=args.trainable, quantization=quantization,
                  precision=args.precision, progress=False)
     print(heal.summary(), flush=True)
     loaded.module.to(device)
     after = {name: _fidelity(loaded.module, teacher, b, device) for name, b in tests.items()}
-    print("after", json.dumps(after), flush=True)
+    after_simulated = simulated()
+    print("after", json.dumps(after), json.dumps(after_simulated), flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    shards = save_lowrank_factors(loaded.module.cpu(), args.out)
+    shards = save_lowrank_factors(loaded.module.cpu(), args.out,
+                                  layers=args.trainable == "layers")
     report = {
         "budget": args.budget, "embeddings": args.embeddings, "steps": args.steps,
         "batch_size": args.batch_size, "lr": args.lr, "trainable": args.trainable,
@@ -162,7 +189,9 @@ def main() -> int:
         "params_after": result.params_after if result else None,
         "corpus_lines_read": stream.lines_read,
         "corpus_passes": stream.passes, "heal": heal.to_dict(),
-        "before": before, "after": after, "shards": [p.name for p in shards],
+        "quantization": quantization.describe() if quantization else None,
+        "before": before, "after": after, "before_simulated": before_simulated,
+        "after_simulated": after_simulated, "shards": [p.name for p in shards],
     }
     (args.out / "result.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0

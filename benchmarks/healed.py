@@ -59,7 +59,8 @@ def build_variant(loaded: Any, spec: str, corpus: Path | None) -> tuple[Any, dic
         if result_file.is_file():
             healed = json.loads(result_file.read_text())
             info["healing"] = {k: healed[k] for k in ("device", "gpu", "steps", "batch_size",
-                                                      "lr", "select") if k in healed}
+                                                      "lr", "select", "trainable",
+                                                      "quantization") if k in healed}
             info["healing"]["seconds"] = healed["heal"]["seconds"]
             info["healing"]["best_step"] = healed["heal"]["best_step"]
     info["build_seconds"] = time.perf_counter() - started
@@ -103,7 +104,8 @@ def export_int4(fp32: Path, work: Path, key: str, block_size: int = 32) -> Path:
 
 
 def run_healed(specs: list[str], corpus: Path | None, out: Path, runs: int, threads: int,
-               rounds: int = 5, int4: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+               rounds: int = 5, int4: tuple[str, ...] = (),
+               block_size: int = 32) -> list[dict[str, Any]]:
     import numpy as np
 
     from lrt_deploy.compress.fidelity import cosine_per_row
@@ -145,7 +147,7 @@ def run_healed(specs: list[str], corpus: Path | None, out: Path, runs: int, thre
             torch_fid = fidelity(lambda b, m=model: m.forward(b)[primary].numpy())
             paths = [("fp32", fp32), ("int8", int8)]
             if name in int4:
-                paths.append(("int4", export_int4(fp32, work, name)))
+                paths.append(("int4", export_int4(fp32, work, name, block_size)))
             for suffix, path in paths:
                 if name != "dense" and suffix == "fp32":
                     continue
@@ -154,6 +156,7 @@ def run_healed(specs: list[str], corpus: Path | None, out: Path, runs: int, thre
                 sessions[label] = session
                 rows.append({
                     "variant": label, "size_mb": model_bytes(path) / 1e6, **info,
+                    **({"int4_block": block_size} if suffix == "int4" else {}),
                     "fidelity_torch_fp32": torch_fid,
                     "fidelity": fidelity(lambda b, s=session: s.run(
                         {k: v.numpy() for k, v in b.items()}, [primary])[primary]),

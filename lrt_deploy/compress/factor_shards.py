@@ -20,14 +20,22 @@ __all__ = ["load_lowrank_factors", "lowrank_state", "save_lowrank_factors"]
 _PART = "::part"
 
 
-def lowrank_state(module: nn.Module) -> dict[str, torch.Tensor]:
+def lowrank_state(module: nn.Module, *, layers: bool = False) -> dict[str, torch.Tensor]:
     """The parameters and buffers of ``module``'s low-rank units, by qualified name: what
-    healing changed (with ``trainable="lowrank"``) and all that must travel to reproduce it."""
+    healing changed (with ``trainable="lowrank"``) and all that must travel to reproduce it.
+    With ``layers``, every other floating parameter but the embedding tables as well (what
+    ``trainable="layers"`` changes)."""
     state: dict[str, torch.Tensor] = {}
     for name, unit in module.named_modules():
         if is_lowrank_pair(unit):
             for key, value in unit.state_dict().items():
                 state[f"{name}.{key}" if name else key] = value.detach()
+    if layers:
+        tables = {id(p) for m in module.modules() if isinstance(m, nn.Embedding)
+                  for p in m.parameters()}
+        for key, value in module.named_parameters():
+            if value.is_floating_point() and id(value) not in tables and key not in state:
+                state[key] = value.detach()
     return state
 
 
@@ -36,7 +44,8 @@ def save_lowrank_factors(
     folder: str | Path,
     *,
     dtype: torch.dtype = torch.float16,
-    max_file_bytes: int = 16 * 2**20,
+    max_file_bytes: int = 15 * 2**20,
+    layers: bool = False,
 ) -> list[Path]:
     """Write the low-rank factors of ``module`` as safetensors shards of at most
     ``max_file_bytes`` each (so healed weights can travel between machines without the dense
@@ -46,17 +55,20 @@ def save_lowrank_factors(
         module: A factorized (e.g. healed) model.
         folder: Output folder, created if needed; shards are ``lowrank-NNN.safetensors``.
         dtype: Storage dtype of floating tensors (fp16 halves the size; load them into fp32).
-        max_file_bytes: Size limit of one shard.
+        max_file_bytes: Size limit of one shard's tensors (15 MiB: with its header a shard
+            stays under a 16 MiB transfer limit).
+        layers: Also save every other weight but the embedding tables (after healing with
+            ``trainable="layers"``, e.g. quantisation-aware healing of a dense model).
 
     Returns:
         The shard paths.
 
     Raises:
-        ValueError: ``module`` has no low-rank units.
+        ValueError: ``module`` has nothing to save (no low-rank units, ``layers`` off).
     """
     from safetensors.torch import save_file
 
-    state = lowrank_state(module)
+    state = lowrank_state(module, layers=layers)
     if not state:
         raise ValueError("the model has no low-rank units to save: factorize it first")
     out = Path(folder)
@@ -131,8 +143,10 @@ def load_lowrank_factors(module: nn.Module, folder: str | Path) -> list[dict[str
         factorize_embeddings=any(unit["type"] == "LowRankEmbedding" for unit in units),
         rank_overrides={str(unit["name"]): int(unit["rank"]) for unit in units},  # type: ignore[call-overload]
     )
-    result = factorize_(module, config, filter_fn=lambda _m, name: name in names)
-    rebuilt = {d.name for d in result.factorized}
+    rebuilt: set[str] = set()
+    if names:  # shards of a dense model healed with layers=True hold no unit
+        result = factorize_(module, config, filter_fn=lambda _m, name: name in names)
+        rebuilt = {d.name for d in result.factorized}
     if rebuilt != names:
         raise LrtDeployError(
             f"the saved factors do not fit this model ({len(names - rebuilt)} units not "

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from lrt_deploy.compress.calibration import primary_output
 from lrt_deploy.compress.fidelity import cosine_per_row
+from lrt_deploy.compress.quant_aware import FakeQuantization, quantization_aware
 from lrt_deploy.errors import LrtDeployError
 from lrt_deploy.nn.lowrank import LowRankEmbedding, is_lowrank_pair
 
@@ -40,7 +41,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TRAINABLE = ("lowrank", "linear", "all")
+TRAINABLE = ("lowrank", "linear", "layers", "all")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 Batch = Mapping[str, Any]
@@ -79,6 +80,7 @@ class HealResult:
     history: list[dict[str, float]] = field(default_factory=list)
     device: str = "cpu"
     precision: str = "fp32"
+    quantization: str | None = None
 
     @property
     def improved(self) -> bool:
@@ -91,9 +93,12 @@ class HealResult:
 
     def summary(self) -> str:
         """One line: the fidelity change and which step was kept."""
+        how = self.precision
+        if self.quantization:
+            how = f"{how}, {self.quantization} simulated"
         text = (
             f"healed {self.steps_run} steps in {self.seconds:.0f}s on {self.device} "
-            f"({self.precision}): mean cosine "
+            f"({how}): mean cosine "
             f"{self.before_mean_cosine:.4f} -> {self.after_mean_cosine:.4f}, worst "
             f"{self.before_worst_cosine:.4f} -> {self.after_worst_cosine:.4f}"
         )
@@ -118,6 +123,12 @@ def _as_module(model: Any, role: str) -> nn.Module:
 def _trainable_parameters(student: nn.Module, trainable: str) -> list[nn.Parameter]:
     if trainable == "all":
         return [p for p in student.parameters() if p.is_floating_point()]
+    if trainable == "layers":
+        # Every weight but the embedding tables: a table row moves only when its token is in
+        # the training text, so tuning tables would fit them to the corpus's vocabulary.
+        tables = {id(p) for m in student.modules() if isinstance(m, nn.Embedding)
+                  for p in m.parameters()}
+        return [p for p in student.parameters() if p.is_floating_point() and id(p) not in tables]
     params: list[nn.Parameter] = []
     for module in student.modules():
         # "linear" leaves factorized embedding tables as they are: their shared projection
@@ -256,6 +267,7 @@ def heal_(
     precision: str = "auto",
     warmup_steps: int | None = None,
     final_lr_fraction: float = 0.0,
+    quantization: FakeQuantization | str | None = None,
 ) -> HealResult:
     """Distil the factorized ``student`` towards the dense ``teacher``, in place.
 
@@ -291,7 +303,10 @@ def heal_(
         hidden_modules: Names of submodules present in both models whose outputs to match
             too; the teacher must then be an ``nn.Module``.
         trainable: ``"lowrank"`` (the factors of low-rank units), ``"linear"`` (those of
-            low-rank linear layers only: factorized embeddings stay as factorized) or ``"all"``.
+            low-rank linear layers only: factorized embeddings stay as factorized),
+            ``"layers"`` (every parameter but the embedding tables, dense layers included:
+            what quantisation-aware healing needs, since the export rounds those too) or
+            ``"all"``.
         progress: Show a tqdm progress bar.
         device: Where to train: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``; None
             keeps the student where it is. Both models are moved there for the run and moved
@@ -300,6 +315,11 @@ def heal_(
             ``"bf16"`` or ``"fp16"`` (with loss scaling).
         warmup_steps: Linear warm-up steps; default ``min(100, steps // 10)``.
         final_lr_fraction: Learning rate at the last step, as a fraction of ``lr``.
+        quantization: Simulate the deployed precision in the loop (``"int8"``, ``"int4"`` or
+            a :class:`~lrt_deploy.compress.quant_aware.FakeQuantization`): the student's
+            layers compute on fake-quantised values while training and while being judged, so
+            the step kept is the best one after rounding. Use fp32 ``precision`` with it
+            (bf16's 8-bit mantissa is as coarse as the int8 grid).
 
     Returns:
         Before/after fidelity, steps run, the step kept, the device and precision.
@@ -329,6 +349,7 @@ def heal_(
     target_device = home if device is None else select_device(device)
     amp_dtype = autocast_dtype(target_device, precision)
     params = _trainable_parameters(student_module, trainable)
+    spec = FakeQuantization(quantization) if isinstance(quantization, str) else quantization
     started = time.perf_counter()
 
     teacher_module = teacher_fn if isinstance(teacher_fn, nn.Module) else None
@@ -381,7 +402,10 @@ def heal_(
     student_module.eval()
     for p in student_module.parameters():
         p.requires_grad_(id(p) in chosen)
+    simulation = contextlib.ExitStack()
     try:
+        if spec is not None:
+            simulation.enter_context(quantization_aware(student_module, spec))
         with torch.no_grad():
             eval_reference = [
                 primary_output(teacher_fn(**b)).float().cpu().numpy() for b in eval_inputs
@@ -449,6 +473,7 @@ def heal_(
             for param, saved in zip(params, best_state, strict=True):
                 param.copy_(saved)
     finally:
+        simulation.close()
         for p in student_module.parameters():
             p.requires_grad_(requires_grad[id(p)])
         student_module.train(was_training)
@@ -471,6 +496,7 @@ def heal_(
         history=history,
         device=str(target_device),
         precision=str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
+        quantization=None if spec is None else spec.describe(),
     )
     logger.info(result.summary())
     return result
