@@ -87,19 +87,22 @@ def export_int8(model: Any, work: Path, key: str) -> tuple[Path, Path]:
     return fp32, int8
 
 
-def export_int4(fp32: Path, work: Path, key: str, block_size: int = 32) -> Path:
-    """Every MatMul weight and the Gather tables (embeddings, factorized or not) to 4-bit
-    blocks: ``MatMulNBits`` and ``GatherBlockQuantized`` (ONNX Runtime contrib ops)."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def export_int4(model: Any, work: Path, key: str, block_size: int = 32) -> Path:
+    """The pipeline's ``--quantize int4`` path: Q/K/V left as three MatMuls by the fusion
+    (not packed into ``Attention``), then every MatMul weight and the embedding tables to 4-bit
+    blocks (``MatMulNBits``, ``GatherBlockQuantized``). Reuses ``export_int8``'s raw graph."""
+    from lrt_deploy.export.fusion import fuse_transformer
+    from lrt_deploy.export.precision import Int4WeightOnly
+    from lrt_deploy.export.quantize import quantize_weights_4bit
+    from lrt_deploy.export.targets import Target
 
-    quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(fp32)), bits=4, block_size=block_size, is_symmetric=True,
-        op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)),
-    )
-    quantizer.process()
+    target = Target.from_name("cpu", precision=Int4WeightOnly(block=block_size))
+    unpacked = work / f"{key}.fp32-unpacked.onnx"
+    heads, hidden = model.attention_shape
+    fuse_transformer(work / f"{key}.raw.onnx", unpacked, num_heads=heads, hidden_size=hidden,
+                     level=target.optimization_level, pack_qkv=False)
     int4 = work / f"{key}.int4.onnx"
-    onnx.save(quantizer.model.model, str(int4))
+    quantize_weights_4bit(unpacked, int4, block_size=block_size, embeddings=True)
     return int4
 
 
@@ -147,7 +150,7 @@ def run_healed(specs: list[str], corpus: Path | None, out: Path, runs: int, thre
             torch_fid = fidelity(lambda b, m=model: m.forward(b)[primary].numpy())
             paths = [("fp32", fp32), ("int8", int8)]
             if name in int4:
-                paths.append(("int4", export_int4(fp32, work, name, block_size)))
+                paths.append(("int4", export_int4(model, work, name, block_size)))
             for suffix, path in paths:
                 if name != "dense" and suffix == "fp32":
                     continue

@@ -123,6 +123,7 @@ def export_bundle(
     progress: ProgressFn = _noop,
     device: str = "auto",
     heal_precision: str = "auto",
+    heal_quantized: bool = False,
 ) -> BundleResult:
     """Build a deployment bundle for ``loaded`` and measure it against the dense baseline.
 
@@ -143,6 +144,8 @@ def export_bundle(
         progress: Called with a short line as each stage starts.
         device: Where healing runs (``"auto"``, ``"cpu"``, ``"cuda"``).
         heal_precision: Healing autocast (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``).
+        heal_quantized: Heal with the target's quantisation simulated in the loop (dynamic
+            int8 per channel or int4; every weight but the embedding tables trains).
 
     Returns:
         The manifest, report and per-variant measurements.
@@ -152,6 +155,7 @@ def export_bundle(
         compress_model,
         lowrank_by_design,
         needs_calibration,
+        simulated_quantization,
         text_healing_data,
     )
     from lrt_deploy.data import readers
@@ -161,6 +165,8 @@ def export_bundle(
     from lrt_deploy.measure import judge_deployed_floor, measure_variants, reference_outputs
     from lrt_deploy.report.summary import baseline_description
 
+    # Checked before any work: a precision the healing loop cannot simulate is one line now.
+    simulation = simulated_quantization(target.precision) if heal_quantized else None
     settings = _plan_settings(loaded, target, settings or BenchmarkSettings())
     out_dir = Path(out_dir)
     _check_fixed_shape(loaded, target)
@@ -195,6 +201,7 @@ def export_bundle(
                 heal_precision=heal_precision,
                 healing_data=text_healing_data(loaded, calibration) if stream_text else None,
                 probe=probe, probe_data=readers.DOMAIN_HELDOUT_TEXT,
+                heal_quantization=simulation,
             )
         dense = outcome.dense if outcome is not None else loaded
 

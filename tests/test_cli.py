@@ -487,6 +487,26 @@ def test_quantisation_and_precision_options(
     assert 0.9 < manifest["fidelity"]["mean_cosine"] <= 1.0 + 1e-6
 
 
+def test_int4_quantises_every_weight_matrix(capsys, tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """Q/K/V stay three MatMuls (a packed Attention's weight no 4-bit kernel reads) and the
+    embedding tables are 4-bit too: no float weight matrix is left in the int4 bundle."""
+    import onnx
+    from onnx import numpy_helper
+
+    out_dir = tmp_path / "bundle"
+    code, _, err = _cli([tiny_bert_dir, "--quantize", "int4", "--int4-block", "16", "-q", *RUNS,
+                         "-o", out_dir], capsys)
+    assert code == 0, err
+    ops = _ops(out_dir / "model.onnx")
+    assert "Attention" not in ops and ops.get("MultiHeadAttention") == 2
+    assert ops["MatMulNBits"] == 12 and ops["GatherBlockQuantized"] >= 1
+    graph = onnx.load(str(out_dir / "model.onnx")).graph
+    float_matrices = [t.name for t in graph.initializer if len(t.dims) == 2
+                      and numpy_helper.to_array(t).dtype.kind == "f" and min(t.dims) > 2
+                      and not t.name.endswith("_scales")]
+    assert float_matrices == [], float_matrices
+
+
 def test_fusion_on_by_default_and_off_on_request(
     capsys, tmp_path: Path, tiny_bert_dir: Path
 ) -> None:
@@ -640,6 +660,41 @@ def test_heal_on_the_shipped_corpus_keeps_the_calibration_split(
     assert healing["streamed"] is False
     assert healing["selection_data"] == "last fifth of the calibration batches"
     assert healing["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("quantize", [["--quantize", "int8"],
+                                      ["--quantize", "int4", "--int4-block", "16"]])
+def test_heal_quantized_simulates_the_target_precision(
+    capsys, tmp_path: Path, tiny_bert_dir: Path, quantize: list[str]
+) -> None:
+    out_dir = tmp_path / "bundle"
+    code, out, err = _cli([tiny_bert_dir, "--rank", "0.5", "--heal", "3", "--heal-quantized",
+                           "--device", "cpu", *quantize, "-q", *RUNS, "-o", out_dir], capsys)
+    assert code == 0, err
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    healing = manifest["lowrank"]["healing"]
+    expected = "dynamic int8" if quantize[1] == "int8" else "4-bit weights, block 16"
+    assert healing["quantization"] == expected and healing["trainable"] == "layers"
+    assert healing["steps_run"] == 3
+    if quantize[1] == "int4":
+        assert manifest["target"]["precision"] == {
+            "kind": "int4-weight-only", "block": 16, "embeddings": True}
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--heal-quantized", "--rank", "0.5", "--quantize", "int8"], ["--heal STEPS"]),
+    (["--heal", "2", "--heal-quantized", "--rank", "0.5"], ["fp32 target", "--quantize"]),
+    (["--heal", "2", "--heal-quantized", "--rank", "0.5", "--quantize", "int8",
+      "--per-tensor"], ["per channel", "--per-tensor"]),
+    (["--quantize", "int4", "--int4-block", "48"], ["power of two", "48"]),
+    (["--int4-block", "64"], ["--int4-block", "--quantize int4"]),
+])
+def test_heal_quantized_and_int4_block_errors_are_one_line(
+    capsys, tmp_path: Path, tiny_bert_dir: Path, args: list[str], words: list[str]
+) -> None:
+    line = _fail([tiny_bert_dir, *args], capsys, tmp_path / "bundle")
+    for word in words:
+        assert word in line, line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -122,6 +122,10 @@ def test_quantization_aware_healing_improves_the_real_int4_export(tmp_path: Path
                    eval_every=25, trainable="layers", quantization="int4", progress=False)
     assert result.quantization == "4-bit weights, block 32"
     assert result.improved and result.after_mean_cosine > result.before_mean_cosine
+    for layer in (student.up, student.down):  # returned on the export's grid, fp16-proof
+        weight = layer.weight.detach()
+        assert torch.equal(fake_int4_blocks(weight, 32), weight)
+        assert torch.allclose(fake_int4_blocks(weight.half().float(), 32), weight, rtol=1e-3)
     after = _export_int4(student, tmp_path, "after")
     test = torch.randn(64, 4, 64)
     reference = teacher(test).detach().numpy().reshape(-1, 64)

@@ -121,7 +121,7 @@ def test_invalid_precision_recipes_raise(make) -> None:
 @pytest.mark.parametrize(
     "recipe",
     [Float16(), DynamicInt8(per_channel=False), StaticInt8(per_channel=True, exclude_sensitive=6),
-     Int4WeightOnly(block=64)],
+     Int4WeightOnly(block=64), Int4WeightOnly(embeddings=False)],
 )
 def test_precision_round_trips_through_dict(recipe) -> None:
     data = recipe.to_dict()
@@ -132,6 +132,11 @@ def test_precision_round_trips_through_dict(recipe) -> None:
         precision_from_dict({"kind": "int3"})
     with pytest.raises(LrtDeployError, match="unknown"):
         precision_from_dict({**data, "bits": 3})
+
+
+def test_int4_manifests_from_before_table_quantisation_read_as_float_tables() -> None:
+    old = {"kind": "int4-weight-only", "block": 32}
+    assert precision_from_dict(old) == Int4WeightOnly(block=32, embeddings=False)
 
 
 def test_provider_hints() -> None:

@@ -25,7 +25,11 @@ from tqdm.auto import tqdm
 
 from lrt_deploy.compress.calibration import primary_output
 from lrt_deploy.compress.fidelity import cosine_per_row
-from lrt_deploy.compress.quant_aware import FakeQuantization, quantization_aware
+from lrt_deploy.compress.quant_aware import (
+    FakeQuantization,
+    quantization_aware,
+    snap_to_grid_,
+)
 from lrt_deploy.errors import LrtDeployError
 from lrt_deploy.nn.lowrank import LowRankEmbedding, is_lowrank_pair
 
@@ -318,8 +322,10 @@ def heal_(
         quantization: Simulate the deployed precision in the loop (``"int8"``, ``"int4"`` or
             a :class:`~lrt_deploy.compress.quant_aware.FakeQuantization`): the student's
             layers compute on fake-quantised values while training and while being judged, so
-            the step kept is the best one after rounding. Use fp32 ``precision`` with it
-            (bf16's 8-bit mantissa is as coarse as the int8 grid).
+            the step kept is the best one after rounding, and its trained weights are
+            returned snapped to the export's grid (:func:`~lrt_deploy.compress.quant_aware.
+            snap_to_grid_`). Use fp32 ``precision`` with it (bf16's 8-bit mantissa is as
+            coarse as the int8 grid).
 
     Returns:
         Before/after fidelity, steps run, the step kept, the device and precision.
@@ -472,6 +478,9 @@ def heal_(
         with torch.no_grad():
             for param, saved in zip(params, best_state, strict=True):
                 param.copy_(saved)
+        if spec is not None and best_step > 0:
+            # The kept weights go back on the grid the export rounds to (see snap_to_grid_).
+            snap_to_grid_(student_module, spec, only=chosen)
     finally:
         simulation.close()
         for p in student_module.parameters():

@@ -33,6 +33,7 @@ __all__ = [
     "fake_int8_per_tensor",
     "fake_uint8_dynamic",
     "quantization_aware",
+    "snap_to_grid_",
 ]
 
 QUANTIZATIONS = ("int8", "int4")
@@ -157,3 +158,40 @@ def quantization_aware(module: nn.Module, spec: FakeQuantization | str) -> Itera
     finally:
         for layer in patched:
             del layer.forward  # the instance attribute: the class's forward shows again
+
+
+def snap_to_grid_(module: nn.Module, spec: FakeQuantization | str,
+                  only: set[int] | None = None) -> int:
+    """Replace weights by their fake-quantised values, in place: what the export will round
+    them to anyway, so the float model equals the simulated one and stays so when stored in
+    fp16 or quantised again (the same grid comes back). Weights trained with rounding in the
+    loop gather near rounding boundaries, where storing them in fp16 alone flips ~1% of them
+    (measured: -0.006 mean cosine for a 4-bit MiniLM).
+
+    Args:
+        module: The model.
+        spec: The simulated precision.
+        only: ``id()`` of the parameters to snap (e.g. those healing trained); None: all.
+
+    Returns:
+        How many weight tensors were snapped.
+    """
+    if isinstance(spec, str):
+        spec = FakeQuantization(spec)
+    snapped = 0
+    with torch.no_grad():
+        for layer in module.modules():
+            if not isinstance(layer, (nn.Linear, nn.Embedding)):
+                continue
+            weight = layer.weight
+            if only is not None and id(weight) not in only:
+                continue
+            if spec.kind == "int4":
+                value = fake_int4_blocks(weight.float(), spec.block)
+            elif isinstance(layer, nn.Linear):
+                value = fake_int8_per_channel(weight.float())
+            else:
+                value = fake_int8_per_tensor(weight.float())
+            weight.copy_(value.to(weight.dtype))
+            snapped += 1
+    return snapped

@@ -36,6 +36,7 @@ __all__ = [
     "describe_config",
     "lowrank_by_design",
     "needs_calibration",
+    "simulated_quantization",
     "text_healing_data",
 ]
 
@@ -233,6 +234,7 @@ def compress_model(
     healing_data: HealingData | None = None,
     probe: list[dict[str, Any]] | None = None,
     probe_data: str = "probe batches",
+    heal_quantization: Any = None,
 ) -> CompressionOutcome:
     """Factorize ``loaded.module`` in place: search a budget, factorize, heal, as asked.
 
@@ -252,6 +254,10 @@ def compress_model(
         probe: Batches of other text whose drop from the selection batches sets the search's
             margin (e.g. the shipped different-domain held-out set).
         probe_data: Name of the probe data, for the manifest and the report.
+        heal_quantization: Heal quantisation-aware: a
+            :class:`~lrt_deploy.compress.quant_aware.FakeQuantization` (see
+            :func:`simulated_quantization`) the student computes under while healing; every
+            weight but the embedding tables then trains (``trainable="layers"``).
 
     Returns:
         The :class:`CompressionOutcome`, with the dense copy to compare against.
@@ -289,16 +295,41 @@ def compress_model(
             "smaller rank or budget, e.g. --rank 0.25"
         )
     logger.info(result.summary())
-    options = {"device_asked": device, "precision_asked": heal_precision}
+    options: dict[str, Any] = {"device_asked": device, "precision_asked": heal_precision}
+    if heal_quantization is not None:
+        options["quantization"] = heal_quantization.describe()
+        options["trainable"] = "layers"
     healing = None
     if heal_steps:
         data = healing_data or HealingData(fit, select, "", SELECTION_DATA)
-        healing = _heal(loaded, dense, data, heal_steps, progress, options)
+        healing = _heal(loaded, dense, data, heal_steps, progress, options, heal_quantization)
     outcome = CompressionOutcome(result, dense, config, search, healing, heal_steps,
                                  healing_data, heal_options=options if heal_steps else {})
     if fidelity_floor is not None:
         outcome.selection_fidelity = _fidelity(loaded.module, dense.module, select)
     return outcome
+
+
+def simulated_quantization(precision: Any) -> Any:
+    """The healing loop's simulation of a target precision recipe
+    (:mod:`lrt_deploy.export.precision`): dynamic int8 per channel and 4-bit weight-only with
+    embedding tables are simulated exactly (tested against ONNX Runtime).
+
+    Raises:
+        LrtDeployError: No precision (fp32), or a recipe the simulation does not mirror.
+    """
+    from lrt_deploy.compress.quant_aware import FakeQuantization
+    from lrt_deploy.export.precision import DynamicInt8, Int4WeightOnly
+
+    if isinstance(precision, DynamicInt8) and precision.per_channel:
+        return FakeQuantization("int8")
+    if isinstance(precision, Int4WeightOnly) and precision.embeddings:
+        return FakeQuantization("int4", precision.block)
+    what = "an fp32 target" if precision is None else precision.describe()
+    raise LrtDeployError(
+        f"--heal-quantized simulates dynamic int8 per channel and int4, not {what}: add "
+        "--quantize int8 (without --per-tensor/--quant-format qdq) or --quantize int4"
+    )
 
 
 def _fidelity(model: Any, dense: Any, batches: list[dict[str, Any]]) -> dict[str, float]:
@@ -331,20 +362,23 @@ def _split(batches: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[di
 
 def _heal(
     loaded: LoadedModel, dense: LoadedModel, data: HealingData, steps: int,
-    progress: Callable[[str], None], options: dict[str, Any],
+    progress: Callable[[str], None], options: dict[str, Any], quantization: Any = None,
 ) -> HealResult:
     """Distil the factorized model towards the dense one on ``data.train``, keeping the step
-    that does best on ``data.selection``."""
+    that does best on ``data.selection`` (under ``quantization`` when given)."""
     from lrt_deploy.compress.heal import heal_
 
     source = (f"{len(data.train)} calibration batches" if isinstance(data.train, list)
               else f"a stream of {data.train_data}")
+    simulated = f", {quantization.describe()} simulated" if quantization is not None else ""
     progress(f"healing: {steps} distillation steps on {source} (device "
-             f"{options['device_asked']}, precision {options['precision_asked']})")
+             f"{options['device_asked']}, precision {options['precision_asked']}{simulated})")
     result = heal_(
         loaded.module, dense.module, data.train, steps=steps, eval_batches=data.selection,
         hidden_modules=_block_names(loaded.module), progress=True,
         device=options["device_asked"], precision=options["precision_asked"],
+        quantization=quantization,
+        trainable="layers" if quantization is not None else "lowrank",
     )
     progress(
         f"healing kept step {result.best_step} ({result.device}, {result.precision}, "

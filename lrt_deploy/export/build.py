@@ -127,6 +127,7 @@ def build_variants(
         optimization = fuse_transformer(
             raw, fp32, num_heads=heads, hidden_size=hidden, level=target.optimization_level,
             check_inputs=dict(check_feeds),
+            pack_qkv=target.precision is None or target.precision.packs_qkv,
         ).to_dict()
     else:
         from lrt_deploy.export.optimize import optimize_graph

@@ -25,10 +25,11 @@ found where the library fuses less than our passes did.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,7 @@ def fuse_transformer(
     check_inputs: Mapping[str, np.ndarray] | None = None,
     atol: float = 1e-4,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    pack_qkv: bool = True,
 ) -> FusionResult:
     """Fuse attention, GELU, bias and residual LayerNorm subgraphs of an exported transformer.
 
@@ -130,6 +132,11 @@ def fuse_transformer(
         atol: Largest allowed absolute difference on ``check_inputs``.
         external_data_threshold: Weight bytes above which the intermediate graph keeps its
             weights in a side file.
+        pack_qkv: Let dense Q/K/V projections become one packed-QKV ``Attention`` (right for
+            fp32 and int8, which quantises it as ``QAttention``). False stops at
+            ``MultiHeadAttention`` after three MatMuls: ``Attention`` takes its weight as an
+            input no 4-bit kernel reads, so 4-bit weight-only quantisation would leave a fifth
+            of the model's weights in fp32.
 
     Returns:
         Counts of fused ops and nodes before/after.
@@ -149,7 +156,7 @@ def fuse_transformer(
     started = time.perf_counter()
     model = ir.load(str(source))
     try:
-        with quiet_loggers("onnxscript"):
+        with quiet_loggers("onnxscript"), _packed_attention(pack_qkv):
             model, counts = optimize_for_ort(model)
     except Exception as exc:  # noqa: BLE001 - a graph the rewriter cannot take still deploys
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -196,6 +203,30 @@ def fuse_transformer(
     logger.info("fused transformer: %d -> %d nodes, %s", result.nodes_before,
                 result.nodes_after, result.fused)
     return result
+
+
+@contextlib.contextmanager
+def _packed_attention(allowed: bool) -> Iterator[None]:
+    """Switch off onnxscript's MultiHeadAttention -> packed-QKV Attention step for the block.
+
+    ``optimize_for_ort`` has no option for it; its step is the module-level ``fuse_attention``
+    of ``onnxscript.rewriter.ort_fusions._core`` (onnxscript pinned in constraints.txt). If a
+    later onnxscript moves it, the packing stays on and a warning says so."""
+    if allowed:
+        yield
+        return
+    from onnxscript.rewriter.ort_fusions import _core
+
+    original = getattr(_core, "fuse_attention", None)
+    if original is None:
+        logger.warning("this onnxscript has no fuse_attention step: Q/K/V stay packed")
+        yield
+        return
+    _core.fuse_attention = lambda *_args, **_kwargs: 0
+    try:
+        yield
+    finally:
+        _core.fuse_attention = original
 
 
 def _attribute(node: Any, name: str) -> Any:

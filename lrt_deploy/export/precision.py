@@ -49,11 +49,14 @@ class Precision:
         kind: Stable name written to the manifest (``precision_from_dict`` reads it back).
         suffix: Short name of the variant it builds (``fp16``, ``int8``, ``int4``).
         needs_calibration: True when the pass needs calibration inputs.
+        packs_qkv: Whether the fp32 graph it starts from may pack dense Q/K/V into one
+            ``Attention`` (whose weight only the int8 quantiser can still reach).
     """
 
     kind: ClassVar[str] = ""
     suffix: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    packs_qkv: ClassVar[bool] = True
 
     def to_dict(self) -> dict[str, Any]:
         """``{"kind": ..., **fields}``, JSON-ready; :func:`precision_from_dict` inverts it."""
@@ -127,15 +130,20 @@ class StaticInt8(Precision):
 @dataclass(frozen=True)
 class Int4WeightOnly(Precision):
     """4-bit weight-only ``MatMulNBits`` in blocks along the input dimension
-    (``quantize_weights_4bit``); activations stay float, no calibration needed.
+    (``quantize_weights_4bit``); activations stay float, no calibration needed. Its fp32 graph
+    keeps Q/K/V as three MatMuls (``packs_qkv`` False) so they are 4-bit too.
 
     Attributes:
         block: Weights per scale; a power of two >= 16 (ONNX Runtime's kernel requires it).
+        embeddings: Embedding tables to 4-bit blocks along the hidden dimension too
+            (``GatherBlockQuantized``): half of a small encoder's weights are its tables.
     """
 
     kind: ClassVar[str] = "int4-weight-only"
     suffix: ClassVar[str] = "int4"
+    packs_qkv: ClassVar[bool] = False
     block: int = 32
+    embeddings: bool = True
 
     def __post_init__(self) -> None:
         block = self.block
@@ -144,9 +152,11 @@ class Int4WeightOnly(Precision):
             raise LrtDeployError(
                 f"Int4WeightOnly block must be a power of two >= 16, got {block!r}: e.g. 32"
             )
+        _check_bool(self.embeddings, "Int4WeightOnly embeddings")
 
     def describe(self) -> str:
-        return f"4-bit weights (MatMulNBits, block {self.block})"
+        tables = " and embedding tables (GatherBlockQuantized)" if self.embeddings else ""
+        return f"4-bit weights (MatMulNBits{tables}, block {self.block})"
 
 
 @dataclass(frozen=True)
@@ -216,6 +226,9 @@ def precision_from_dict(data: Mapping[str, Any] | None) -> Precision | None:
     unknown = sorted(set(fields) - known)
     if unknown:
         raise LrtDeployError(f"unknown {config_type.__name__} fields {unknown}")
+    if config_type is Int4WeightOnly:
+        # Written before the tables were quantised too: those int4 bundles kept them float.
+        fields.setdefault("embeddings", False)
     return config_type(**fields)
 
 
@@ -263,7 +276,6 @@ def _int4_weight_only(
 ) -> dict:
     from lrt_deploy.export.quantize import quantize_weights_4bit
 
-    context.progress(
-        f"quantising {context.label} MatMul weights to 4 bits (MatMulNBits, block {recipe.block})"
-    )
-    return quantize_weights_4bit(source, target, block_size=recipe.block).to_dict()
+    context.progress(f"quantising {context.label} to {recipe.describe()}")
+    return quantize_weights_4bit(source, target, block_size=recipe.block,
+                                 embeddings=recipe.embeddings).to_dict()

@@ -32,6 +32,7 @@ _QUANTIZED_OP_TYPES = (
     "QuantizeLinear",
     "DequantizeLinear",
     "MatMulNBits",
+    "GatherBlockQuantized",
 )
 
 logger = logging.getLogger(__name__)
@@ -352,9 +353,12 @@ def quantize_weights_4bit(
     symmetric: bool = True,
     accuracy_level: int | None = None,
     nodes_to_exclude: Sequence[str] = (),
+    embeddings: bool = False,
 ) -> QuantizationResult:
     """4-bit weight-only quantisation: MatMul weights become ``com.microsoft.MatMulNBits``
-    (int4 blocks of ``block_size`` along the input dimension, one scale per block).
+    (int4 blocks of ``block_size`` along the input dimension, one scale per block), and with
+    ``embeddings`` the tables of constant Gathers ``com.microsoft.GatherBlockQuantized`` (blocks
+    along the hidden dimension).
 
     Activations stay float, so no calibration is needed; the weights shrink ~7x. Only MatMuls
     whose constant weight has at least ``min_elements`` entries are quantised: small weights
@@ -369,6 +373,7 @@ def quantize_weights_4bit(
         accuracy_level: ``MatMulNBits`` compute type on CPU (``4`` = int8 activations, fastest;
             ``None`` = float).
         nodes_to_exclude: Node names kept in float.
+        embeddings: Quantise embedding tables (Gather on a constant) as well.
 
     Returns:
         Settings used, the nodes skipped, and the MatMulNBits count.
@@ -397,8 +402,12 @@ def quantize_weights_4bit(
         is_symmetric=symmetric,
         accuracy_level=accuracy_level,
         nodes_to_exclude=excluded,
+        **({"op_types_to_quantize": ("MatMul", "Gather"),
+            "quant_axes": (("MatMul", 0), ("Gather", 1))} if embeddings else {}),
     )
-    with quiet_loggers(""):  # ORT's quantisers log hints on the root logger
+    # ORT's quantisers log hints on the root logger; its Gather path divides all-zero blocks
+    # (a padding row) by a zero scale before np.where discards the result.
+    with quiet_loggers(""), np.errstate(divide="ignore", invalid="ignore"):
         quantizer.process()
     quantizer.model.save_model_to_file(str(target))
     before, after = op_counts(source), op_counts(target)
@@ -414,6 +423,7 @@ def quantize_weights_4bit(
             "symmetric": symmetric,
             "accuracy_level": accuracy_level,
             "min_elements": min_elements,
+            "embeddings": embeddings,
         },
     )
     logger.info("quantised weights to 4 bits (block %d): %s", block_size, result.quantized_ops)
