@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--heal-quantized", action="store_true",
                       help="heal with the target's quantisation (--quantize int8 or int4) "
                       "simulated in the loop, exactly as ONNX Runtime rounds; every weight but "
-                      "the embedding tables trains. Use --heal-precision fp32 on a GPU")
+                      "the embedding tables trains. Without a factorization it heals the "
+                      "dense model for its int8/int4 form. Use --heal-precision fp32 on a GPU")
     comp.add_argument("--strict", action="store_true",
                       help="with --fidelity-floor: exit with code 3 when a held-out figure "
                       "(heldout.txt or heldout_domain.txt) is below the floor; the bundle is "
@@ -199,14 +200,14 @@ def _run(args: argparse.Namespace) -> int:
               if value is not None]
     if len(chosen) > 1:
         raise _usage_error(f"{' and '.join(chosen)} exclude each other: choose one")
-    if args.heal < 0 or (args.heal and not chosen):
+    if args.heal < 0 or (args.heal and not chosen and not args.heal_quantized):
         raise _usage_error("--heal needs a factorization (--rank, --budget, --energy or "
-                           "--fidelity-floor) and a step count >= 1")
+                           "--fidelity-floor) or --heal-quantized, and a step count >= 1")
     if args.heal_quantized:
         from lrt_deploy.compress.recipe import simulated_quantization
 
         if not args.heal:
-            raise _usage_error("--heal-quantized needs --heal STEPS (and a factorization)")
+            raise _usage_error("--heal-quantized needs --heal STEPS")
         simulated_quantization(target.precision)  # one line now if it cannot be simulated
     if args.strict and args.fidelity_floor is None:
         raise _usage_error("--strict gates on a fidelity floor: add --fidelity-floor COSINE")

@@ -167,29 +167,31 @@ def export_bundle(
 
     # Checked before any work: a precision the healing loop cannot simulate is one line now.
     simulation = simulated_quantization(target.precision) if heal_quantized else None
+    # Quantisation-aware healing alone (nothing factorized) is a compression step too.
+    compressing = compress is not None or bool(heal_steps and simulation is not None)
     settings = _plan_settings(loaded, target, settings or BenchmarkSettings())
     out_dir = Path(out_dir)
     _check_fixed_shape(loaded, target)
     with staging_folder(out_dir, force, loaded.source_path) as staging:
-        if compress is not None:
+        if compressing:
             check_compressible(loaded)
         calibrate = bool(target.precision and target.precision.needs_calibration)
         # Read once: factorization, healing, the budget search and static int8 share it.
         batches: list[dict[str, Any]] = []
         # Healing on a user's text file streams all of it; everything else reads its head.
         stream_text = bool(
-            compress is not None and heal_steps and calibration is not None and loaded.is_text
+            compressing and heal_steps and calibration is not None and loaded.is_text
             and not str(calibration).endswith(".npz")
         )
-        if calibrate or (
-            compress is not None and needs_calibration(compress, heal_steps, fidelity_floor)
-        ):
+        if calibrate or (compressing and (
+            compress is None or needs_calibration(compress, heal_steps, fidelity_floor)
+        )):
             progress("reading calibration data")
             batches = readers.calibration_batches(
                 loaded, calibration, max_lines=CALIBRATION_HEAD_LINES if stream_text else None
             )
         outcome = None
-        if compress is not None:
+        if compressing:
             probe = (
                 readers.evaluation_batches(loaded, settings.eval_batch,
                                            corpus=readers.DOMAIN_HELDOUT_TEXT)
@@ -218,10 +220,12 @@ def export_bundle(
         work.mkdir()
         # A factorized model is compared with its dense original; a model that is low-rank
         # (or Linformer) by design with its dense equivalent, built here.
-        design_layers = lowrank_by_design(loaded.module) if compress is None else []
-        by_design = by_design_baseline(loaded) if compress is None else None
+        design_layers = lowrank_by_design(loaded.module) if not compressing else []
+        by_design = by_design_baseline(loaded) if not compressing else None
         plan = [] if design_layers else [("dense", "dense", dense)]
-        if compress is not None or design_layers:
+        if compress is None and compressing:
+            plan.append(("healed", "healed", loaded))  # the dense model, healed for its int
+        elif compress is not None or design_layers:
             plan.append(("lrt", "LRT", loaded))
         feeds = readers.latency_inputs(
             loaded, settings.batch, settings.sequence, settings.fixed_batch

@@ -681,8 +681,32 @@ def test_heal_quantized_simulates_the_target_precision(
             "kind": "int4-weight-only", "block": 16, "embeddings": True}
 
 
+def test_heal_quantized_without_factorization_heals_the_dense_model(
+    capsys, tmp_path: Path, tiny_bert_dir: Path
+) -> None:
+    import jsonschema
+
+    from lrt_deploy.schemas import load_schema
+
+    out_dir = tmp_path / "bundle"
+    code, out, err = _cli([tiny_bert_dir, "--quantize", "int4", "--int4-block", "16",
+                           "--heal", "6", "--heal-quantized", "--device", "cpu", "-q", *RUNS,
+                           "-o", out_dir], capsys)
+    assert code == 0, err
+    assert "dense int4" in out and "healed int4 (deployed)" in out
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    jsonschema.validate(manifest, load_schema("manifest"))
+    lowrank = manifest["lowrank"]
+    assert lowrank["origin"] == "quantisation-aware healing" and lowrank["layers"] == []
+    assert lowrank["config"] is None and manifest["variant"] == "healed int4"
+    healing = lowrank["healing"]
+    assert healing["quantization"] == "4-bit weights, block 16" and healing["steps_run"] == 6
+    assert "healed 6 steps" in out
+
+
 @pytest.mark.parametrize(("args", "words"), [
     (["--heal-quantized", "--rank", "0.5", "--quantize", "int8"], ["--heal STEPS"]),
+    (["--heal", "2", "--quantize", "int8"], ["--heal needs a factorization", "--heal-quantized"]),
     (["--heal", "2", "--heal-quantized", "--rank", "0.5"], ["fp32 target", "--quantize"]),
     (["--heal", "2", "--heal-quantized", "--rank", "0.5", "--quantize", "int8",
       "--per-tensor"], ["per channel", "--per-tensor"]),

@@ -124,7 +124,8 @@ class CompressionOutcome:
     Attributes:
         factorization: Per-layer decisions and parameter counts.
         dense: The model as it was before factorizing (a deep copy), to compare with.
-        config: The config factorized with (the searched budget filled in).
+        config: The config factorized with (the searched budget filled in); None when
+            nothing was factorized (quantisation-aware healing of the dense model alone).
         budget_search: The fidelity-floor search, when one ran.
         healing: The distillation run, when one ran.
         heal_steps: Steps healing was asked for.
@@ -180,8 +181,9 @@ class CompressionOutcome:
             search = {**self.budget_search.to_dict(), "selection_data": SELECTION_DATA}
         floor = None if self.floor_verdict is None else self.floor_verdict.to_dict()
         return {
-            "origin": "post-training factorization",
-            "config": self.config.to_dict(),
+            "origin": ("post-training factorization" if self.config is not None
+                       else "quantisation-aware healing"),
+            "config": self.config.to_dict() if self.config is not None else None,
             "layers": [d.to_dict() for d in self.factorization.layers],
             "params_before": self.factorization.params_before,
             "params_after": self.factorization.params_after,
@@ -223,7 +225,7 @@ def needs_calibration(
 
 def compress_model(
     loaded: LoadedModel,
-    config: LowRankConfig,
+    config: LowRankConfig | None,
     batches: list[dict[str, Any]],
     *,
     heal_steps: int = 0,
@@ -240,7 +242,9 @@ def compress_model(
 
     Args:
         loaded: The model; its module is replaced layer by layer.
-        config: Factorization settings (with ``fidelity_floor``, the budget is searched).
+        config: Factorization settings (with ``fidelity_floor``, the budget is searched);
+            None factorizes nothing: quantisation-aware healing of the dense model alone
+            (needs ``heal_steps`` and ``heal_quantization``).
         batches: Calibration batches (needed when :func:`needs_calibration` says so).
         heal_steps: Distil towards the dense model for this many steps (keeps the best step).
         fidelity_floor: Search the smallest budget keeping this mean cosine to the dense model.
@@ -267,34 +271,40 @@ def compress_model(
         LrtDeployError: Nothing would be saved, too little calibration data, or
             ``device="cuda"`` without a GPU (checked before any work).
     """
-    from lrt_deploy.compress.factorize import factorize_
+    from lrt_deploy.compress.factorize import FactorizationResult, factorize_
     from lrt_deploy.compress.heal import select_device
     from lrt_deploy.compress.search import search_budget
 
     check_compressible(loaded)
+    if config is None and not (heal_steps and heal_quantization is not None):
+        raise LrtDeployError("nothing to do without a factorization: add --rank/--budget, or "
+                             "heal quantisation-aware (--heal STEPS --heal-quantized)")
     if heal_steps:
         select_device(device)  # a missing GPU fails now, not after minutes of factorizing
     dense = dataclasses.replace(loaded, module=copy.deepcopy(loaded.module))
     split = (heal_steps and healing_data is None) or fidelity_floor is not None
     fit, select = _split(batches) if split else (batches, [])
-    solver_data = fit if config.solver == "asvd" else None
+    solver_data = fit if config is not None and config.solver == "asvd" else None
     search = None
-    if fidelity_floor is not None:
+    if config is None:
+        result = FactorizationResult()
+    elif fidelity_floor is not None:
         progress(f"searching the smallest budget with mean cosine >= {fidelity_floor}")
         search = search_budget(
             loaded.module, config, solver_data, select, fidelity_floor, progress=progress,
             probe=probe, selection_data=SELECTION_DATA, probe_data=probe_data,
         )
         config = dataclasses.replace(config, budget=search.budget)
-    progress(f"factorizing ({describe_config(config)})")
-    result = factorize_(loaded.module, config, calibration=solver_data)
-    if not result.factorized:
-        reasons = "; ".join(sorted({d.reason for d in result.kept_dense})[:3])
-        raise LrtDeployError(
-            f"{describe_config(config)} saves parameters in no layer ({reasons}): choose a "
-            "smaller rank or budget, e.g. --rank 0.25"
-        )
-    logger.info(result.summary())
+    if config is not None:
+        progress(f"factorizing ({describe_config(config)})")
+        result = factorize_(loaded.module, config, calibration=solver_data)
+        if not result.factorized:
+            reasons = "; ".join(sorted({d.reason for d in result.kept_dense})[:3])
+            raise LrtDeployError(
+                f"{describe_config(config)} saves parameters in no layer ({reasons}): choose a "
+                "smaller rank or budget, e.g. --rank 0.25"
+            )
+        logger.info(result.summary())
     options: dict[str, Any] = {"device_asked": device, "precision_asked": heal_precision}
     if heal_quantization is not None:
         options["quantization"] = heal_quantization.describe()

@@ -162,7 +162,7 @@ def run_report(
         incomparable: Labels of variants whose fidelity is not comparable (blank, with a note).
     """
     # Notes on how the low-rank model was made are shown once, under its first row.
-    first_lrt = next((v for v in variants if v.label.startswith("LRT")), None)
+    first_lrt = next((v for v in variants if v.label.startswith(("LRT", "healed"))), None)
     notes = compression_notes(compression)
     # The floor is judged on what ships, so its verdict goes under the deployed row.
     floors = floor_notes(compression)
