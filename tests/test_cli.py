@@ -487,6 +487,19 @@ def test_quantisation_and_precision_options(
     assert 0.9 < manifest["fidelity"]["mean_cosine"] <= 1.0 + 1e-6
 
 
+def test_report_counts_the_fused_ops_of_each_variant(
+    capsys, tmp_path: Path, tiny_bert_dir: Path
+) -> None:
+    out_dir = tmp_path / "bundle"
+    code, _, err = _cli([tiny_bert_dir, "--quantize", "int8", "-q", *RUNS, "-o", out_dir], capsys)
+    assert code == 0, err
+    counts = json.loads((out_dir / "report.json").read_text())["optimisation"]
+    assert counts["dense fp32"]["Attention"] == 2 and "QAttention" not in counts["dense fp32"]
+    # the int8 graph's own ops, not a copy of the fp32 graph's
+    assert counts["dense int8"]["QAttention"] == 2 and "Attention" not in counts["dense int8"]
+    assert _ops(out_dir / "model.onnx")["QAttention"] == 2
+
+
 def test_int4_quantises_every_weight_matrix(capsys, tmp_path: Path, tiny_bert_dir: Path) -> None:
     """Q/K/V stay three MatMuls (a packed Attention's weight no 4-bit kernel reads) and the
     embedding tables are 4-bit too: no float weight matrix is left in the int4 bundle."""

@@ -150,9 +150,23 @@ def build_variants(
         details = apply_precision(precision, fp32, path, context)
         variants.append(Variant(
             key=f"{key}-{suffix}", label=f"{label} {suffix}", onnx_path=path,
-            optimization=optimization, quantization=details, params=params,
+            optimization=_fused_after_precision(optimization, path), quantization=details,
+            params=params,
         ))
     return variants
+
+
+def _fused_after_precision(optimization: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The fp32 graph's optimisation record with the fused-op counts of the quantised graph
+    (int8 turns packed ``Attention`` into ``QAttention``: the fp32 counts would misreport it)."""
+    if "fused" not in optimization:
+        return optimization
+    from lrt_deploy.export.fusion import FUSED_OP_TYPES
+    from lrt_deploy.export.graph import op_counts
+
+    after = op_counts(path)
+    fused = {op: after[op] for op in (*FUSED_OP_TYPES, "QAttention") if after.get(op)}
+    return {**optimization, "fused": fused}
 
 
 def raw_path(work: Path, key: str) -> Path:
