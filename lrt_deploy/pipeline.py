@@ -228,7 +228,7 @@ def export_bundle(
         elif compress is not None or design_layers:
             plan.append(("lrt", "LRT", loaded))
         feeds = readers.latency_inputs(
-            loaded, settings.batch, settings.sequence, settings.fixed_batch
+            loaded, settings.batch, settings.sequence
         )
         calibration_feeds = readers.to_numpy_batches(batches) if calibrate else []
         variants: list[Variant] = []
@@ -287,7 +287,7 @@ def export_bundle(
             threads=settings.threads, lowrank=lowrank,
         )
         report = _report(loaded, target, variants, settings, outcome, design_layers,
-                         baseline_text, incomparable)
+                         baseline_text, incomparable, feeds)
         report.write(staging)
         shutil.rmtree(work)
         commit(staging, out_dir)
@@ -304,14 +304,15 @@ def _report(
     design_layers: list[dict[str, Any]],
     baseline: str | None = None,
     incomparable: list[str] | None = None,
+    feeds: dict[str, Any] | None = None,
 ) -> Any:
     from lrt_deploy.report.summary import fidelity_description, run_report
 
     measured_on: dict[str, Any] = (
         {"batch": settings.batch, "sequence": settings.sequence}
         if loaded.is_text
-        else {"inputs": ", ".join(
-            f"{n} {tuple(t.shape)}" for n, t in loaded.example_inputs.items()
+        else {"inputs": ", ".join(  # what latency was measured on
+            f"{n} {tuple(t.shape)}" for n, t in (feeds or loaded.example_inputs).items()
         )}
     )
     return run_report(

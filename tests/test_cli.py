@@ -184,6 +184,19 @@ def test_existing_output_without_force(capsys, tmp_path: Path, models: Path) -> 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lrt-")]
 
 
+def test_non_text_latency_is_measured_at_the_batch_asked(
+    capsys, tmp_path: Path, models: Path
+) -> None:
+    out_dir = tmp_path / "bundle"
+    code, out, err = _cli(
+        [models / "mlp_weights.pt", "--factory", "tiny_models:make_tiny_mlp",
+         "--input-shape", "x=2,16", "--batch", "5", "-q", *RUNS, "-o", out_dir], capsys)
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["settings"]["inputs"] == "x (5, 16)"  # not the export example's (2, 16)
+    assert "x (5, 16)" in out
+
+
 def test_force_replaces_existing_output(capsys, tmp_path: Path, models: Path) -> None:
     out_dir = tmp_path / "bundle"
     out_dir.mkdir()

@@ -218,17 +218,17 @@ def example_at_batch(loaded: LoadedModel, batch: int | None) -> dict[str, Any]:
 
 
 def latency_inputs(
-    loaded: LoadedModel, batch: int, sequence: int, fixed_batch: bool = False
+    loaded: LoadedModel, batch: int, sequence: int
 ) -> dict[str, np.ndarray]:
     """The fixed batch the latency of every variant is measured on: ``batch`` held-out texts of
-    ``sequence`` tokens for text models, else the example inputs (resized to ``batch`` rows when
-    the graph's batch is fixed)."""
+    ``sequence`` tokens for text models, else the example inputs with their batch axis (when it
+    is dynamic, or fixed by the target) cut or repeated to ``batch`` rows."""
     if loaded.is_text:
         lines = read_text_lines(None, HELDOUT_TEXT)
         text = " ".join(lines)  # long enough to fill the sequence without padding
         encoded = loaded.tokenize([text] * batch, pad_to=sequence)
         return {n: t.numpy() for n, t in encoded.items()}
-    example = example_at_batch(loaded, batch if fixed_batch else None)
+    example = example_at_batch(loaded, batch)
     return {n: t.detach().numpy() for n, t in example.items()}
 
 
