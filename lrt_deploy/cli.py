@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--heal-precision", choices=("auto", "fp32", "bf16", "fp16"),
                       default="auto",
                       help="--heal autocast: auto (bf16/fp16 on a GPU, fp32 on CPU, default)")
+    comp.add_argument("--heal-batch", type=int, default=32, metavar="N",
+                      help="sentences per --heal step when a --calibration text file is "
+                      "streamed (default 32; the GPU runs in the README used 64)")
+    comp.add_argument("--heal-lr", type=float, default=1e-4, metavar="LR",
+                      help="peak learning rate of --heal (default 1e-4)")
     comp.add_argument("--heal-quantized", action="store_true",
                       help="heal with the target's quantisation (--quantize int8 or int4) "
                       "simulated in the loop, exactly as ONNX Runtime rounds; every weight but "
@@ -262,6 +267,8 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         heal_precision=args.heal_precision,
         heal_quantized=args.heal_quantized,
+        heal_batch=args.heal_batch,
+        heal_lr=args.heal_lr,
     )
     print(result.report.to_markdown())
     progress(f"bundle written to {result.out_dir}")
@@ -334,6 +341,10 @@ def _check_ranges(args: argparse.Namespace) -> None:
         )
     if (args.fixed_shape or {}).get("batch", 1) > 4096:
         raise _usage_error("--fixed-shape batch must be at most 4096")
+    if not 1 <= args.heal_batch <= 4096:
+        raise _usage_error(f"--heal-batch must be in 1..4096, got {args.heal_batch}")
+    if not 0.0 < args.heal_lr <= 1.0:
+        raise _usage_error(f"--heal-lr must be in (0, 1], got {args.heal_lr} (e.g. 1e-4)")
 
 
 def _usage_error(message: str) -> Exception:

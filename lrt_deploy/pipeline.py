@@ -124,6 +124,8 @@ def export_bundle(
     device: str = "auto",
     heal_precision: str = "auto",
     heal_quantized: bool = False,
+    heal_batch: int = 32,
+    heal_lr: float = 1e-4,
 ) -> BundleResult:
     """Build a deployment bundle for ``loaded`` and measure it against the dense baseline.
 
@@ -146,6 +148,8 @@ def export_bundle(
         heal_precision: Healing autocast (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``).
         heal_quantized: Heal with the target's quantisation simulated in the loop (dynamic
             int8 per channel or int4; every weight but the embedding tables trains).
+        heal_batch: Sentences per healing step when healing streams a text corpus.
+        heal_lr: Peak learning rate of healing.
 
     Returns:
         The manifest, report and per-variant measurements.
@@ -201,9 +205,10 @@ def export_bundle(
                 loaded, compress, batches, heal_steps=heal_steps,
                 fidelity_floor=fidelity_floor, progress=progress, device=device,
                 heal_precision=heal_precision,
-                healing_data=text_healing_data(loaded, calibration) if stream_text else None,
+                healing_data=(text_healing_data(loaded, calibration, batch_size=heal_batch)
+                              if stream_text else None),
                 probe=probe, probe_data=readers.DOMAIN_HELDOUT_TEXT,
-                heal_quantization=simulation,
+                heal_quantization=simulation, heal_lr=heal_lr,
             )
         dense = outcome.dense if outcome is not None else loaded
 

@@ -660,11 +660,11 @@ def test_heal_streams_a_text_calibration_file_on_cpu(
     out_dir = tmp_path / "bundle"
     code, out, err = _cli([tiny_bert_dir, "--rank", "0.5", "--heal", "4", "--device", "cpu",
                            "--heal-precision", "fp32", "--calibration", corpus, "-q", *RUNS,
-                           "-o", out_dir], capsys)
+                           "--heal-batch", "64", "--heal-lr", "3e-4", "-o", out_dir], capsys)
     assert code == 0, err
     healing = json.loads((out_dir / "manifest.json").read_text())["lowrank"]["healing"]
     assert healing["streamed"] is True and healing["training_data"] == "corpus.txt (streamed)"
-    assert healing["batch_size"] == 32 and healing["passes"] == 1
+    assert healing["batch_size"] == 64 and healing["lr"] == 3e-4 and healing["passes"] == 1
     # The stream read past the bounded head the factorization was calibrated on.
     assert healing["lines_read"] == 5000 > CALIBRATION_HEAD_LINES
     assert healing["selection_data"] == "the shipped calibration.txt (never trained on)"
@@ -738,6 +738,8 @@ def test_heal_quantized_without_factorization_heals_the_dense_model(
       "--per-tensor"], ["per channel", "--per-tensor"]),
     (["--quantize", "int4", "--int4-block", "48"], ["power of two", "48"]),
     (["--int4-block", "64"], ["--int4-block", "--quantize int4"]),
+    (["--rank", "0.5", "--heal", "2", "--heal-batch", "0"], ["--heal-batch", "1..4096"]),
+    (["--rank", "0.5", "--heal", "2", "--heal-lr", "0"], ["--heal-lr", "(0, 1]"]),
 ])
 def test_heal_quantized_and_int4_block_errors_are_one_line(
     capsys, tmp_path: Path, tiny_bert_dir: Path, args: list[str], words: list[str]

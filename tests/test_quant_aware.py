@@ -166,3 +166,33 @@ def test_layers_heal_and_shards_round_trip(tmp_path: Path) -> None:
     restored = copy.deepcopy(teacher)
     load_lowrank_factors(restored, tmp_path / "dense")
     assert torch.equal(restored(ids), dense(ids))
+
+
+def test_int4_tables_are_uint8_pairs_equal_to_the_simulation(tmp_path: Path) -> None:
+    """Embedding tables leave as GatherBlockQuantized on uint8 pairs (the ORT format has no
+    INT4 tensors) and gather exactly the rows the healing loop simulated."""
+    torch.manual_seed(5)
+    table = torch.randn(50, 64)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"], name="gather")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 64])],
+        [numpy_helper.from_array(table.numpy(), "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    quantize_weights_4bit(tmp_path / "g.onnx", tmp_path / "q.onnx", block_size=32,
+                          symmetric=True, embeddings=True)
+    quantized = onnx.load(str(tmp_path / "q.onnx"))
+    data = next(t for t in quantized.graph.initializer if t.name.endswith("_Q4"))
+    assert data.data_type == TensorProto.UINT8 and list(data.dims) == [50, 32]
+    ids = np.array([[0, 7, 49], [3, 3, 12]], dtype=np.int64)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "q.ort")
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    expected = fake_int4_blocks(table, 32)[torch.from_numpy(ids)].numpy()
+    for path in ("q.onnx", "q.ort"):
+        got = ort.InferenceSession(str(tmp_path / path), providers=["CPUExecutionProvider"]).run(
+            None, {"ids": ids})[0]
+        assert np.array_equal(got, expected), path

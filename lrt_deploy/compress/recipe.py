@@ -237,6 +237,7 @@ def compress_model(
     probe: list[dict[str, Any]] | None = None,
     probe_data: str = "probe batches",
     heal_quantization: Any = None,
+    heal_lr: float = 1e-4,
 ) -> CompressionOutcome:
     """Factorize ``loaded.module`` in place: search a budget, factorize, heal, as asked.
 
@@ -262,6 +263,7 @@ def compress_model(
             :class:`~lrt_deploy.compress.quant_aware.FakeQuantization` (see
             :func:`simulated_quantization`) the student computes under while healing; every
             weight but the embedding tables then trains (``trainable="layers"``).
+        heal_lr: Peak learning rate of healing.
 
     Returns:
         The :class:`CompressionOutcome`, with the dense copy to compare against.
@@ -305,7 +307,8 @@ def compress_model(
                 "smaller rank or budget, e.g. --rank 0.25"
             )
         logger.info(result.summary())
-    options: dict[str, Any] = {"device_asked": device, "precision_asked": heal_precision}
+    options: dict[str, Any] = {"device_asked": device, "precision_asked": heal_precision,
+                               "lr": heal_lr}
     if heal_quantization is not None:
         options["quantization"] = heal_quantization.describe()
         options["trainable"] = "layers"
@@ -384,7 +387,8 @@ def _heal(
     progress(f"healing: {steps} distillation steps on {source} (device "
              f"{options['device_asked']}, precision {options['precision_asked']}{simulated})")
     result = heal_(
-        loaded.module, dense.module, data.train, steps=steps, eval_batches=data.selection,
+        loaded.module, dense.module, data.train, steps=steps, lr=options["lr"],
+        eval_batches=data.selection,
         hidden_modules=_block_names(loaded.module), progress=True,
         device=options["device_asked"], precision=options["precision_asked"],
         quantization=quantization,

@@ -344,6 +344,30 @@ def find_sensitive_nodes(
     return ranked
 
 
+def _pack_int4_tables(model: Any) -> None:
+    """Re-store ``GatherBlockQuantized`` tables from ONNX ``INT4`` to ``uint8`` bytes of two
+    values (low nibble first, offset by the implicit zero point 8; ``bits=4``): the same
+    numbers (tested), but the ORT format of mobile bundles has no INT4 tensor type."""
+    import onnx
+    from onnx import numpy_helper
+
+    tables = {node.input[0]: node for node in model.graph.node
+              if node.op_type == "GatherBlockQuantized"}
+    for tensor in model.graph.initializer:
+        if tensor.name not in tables or tensor.data_type != onnx.TensorProto.INT4:
+            continue
+        values = numpy_helper.to_array(tensor).astype(np.int16) + 8
+        if values.shape[-1] % 2:  # the byte width would not say the table's width
+            logger.warning("%s has an odd width: kept as INT4 (not loadable as ORT format)",
+                           tensor.name)
+            continue
+        packed = (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+        tensor.CopyFrom(numpy_helper.from_array(packed, tensor.name))
+        node = tables[tensor.name]
+        if not any(attribute.name == "bits" for attribute in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("bits", 4))
+
+
 def quantize_weights_4bit(
     source: str | Path,
     target: str | Path,
@@ -409,6 +433,8 @@ def quantize_weights_4bit(
     # (a padding row) by a zero scale before np.where discards the result.
     with quiet_loggers(""), np.errstate(divide="ignore", invalid="ignore"):
         quantizer.process()
+    if embeddings:
+        _pack_int4_tables(quantizer.model.model)
     quantizer.model.save_model_to_file(str(target))
     before, after = op_counts(source), op_counts(target)
     result = QuantizationResult(
