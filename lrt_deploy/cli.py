@@ -128,9 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--quantize", choices=("int8", "int4", "none"), default="none",
                      help="int8: per-channel int8 weights (default: none); int4: 4-bit "
                      "weight-only MatMulNBits")
-    exp.add_argument("--quant-format", choices=("dynamic", "qdq"), default="dynamic",
-                     help="int8 as dynamic quantisation (default) or static QDQ calibrated on "
-                     "the calibration data")
+    exp.add_argument("--quant-format", choices=("dynamic", "qdq", "weight-only"),
+                     default="dynamic",
+                     help="int8 as dynamic quantisation (default), static QDQ calibrated on "
+                     "the calibration data, or weight-only (activations float: the same "
+                     "embeddings in every ONNX Runtime build, WebAssembly included)")
     exp.add_argument("--exclude-sensitive", type=int, default=0, metavar="N",
                      help="with --quant-format qdq: keep the N MatMuls int8 hurts most in fp32")
     exp.add_argument("--per-tensor", action="store_true",
@@ -269,7 +271,12 @@ def _precision(args: argparse.Namespace) -> Precision | None:
     Raises:
         LrtDeployError: ``--exclude-sensitive`` without static int8.
     """
-    from lrt_deploy.export.precision import DynamicInt8, Int4WeightOnly, StaticInt8
+    from lrt_deploy.export.precision import (
+        DynamicInt8,
+        Int4WeightOnly,
+        Int8WeightOnly,
+        StaticInt8,
+    )
 
     static = args.quantize == "int8" and args.quant_format == "qdq"
     if args.exclude_sensitive and not static:
@@ -278,6 +285,8 @@ def _precision(args: argparse.Namespace) -> Precision | None:
         )
     if args.quantize == "int4":
         return Int4WeightOnly(block=32)
+    if args.quantize == "int8" and args.quant_format == "weight-only":
+        return Int8WeightOnly()
     if static:
         return StaticInt8(per_channel=not args.per_tensor, exclude_sensitive=args.exclude_sensitive)
     if args.quantize == "int8":
