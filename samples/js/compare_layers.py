@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from compare import JS_DIR, SENTENCES, _node, cosines
 
-__all__ = ["all_tensors_model", "compare_tensors", "load_dump"]
+__all__ = ["all_tensors_model", "compare_tensors", "load_dump", "run_both"]
 
 _DTYPES = {"float32": np.float32, "uint8": np.uint8, "int8": np.int8, "int32": np.int32,
            "int64": np.int64, "bool": np.bool_}
@@ -88,38 +88,44 @@ def compare_tensors(model: Any, native: dict[str, np.ndarray],
     return lines
 
 
-def main() -> None:
+def run_both(bundle: Path, folder: Path, runtime: str = "web"
+             ) -> tuple[Any, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Run every tensor of ``bundle``'s graph in native ORT and in ``runtime`` (``web``: the
+    wasm backend in Node; ``node``: onnxruntime-node) on :data:`SENTENCES`, working in
+    ``folder``. Returns the model and both runs' tensors by name."""
     import onnxruntime as ort
 
     from lrt_deploy.runtime import TextEncoder
 
+    model = all_tensors_model(bundle, folder / "all.onnx")
+    names = {value.name for value in model.graph.input}
+    feeds = {key: value for key, value in TextEncoder.from_bundle(bundle).encode(SENTENCES)
+             .items() if key in names}
+    (folder / "feeds.json").write_text(json.dumps(
+        {key: {"dims": list(value.shape), "data": value.ravel().tolist()}
+         for key, value in feeds.items()}))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(folder / "all.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    outputs = [value.name for value in session.get_outputs()]
+    native = dict(zip(outputs, session.run(None, feeds), strict=True))
+    subprocess.run(
+        [_node(), "dump-tensors.js", "--model", str(folder / "all.onnx"),
+         "--feeds", str(folder / "feeds.json"), "--out", str(folder / "dump"),
+         "--runtime", runtime],
+        cwd=JS_DIR, check=True, capture_output=True, text=True,
+    )
+    return model, native, load_dump(folder / "dump")
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--runtime", choices=("web", "node"), default="web")
     args = parser.parse_args()
-    bundle = args.bundle.resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        model = all_tensors_model(bundle, folder / "all.onnx")
-        names = {value.name for value in model.graph.input}
-        feeds = {key: value for key, value in TextEncoder.from_bundle(bundle).encode(SENTENCES)
-                 .items() if key in names}
-        (folder / "feeds.json").write_text(json.dumps(
-            {key: {"dims": list(value.shape), "data": value.ravel().tolist()}
-             for key, value in feeds.items()}))
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(str(folder / "all.onnx"), options,
-                                       providers=["CPUExecutionProvider"])
-        names = [value.name for value in session.get_outputs()]
-        native = dict(zip(names, session.run(None, feeds), strict=True))
-        subprocess.run(
-            [_node(), "dump-tensors.js", "--model", str(folder / "all.onnx"),
-             "--feeds", str(folder / "feeds.json"), "--out", str(folder / "dump"),
-             "--runtime", args.runtime],
-            cwd=JS_DIR, check=True, capture_output=True, text=True,
-        )
-        other = load_dump(folder / "dump")
+        model, native, other = run_both(args.bundle.resolve(), Path(tmp), args.runtime)
     for line in compare_tensors(model, native, other):
         print(line)
     output = model.graph.output[0].name
