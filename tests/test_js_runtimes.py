@@ -358,6 +358,11 @@ def test_weight_only_int8_embeds_like_python_in_node_and_page(
     """The quick start's recipe with --quant-format weight-only: Node and the page give
     Python's embeddings to 0.9999, at dynamic int8's size."""
     manifest = json.loads((weight_only_bundle / "manifest.json").read_text(encoding="utf-8"))
+    jsonschema = pytest.importorskip("jsonschema")
+    from lrt_deploy.schemas import load_schema
+
+    jsonschema.Draft202012Validator(load_schema("manifest")).validate(manifest)
+    assert manifest["target"]["precision"] == {"kind": "int8-weight-only"}, manifest["target"]
     quantized = manifest["quantization"]["quantized_ops"]
     assert "DynamicQuantizeLinear" not in quantized and quantized["MatMulNBits"] > 0, quantized
     assert "note" not in manifest["runtimes"]["onnxruntime-web-wasm"], manifest["runtimes"]
