@@ -23,6 +23,7 @@ _EXPORTS = {
     "DynamicInt8": "lrt_deploy.export.precision",
     "StaticInt8": "lrt_deploy.export.precision",
     "Int4WeightOnly": "lrt_deploy.export.precision",
+    "Int8WeightOnly": "lrt_deploy.export.precision",
     "export_onnx": "lrt_deploy.export.onnx_export",
     "export_bundle": "lrt_deploy.pipeline",
     "BenchmarkSettings": "lrt_deploy.pipeline",

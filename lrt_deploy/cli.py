@@ -141,9 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--int4-block", type=int, default=32, metavar="N",
                      help="with --quantize int4: weights per scale, a power of two >= 16 "
                      "(32 default; 64 is ~10%% smaller)")
-    exp.add_argument("--quant-format", choices=("dynamic", "qdq"), default="dynamic",
-                     help="int8 as dynamic quantisation (default) or static QDQ calibrated on "
-                     "the calibration data")
+    exp.add_argument("--quant-format", choices=("dynamic", "qdq", "weight-only"),
+                     default="dynamic",
+                     help="int8 as dynamic quantisation (default), static QDQ calibrated on "
+                     "the calibration data, or weight-only (activations float: the same "
+                     "embeddings in every ONNX Runtime build, WebAssembly included)")
     exp.add_argument("--exclude-sensitive", type=int, default=0, metavar="N",
                      help="with --quant-format qdq: keep the N MatMuls int8 hurts most in fp32")
     exp.add_argument("--per-tensor", action="store_true",
@@ -291,7 +293,12 @@ def _precision(args: argparse.Namespace) -> Precision | None:
     Raises:
         LrtDeployError: ``--exclude-sensitive`` without static int8.
     """
-    from lrt_deploy.export.precision import DynamicInt8, Int4WeightOnly, StaticInt8
+    from lrt_deploy.export.precision import (
+        DynamicInt8,
+        Int4WeightOnly,
+        Int8WeightOnly,
+        StaticInt8,
+    )
 
     static = args.quantize == "int8" and args.quant_format == "qdq"
     if args.exclude_sensitive and not static:
@@ -302,6 +309,8 @@ def _precision(args: argparse.Namespace) -> Precision | None:
         raise _usage_error("--int4-block applies to --quantize int4: add it or drop the block")
     if args.quantize == "int4":
         return Int4WeightOnly(block=args.int4_block)
+    if args.quantize == "int8" and args.quant_format == "weight-only":
+        return Int8WeightOnly()
     if static:
         return StaticInt8(per_channel=not args.per_tensor, exclude_sensitive=args.exclude_sensitive)
     if args.quantize == "int8":

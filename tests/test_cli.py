@@ -483,6 +483,7 @@ def _ops(path: Path) -> dict[str, int]:
     [
         (["--quantize", "int4"], "int4", "MatMulNBits"),
         (["--quantize", "int8", "--quant-format", "qdq"], "int8", "DequantizeLinear"),
+        (["--quantize", "int8", "--quant-format", "weight-only"], "int8", "MatMulNBits"),
         (["--target", "cuda"], "fp16", "Cast"),
     ],
 )

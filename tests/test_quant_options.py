@@ -1,5 +1,5 @@
-"""Tests for the quantisation options (static QDQ, sensitivity, 4-bit weights) on a tiny
-hand-built MatMul chain."""
+"""Tests for the quantisation options (static QDQ, sensitivity, int8 and 4-bit weights) on a
+tiny hand-built MatMul chain."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from lrt_deploy.export.quantize import (  # noqa: E402
     quantize_int8,
     quantize_static_int8,
     quantize_weights_4bit,
+    quantize_weights_int8,
 )
 
 # in -> (mm_in: 64x64) -> Relu -> (mm_mid: 64x128) -> Relu -> (mm_out: 128x64)
@@ -141,6 +142,62 @@ def test_weight_only_4bit(chain: Path, tmp_path: Path, block_size: int) -> None:
 def test_weight_only_4bit_rejects_bad_block(chain: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="power of 2"):
         quantize_weights_4bit(chain, tmp_path / "bad.onnx", block_size=48)
+
+
+def _outputs(path: Path, feeds: dict[str, np.ndarray], level: str) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def test_weight_only_int8(chain: Path, tmp_path: Path) -> None:
+    target = tmp_path / "w8.onnx"
+    result = quantize_weights_int8(chain, target, block_size=32, min_elements=64 * 100)
+    after = op_counts(target)
+    # mm_in (4096 weights) stays fp32; no activation is quantised anywhere.
+    assert after["MatMulNBits"] == 2 and after["MatMul"] == 1
+    assert not {"DynamicQuantizeLinear", "QuantizeLinear", "MatMulInteger"} & set(after)
+    assert result.mode == "weight-only" and result.weight_type == "int8"
+    assert result.excluded_nodes == ["mm_in"]
+    for node in onnx.load(str(target)).graph.node:
+        if node.op_type == "MatMulNBits":
+            attributes = {a.name: a.i for a in node.attribute}
+            assert attributes["bits"] == 8 and attributes.get("accuracy_level", 0) == 0
+    assert model_bytes(target) < 0.5 * model_bytes(chain)
+    assert _cosine(chain, target) > 0.9995
+    # ORT's extended optimisations must not turn it into int8-activation compute.
+    feeds = _batches(1, seed=5)[0]
+    np.testing.assert_array_equal(
+        _outputs(target, feeds, "ORT_DISABLE_ALL"), _outputs(target, feeds, "ORT_ENABLE_ALL")
+    )
+
+
+def test_weight_only_int8_gathers_int8_rows(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((100, 32)).astype(np.float32)
+    table[:, 5] *= 50.0  # one wide column: per-column scales keep the others fine
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], name="embed", axis=0)], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["n", 32])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    source, target = tmp_path / "g.onnx", tmp_path / "g8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                                ir_version=10), str(source))
+    quantize_weights_int8(source, target)
+    np.testing.assert_array_equal(
+        _outputs(target, {"ids": np.array([3, 1], np.int64)}, "ORT_DISABLE_ALL"),
+        _outputs(target, {"ids": np.array([3, 1], np.int64)}, "ORT_ENABLE_ALL"),
+    )
+    model = onnx.load(str(target))
+    assert [node.op_type for node in model.graph.node] == ["Gather", "DequantizeLinear"]
+    ids = np.array([0, 7, 99, 7], np.int64)
+    got = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(
+        None, {"ids": ids})[0]
+    step = np.abs(table).max(axis=0) / 127.0
+    assert np.all(np.abs(got - table[ids]) <= step / 2 + 1e-6)
 
 
 def test_dynamic_int8_still_reports_as_before(chain: Path, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from lrt_deploy.export.precision import (  # noqa: E402
     DynamicInt8,
     Float16,
     Int4WeightOnly,
+    Int8WeightOnly,
     StaticInt8,
     precision_from_dict,
 )
@@ -121,7 +122,7 @@ def test_invalid_precision_recipes_raise(make) -> None:
 @pytest.mark.parametrize(
     "recipe",
     [Float16(), DynamicInt8(per_channel=False), StaticInt8(per_channel=True, exclude_sensitive=6),
-     Int4WeightOnly(block=64), Int4WeightOnly(embeddings=False)],
+     Int8WeightOnly(), Int4WeightOnly(block=64), Int4WeightOnly(embeddings=False)],
 )
 def test_precision_round_trips_through_dict(recipe) -> None:
     data = recipe.to_dict()

@@ -1,7 +1,8 @@
 """Precision recipes: typed configs, each owning its validation and the pass that applies it.
 
 In the style of torchao's config-type -> handler registry: a recipe is a frozen dataclass
-(:class:`Float16`, :class:`DynamicInt8`, :class:`StaticInt8`, :class:`Int4WeightOnly`) that
+(:class:`Float16`, :class:`DynamicInt8`, :class:`StaticInt8`, :class:`Int8WeightOnly`,
+:class:`Int4WeightOnly`) that
 checks its own fields, round-trips through a dict (the manifest records it), and has one
 handler registered for its type. :func:`apply_precision` looks the handler up, so the build
 applies whichever recipe a target holds without a chain of conditions, and a new precision is
@@ -25,6 +26,7 @@ __all__ = [
     "DynamicInt8",
     "Float16",
     "Int4WeightOnly",
+    "Int8WeightOnly",
     "Precision",
     "PrecisionContext",
     "StaticInt8",
@@ -125,6 +127,20 @@ class StaticInt8(Precision):
 
     def describe(self) -> str:
         return "static int8 QDQ (calibrated)"
+
+
+@dataclass(frozen=True)
+class Int8WeightOnly(Precision):
+    """Int8 weights dequantised by ``DequantizeLinear``, activations float
+    (``quantize_weights_int8``): as small as dynamic int8, and the same embeddings in every
+    ONNX Runtime build (WebAssembly included), since no activation is rounded at run time.
+    """
+
+    kind: ClassVar[str] = "int8-weight-only"
+    suffix: ClassVar[str] = "int8"
+
+    def describe(self) -> str:
+        return "int8 weight-only (DequantizeLinear, activations float)"
 
 
 @dataclass(frozen=True)
@@ -268,6 +284,16 @@ def _static_int8(
     return quantize_static_int8(
         source, target, calibration, per_channel=recipe.per_channel, nodes_to_exclude=excluded,
     ).to_dict()
+
+
+@register_precision(Int8WeightOnly)
+def _int8_weight_only(
+    recipe: Int8WeightOnly, source: Path, target: Path, context: PrecisionContext
+) -> dict:
+    from lrt_deploy.export.quantize import quantize_weights_int8
+
+    context.progress(f"quantising {context.label} weights to int8 (weight-only)")
+    return quantize_weights_int8(source, target).to_dict()
 
 
 @register_precision(Int4WeightOnly)

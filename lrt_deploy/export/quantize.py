@@ -1,5 +1,6 @@
 """Quantisation options: int8 dynamic (the default), int8 static QDQ with calibration and
-excluded nodes, a per-node sensitivity finder, and 4-bit weight-only ``MatMulNBits``."""
+excluded nodes, int8 weight-only (``DequantizeLinear`` on the weights), a per-node sensitivity
+finder, and 4-bit weight-only ``MatMulNBits``."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ __all__ = [
     "quantize_int8",
     "quantize_static_int8",
     "quantize_weights_4bit",
+    "quantize_weights_int8",
 ]
 
 _QUANTIZED_OP_TYPES = (
@@ -454,3 +456,140 @@ def quantize_weights_4bit(
     )
     logger.info("quantised weights to 4 bits (block %d): %s", block_size, result.quantized_ops)
     return result
+
+
+# Weights int8 weight-only stores int8 and dequantises with ``DequantizeLinear``: (domain,
+# op_type) -> (input index, axis of the per-channel scale in the weight, axis of the scale in
+# what DequantizeLinear dequantises). The packed-QKV Attention dequantises its whole [K, 3H]
+# weight per output column; a Gather gathers int8 rows and dequantises only them, per column
+# (the last axis), so the table stays int8 in memory too. MatMul weights are not here: a
+# DequantizeLinear -> MatMul pair is what ONNX Runtime's extended optimisations fuse into
+# MatMulNBits with int8 *activations* (accuracy_level 4), so they become MatMulNBits at once,
+# with float compute.
+_DEQUANTIZED_WEIGHTS: dict[tuple[str, str], tuple[int, int, int]] = {
+    ("com.microsoft", "Attention"): (1, 1, 1),
+    ("", "Gather"): (0, 1, -1),
+}
+
+
+def quantize_weights_int8(
+    source: str | Path,
+    target: str | Path,
+    *,
+    block_size: int = 128,
+    min_elements: int = 1024,
+) -> QuantizationResult:
+    """Int8 weight-only quantisation, activations float: MatMul weights become 8-bit
+    ``com.microsoft.MatMulNBits`` (blocks of ``block_size`` along the input dimension, float
+    compute), and the packed-QKV ``Attention`` and embedding ``Gather`` weights are stored
+    int8 (symmetric, one scale per column) behind a standard ``DequantizeLinear``.
+
+    Why it exists: dynamic int8 (:func:`quantize_int8`) rounds every activation tensor to int8
+    at run time, which turns the last-bit differences between two builds' float kernels
+    (x86 against WebAssembly or ARM) into whole int8 steps that grow layer by layer, up to
+    cosine ~0.998 between runtimes. With float activations two builds differ by float
+    rounding only. The file is about as small as dynamic int8's; the matmuls run in float.
+
+    Args:
+        source: fp32 ONNX file.
+        target: Where the quantised ONNX file goes.
+        block_size: MatMul weights per scale; a power of 2, >= 16.
+        min_elements: Weights with fewer entries stay fp32 (they save little).
+
+    Returns:
+        The settings used and which ops changed.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from lrt_deploy.export.graph_index import GraphIndex
+
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of 2 of at least 16, got {block_size}")
+    model = onnx.load(str(source))
+    index = GraphIndex(model.graph)
+    small = sorted(
+        node.name
+        for node in model.graph.node
+        if node.op_type == "MatMul"
+        and (weight := index.constant(node.input[1])) is not None
+        and weight.size < min_elements
+    )
+    # accuracy_level None: the kernel computes in float (4 would quantise activations again).
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=None,
+        nodes_to_exclude=small,
+    )
+    with quiet_loggers(""):  # ORT's quantisers log hints on the root logger
+        quantizer.process()
+    model = quantizer.model.model
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    quantized: dict[str, tuple[str, str]] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        rule = _DEQUANTIZED_WEIGHTS.get((node.domain or "", node.op_type))
+        slot = rule[0] if rule else len(node.input)
+        weight = initializers.get(node.input[slot]) if slot < len(node.input) else None
+        if (rule is None or weight is None or weight.data_type != onnx.TensorProto.FLOAT
+                or len(weight.dims) != 2 or int(np.prod(weight.dims)) < min_elements):
+            new_nodes.append(node)
+            continue
+        _, weight_axis, dq_axis = rule
+        name = weight.name
+        if name not in quantized:
+            q_values, scale = _symmetric_int8(numpy_helper.to_array(weight), weight_axis)
+            quantized[name] = (f"{name}_int8", f"{name}_int8_scale")
+            graph.initializer.append(numpy_helper.from_array(q_values, quantized[name][0]))
+            graph.initializer.append(numpy_helper.from_array(scale, quantized[name][1]))
+        q_name, s_name = quantized[name]
+        rewritten = onnx.NodeProto()
+        rewritten.CopyFrom(node)
+        if node.op_type == "Gather":
+            # Gather int8 rows, then dequantise only those rows.
+            rewritten.input[slot] = q_name
+            rewritten.output[0] = f"{node.output[0]}_int8"
+            new_nodes += [rewritten, helper.make_node(
+                "DequantizeLinear", [rewritten.output[0], s_name], [node.output[0]],
+                name=f"{node.name}_dequantize", axis=dq_axis,
+            )]
+        else:
+            dequantized = f"{node.name}_{name}_dequantized"
+            rewritten.input[slot] = dequantized
+            new_nodes += [helper.make_node(
+                "DequantizeLinear", [q_name, s_name], [dequantized],
+                name=f"{node.name}_weight_dequantize", axis=dq_axis,
+            ), rewritten]
+    # The fp32 originals go once nothing reads them any more.
+    used = {name for node in new_nodes for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    onnx.save(model, str(target))
+    before, after = op_counts(source), op_counts(target)
+    result = QuantizationResult(
+        mode="weight-only",
+        per_channel=True,
+        weight_type="int8",
+        quantized_ops=_quantized_ops(target),
+        changes=count_changes(before, after),
+        excluded_nodes=small,
+        settings={"block_size": block_size, "min_elements": min_elements,
+                  "dequantized_weights": len(quantized)},
+    )
+    logger.info("quantised weights to int8 (weight-only): %s", result.quantized_ops)
+    return result
+
+
+def _symmetric_int8(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` as int8 in [-127, 127] with one fp32 scale per index of ``axis``."""
+    other = 1 - axis
+    peak = np.abs(values).max(axis=other)
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    shape = [1, 1]
+    shape[axis] = -1
+    quantized = np.clip(np.rint(values / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return quantized, scale
