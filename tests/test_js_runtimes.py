@@ -302,6 +302,20 @@ def test_page_matches_python_without_dynamic_int8(
     assert "error" not in result, result
     cosines = compare.cosines(python["embeddings"], result["embeddings"])
     assert cosines.min() >= PAGE_FLOOR, cosines
+    # int4 bundles hold MultiHeadAttention and GatherBlockQuantized (uint8 pairs): Node too
+    node = compare.node_embeddings(bundle, sentences, runs=1)
+    assert compare.cosines(python["embeddings"], node["embeddings"]).min() >= PAGE_FLOOR
+    runtimes = manifest["runtimes"]
+    assert {"com.microsoft:GatherBlockQuantized", "com.microsoft:MultiHeadAttention"} <= {
+        f"{domain}:{op}" for domain, op in _graph_ops(bundle / "model.onnx")}
+    assert runtimes["onnxruntime-web-wasm"]["unverified"] == [], runtimes
+    assert runtimes["onnxruntime-node"]["unverified"] == [], runtimes
+
+
+def _graph_ops(path: Path) -> set[tuple[str, str]]:
+    import onnx
+
+    return {(node.domain or "ai.onnx", node.op_type) for node in onnx.load(str(path)).graph.node}
 
 
 def _perturbed_first_layernorm(bundle: Path, seeds: range) -> list[float]:

@@ -36,9 +36,11 @@ _STANDARD_OPS = frozenset({
 })
 # Attention and QAttention: onnxscript's packed-QKV fusion (fp32 in the int4 bundle's page test,
 # QAttention in the quick start's int8 bundle, run by Node and the page).
+# GatherBlockQuantized (uint8 pairs, bits=4) and MultiHeadAttention: the int4 bundle, run by
+# Node and the page.
 _CONTRIB_OPS = frozenset({
-    "Attention", "BiasGelu", "FusedMatMul", "MatMulNBits", "MultiHeadAttention", "QAttention",
-    "SkipLayerNormalization",
+    "Attention", "BiasGelu", "FusedMatMul", "GatherBlockQuantized", "MatMulNBits",
+    "MultiHeadAttention", "QAttention", "SkipLayerNormalization",
 })
 _VERIFIED = frozenset({(_STANDARD, op) for op in _STANDARD_OPS}) | frozenset(
     {(_MICROSOFT, op) for op in _CONTRIB_OPS}
