@@ -728,7 +728,7 @@ def test_heal_quantized_without_factorization_heals_the_dense_model(
     assert lowrank["config"] is None and manifest["variant"] == "healed int4"
     healing = lowrank["healing"]
     assert healing["quantization"] == "4-bit weights, block 16" and healing["steps_run"] == 6
-    assert "healed 6 steps" in out
+    assert "healed 6 steps" in out and "(fp32, 4-bit weights, block 16 simulated)" in out
 
 
 @pytest.mark.parametrize(("args", "words"), [

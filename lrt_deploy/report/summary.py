@@ -90,9 +90,12 @@ def _search_note(search: BudgetSearchResult, selection: str) -> str:
 
 
 def _healing_note(healing: HealResult, selection: str) -> str:
+    how = healing.precision
+    if healing.quantization:
+        how = f"{how}, {healing.quantization} simulated"
     return (
         f"healed {healing.steps_run} steps in {healing.seconds:.0f}s on {healing.device} "
-        f"({healing.precision}), kept step {healing.best_step}; mean cosine on "
+        f"({how}), kept step {healing.best_step}; mean cosine on "
         f"{'' if selection.startswith('the ') else 'the '}{selection} "
         f"{healing.before_mean_cosine:.4f} -> {healing.after_mean_cosine:.4f}"
     )
