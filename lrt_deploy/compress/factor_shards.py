@@ -31,11 +31,10 @@ def lowrank_state(module: nn.Module, *, layers: bool = False) -> dict[str, torch
             for key, value in unit.state_dict().items():
                 state[f"{name}.{key}" if name else key] = value.detach()
     if layers:
-        tables = {id(p) for m in module.modules() if isinstance(m, nn.Embedding)
-                  for p in m.parameters()}
-        for key, value in module.named_parameters():
-            if value.is_floating_point() and id(value) not in tables and key not in state:
-                state[key] = value.detach()
+        from lrt_deploy.compress.heal import layer_parameters
+
+        for key, value in layer_parameters(module).items():
+            state.setdefault(key, value.detach())
     return state
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "HealResult",
     "autocast_dtype",
     "heal_",
+    "layer_parameters",
     "lr_multiplier",
     "select_device",
 ]
@@ -124,15 +125,21 @@ def _as_module(model: Any, role: str) -> nn.Module:
     )
 
 
+def layer_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """What ``trainable="layers"`` trains, by qualified name: every floating parameter but the
+    embedding tables (a table row moves only when its token is in the training text, so tuning
+    tables would fit them to the corpus's vocabulary)."""
+    tables = {id(p) for m in module.modules() if isinstance(m, nn.Embedding)
+              for p in m.parameters()}
+    return {name: p for name, p in module.named_parameters()
+            if p.is_floating_point() and id(p) not in tables}
+
+
 def _trainable_parameters(student: nn.Module, trainable: str) -> list[nn.Parameter]:
     if trainable == "all":
         return [p for p in student.parameters() if p.is_floating_point()]
     if trainable == "layers":
-        # Every weight but the embedding tables: a table row moves only when its token is in
-        # the training text, so tuning tables would fit them to the corpus's vocabulary.
-        tables = {id(p) for m in student.modules() if isinstance(m, nn.Embedding)
-                  for p in m.parameters()}
-        return [p for p in student.parameters() if p.is_floating_point() and id(p) not in tables]
+        return list(layer_parameters(student).values())
     params: list[nn.Parameter] = []
     for module in student.modules():
         # "linear" leaves factorized embedding tables as they are: their shared projection
