@@ -108,28 +108,34 @@ def fake_int4_blocks(weight: torch.Tensor, block: int) -> torch.Tensor:
     return _straight_through(weight, rounded)
 
 
+def _as_spec(spec: FakeQuantization | str) -> FakeQuantization:
+    return FakeQuantization(spec) if isinstance(spec, str) else spec
+
+
+def _fake_weight(layer: nn.Linear | nn.Embedding, spec: FakeQuantization) -> torch.Tensor:
+    """The layer's weight as the export rounds it: 4-bit blocks, or int8 per output channel
+    (a Linear's MatMul) or per tensor (an embedding table's Gather)."""
+    weight = layer.weight.float()
+    if spec.kind == "int4":
+        return fake_int4_blocks(weight, spec.block)
+    if isinstance(layer, nn.Linear):
+        return fake_int8_per_channel(weight)
+    return fake_int8_per_tensor(weight)
+
+
 def _linear_forward(layer: nn.Linear, spec: FakeQuantization) -> Any:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        weight = layer.weight.float()
-        if spec.kind == "int8":
+        if spec.kind == "int8":  # activations too: DynamicQuantizeLinear before each MatMul
             x = fake_uint8_dynamic(x.float())
-            weight = fake_int8_per_channel(weight)
-        else:
-            weight = fake_int4_blocks(weight, spec.block)
         bias = None if layer.bias is None else layer.bias.float()
-        return functional.linear(x.to(weight.dtype), weight, bias)
+        return functional.linear(x.float(), _fake_weight(layer, spec), bias)
 
     return forward
 
 
 def _embedding_forward(table: nn.Embedding, spec: FakeQuantization) -> Any:
     def forward(ids: torch.Tensor) -> torch.Tensor:
-        weight = table.weight.float()
-        if spec.kind == "int8":
-            weight = fake_int8_per_tensor(weight)
-        else:
-            weight = fake_int4_blocks(weight, spec.block)
-        return functional.embedding(ids, weight, table.padding_idx)
+        return functional.embedding(ids, _fake_weight(table, spec), table.padding_idx)
 
     return forward
 
@@ -142,8 +148,7 @@ def quantization_aware(module: nn.Module, spec: FakeQuantization | str) -> Itera
     Yields:
         How many layers were switched.
     """
-    if isinstance(spec, str):
-        spec = FakeQuantization(spec)
+    spec = _as_spec(spec)
     patched: list[nn.Module] = []
     try:
         for layer in module.modules():
@@ -176,8 +181,7 @@ def snap_to_grid_(module: nn.Module, spec: FakeQuantization | str,
     Returns:
         How many weight tensors were snapped.
     """
-    if isinstance(spec, str):
-        spec = FakeQuantization(spec)
+    spec = _as_spec(spec)
     snapped = 0
     with torch.no_grad():
         for layer in module.modules():
@@ -186,12 +190,6 @@ def snap_to_grid_(module: nn.Module, spec: FakeQuantization | str,
             weight = layer.weight
             if only is not None and id(weight) not in only:
                 continue
-            if spec.kind == "int4":
-                value = fake_int4_blocks(weight.float(), spec.block)
-            elif isinstance(layer, nn.Linear):
-                value = fake_int8_per_channel(weight.float())
-            else:
-                value = fake_int8_per_tensor(weight.float())
-            weight.copy_(value.to(weight.dtype))
+            weight.copy_(_fake_weight(layer, spec).to(weight.dtype))
             snapped += 1
     return snapped
