@@ -106,23 +106,19 @@ def export_int4(model: Any, work: Path, key: str, block_size: int = 32) -> Path:
     return int4
 
 
-def run_healed(specs: list[str], corpus: Path | None, out: Path, runs: int, threads: int,
-               rounds: int = 5, int4: tuple[str, ...] = (),
-               block_size: int = 32) -> list[dict[str, Any]]:
+def heldout_scorer(dense: Any) -> tuple[dict[str, list[Any]], Any]:
+    """The two shipped held-out sets in batches of 32 and a ``fidelity(run_batch)`` that scores
+    ``run_batch(batch) -> array`` against the dense fp32 PyTorch model on both: mean and worst
+    cosine per set."""
     import numpy as np
 
     from lrt_deploy.compress.fidelity import cosine_per_row
-    from lrt_deploy.data.readers import DOMAIN_HELDOUT_TEXT as DOMAIN_HELDOUT
-    from lrt_deploy.data.readers import HELDOUT_TEXT as HELDOUT
+    from lrt_deploy.data.readers import DOMAIN_HELDOUT_TEXT, HELDOUT_TEXT
     from lrt_deploy.data.stream import shipped_lines
-    from lrt_deploy.export.graph import model_bytes
-    from lrt_deploy.load import load_model
-    from lrt_deploy.runtime import Session, measure_latency
 
-    dense = load_model("all-MiniLM-L6-v2")
     primary = dense.output_names[0]
     sets = {name: [dense.tokenize(lines[i : i + 32]) for i in range(0, len(lines), 32)]
-            for name in (HELDOUT, DOMAIN_HELDOUT) for lines in [shipped_lines(name)]}
+            for name in (HELDOUT_TEXT, DOMAIN_HELDOUT_TEXT) for lines in [shipped_lines(name)]}
     refs = {name: [dense.forward(b)[primary].numpy() for b in batches]
             for name, batches in sets.items()}
 
@@ -134,6 +130,21 @@ def run_healed(specs: list[str], corpus: Path | None, out: Path, runs: int, thre
             result[name] = {"mean_cosine": float(cos.mean()), "worst_cosine": float(cos.min())}
         return result
 
+    return sets, fidelity
+
+
+def run_healed(specs: list[str], corpus: Path | None, out: Path, runs: int, threads: int,
+               rounds: int = 5, int4: tuple[str, ...] = (),
+               block_size: int = 32) -> list[dict[str, Any]]:
+    import numpy as np
+
+    from lrt_deploy.export.graph import model_bytes
+    from lrt_deploy.load import load_model
+    from lrt_deploy.runtime import Session, measure_latency
+
+    dense = load_model("all-MiniLM-L6-v2")
+    primary = dense.output_names[0]
+    _, fidelity = heldout_scorer(dense)
     rows: list[dict[str, Any]] = []
     sessions: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -427,3 +427,70 @@ def _constant(model: Any, name: str) -> np.ndarray:
     from onnx import numpy_helper
 
     return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))
+
+
+# --- wasm-bench.js: the WebAssembly side of benchmarks/bench_backends.py ----------------------
+
+
+def _embedding_graph(path: Path, table: np.ndarray, projections: list[np.ndarray]) -> Path:
+    """input_ids -> Gather(table) -> MatMul chain: a dense layer, or a low-rank pair."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(table, "table")]
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["h0"])]
+    for i, weight in enumerate(projections):
+        inits.append(numpy_helper.from_array(weight, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"h{i + 1}"]))
+    nodes[-1].output[0] = "y"
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+@needs_node
+def test_wasm_bench_outputs_match_native_and_times_pairs(
+    node_modules: Path, tmp_path: Path
+) -> None:
+    """wasm-bench.js writes each graph's output per batch (float graphs: native ORT's numbers
+    up to float rounding) and times the graphs interleaved, ratios against the first one."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((50, 64)).astype(np.float32)
+    dense = _embedding_graph(tmp_path / "dense.onnx", table,
+                             [rng.standard_normal((64, 64)).astype(np.float32)])
+    pair = _embedding_graph(tmp_path / "pair.onnx", table,
+                            [rng.standard_normal((64, 8)).astype(np.float32),
+                             rng.standard_normal((8, 64)).astype(np.float32)])
+    batches = [rng.integers(0, 50, (2, 5)), rng.integers(0, 50, (3, 7))]
+
+    def feeds(ids: np.ndarray) -> dict[str, Any]:
+        return {"input_ids": {"dims": list(ids.shape), "data": ids.reshape(-1).tolist()}}
+
+    (tmp_path / "batches.json").write_text(json.dumps([feeds(b) for b in batches]))
+    (tmp_path / "feeds.json").write_text(json.dumps(feeds(batches[0])))
+    assert NODE is not None
+    proc = subprocess.run(
+        [NODE, "wasm-bench.js", "--models", f"{dense},{pair}", "--feeds",
+         str(tmp_path / "feeds.json"), "--runs", "6", "--blocks", "3",
+         "--outputs", str(tmp_path / "batches.json"), "--out", str(tmp_path / "out")],
+        cwd=JS_DIR, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    timings = json.loads(proc.stdout)
+    assert set(timings) == {str(dense), str(pair)}
+    assert timings[str(dense)]["ratio"] == 1.0  # the baseline against itself, run by run
+    low, ratio, high = (timings[str(pair)][k] for k in ("ratio_low", "ratio", "ratio_high"))
+    assert 0 < low <= high and ratio > 0 and timings[str(pair)]["median_ms"] > 0
+    for g, path in enumerate((dense, pair)):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for b, ids in enumerate(batches):
+            expected = session.run(None, {"input_ids": ids})[0]
+            raw = (tmp_path / "out" / f"{g}-{b}.bin").read_bytes()
+            got = np.frombuffer(raw, dtype=np.float32).reshape(expected.shape)
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,300 @@
+"""Does LRT + int8 pay on this runtime? Dense int8 per channel against LRT int8 variants on
+native ONNX Runtime (this CPU) and on onnxruntime-web's WebAssembly backend (in Node: the
+.wasm a page loads), in one run.
+
+    python benchmarks/bench_backends.py [--factors NAME=DIR ...] [--ffn-ranks 192 128]
+        [--seq 32 128] [--runs 30] [--wasm-runs 15] [--threads 2] [--out results]
+
+Variants: dense fp32 and dense int8 per channel (the baseline of every ratio); ``--factors``
+low-rank factor shards (``heal_run.py``/``save_lowrank_factors`` output: a healed or a plain
+factorization, the real candidates); ``--ffn-ranks`` shape probes (plain SVD of every FFN
+matrix at that rank, not healed: they say what a shape costs, their fidelity is no candidate).
+Every variant is exported the way ``lrt-export --target cpu --quantize int8`` does (ONNX,
+transformer fusion, dynamic int8 per channel).
+
+Per variant: file size; fidelity (mean / worst cosine to the dense fp32 PyTorch model on both
+shipped held-out sets) of the native int8 graph and of the same graph run in WebAssembly;
+latency as the median paired ratio to dense int8 (interleaved runs, thread-pool spinning off,
+range over 5 blocks of runs) at each ``--seq`` on both runtimes; and, from ONNX Runtime's
+profiler on the native runtime, the share of kernel time spent in nodes that multiply by a
+weight matrix (the only work a factorization can shrink).
+
+Writes ``results/backends-minilm.json`` and ``.png``. WebAssembly needs node and
+``samples/js/node_modules`` (``scripts/setup.sh``); without them those columns are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import dataclasses
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+JS_DIR = Path(__file__).resolve().parent.parent / "samples" / "js"
+# Kernels that multiply by a weight matrix (with their own activation rounding, for int8).
+MATRIX_OPS = {"MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul",
+              "MatMulIntegerToFloat", "QAttention", "Attention", "MatMulNBits"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--factors", nargs="*", default=(), metavar="NAME=DIR",
+                        help="low-rank factor shards to rebuild (healed or plain)")
+    parser.add_argument("--ffn-ranks", nargs="*", type=int, default=(192, 128),
+                        help="shape probes: every FFN matrix factorized at this rank (plain SVD)")
+    parser.add_argument("--model-dir", default="all-MiniLM-L6-v2")
+    parser.add_argument("--seq", nargs="+", type=int, default=(32, 128))
+    parser.add_argument("--runs", type=int, default=30, help="native timed runs per graph")
+    parser.add_argument("--wasm-runs", type=int, default=15, help="WebAssembly timed runs")
+    parser.add_argument("--threads", type=int, default=2, help="native intra-op threads")
+    parser.add_argument("--wasm-threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from healed import export_int8, heldout_scorer
+    from interleave import cpu_session, interleaved_latency
+
+    from lrt_deploy.export.graph import model_bytes
+    from lrt_deploy.load import load_model
+
+    dense = load_model(args.model_dir)
+    primary = dense.output_names[0]
+    sets, fidelity = heldout_scorer(dense)
+    node = shutil.which("node")
+    wasm = node is not None and (JS_DIR / "node_modules" / "onnxruntime-web").is_dir()
+    if not wasm:
+        print("node or samples/js/node_modules missing (scripts/setup.sh): native only",
+              file=sys.stderr)
+
+    rows: list[dict[str, Any]] = []
+    graphs: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name, model, info in _variants(dense, args.factors, args.ffn_ranks):
+            print(f"== exporting {name}", file=sys.stderr, flush=True)
+            fp32, int8 = export_int8(model, work, _key(name))
+            for label, path in ([("dense fp32", fp32)] if name == "dense" else []) + [
+                    (f"{name} int8", int8)]:
+                session = cpu_session(path, args.threads)
+                inputs = {i.name for i in session.get_inputs()}
+                graphs[label] = path
+                rows.append({
+                    "variant": label, **info, "size_mb": model_bytes(path) / 1e6,
+                    "fidelity": fidelity(lambda b, s=session, i=inputs: s.run(
+                        [primary], {k: v.numpy() for k, v in b.items() if k in i})[0]),
+                    "matrix_share": _matrix_share(path, dense, args.threads),
+                })
+        baseline = "dense int8"
+        if wasm:
+            print("== WebAssembly fidelity", file=sys.stderr, flush=True)
+            for row, scores in zip(rows, _wasm_fidelity(graphs, sets, fidelity, work,
+                                                         args.wasm_threads), strict=True):
+                row["fidelity_wasm"] = scores
+        for seq in args.seq:
+            feeds = {k: v.numpy() for k, v in dense.tokenize(["lrt " * (seq - 2)]).items()}
+            print(f"== latency, sequence {seq}: native", file=sys.stderr, flush=True)
+            native = interleaved_latency(graphs, feeds, baseline=baseline, runs=args.runs,
+                                         threads=args.threads)
+            timed = {"native": native}
+            if wasm:
+                print(f"== latency, sequence {seq}: WebAssembly", file=sys.stderr, flush=True)
+                timed["wasm"] = _wasm_latency(graphs, baseline, feeds, work, args.wasm_runs,
+                                              args.wasm_threads)
+            for row in rows:
+                for runtime, timings in timed.items():
+                    t = timings[row["variant"]]
+                    row.setdefault("latency", {}).setdefault(runtime, {})[str(seq)] = {
+                        "median_ms": t.median_ms, "ratio_vs_int8": t.ratio,
+                        "ratio_spread": [t.ratio_low, t.ratio_high]}
+    base_mb = next(r["size_mb"] for r in rows if r["variant"] == baseline)
+    for row in rows:
+        row["size_vs_int8"] = row["size_mb"] / base_mb
+    setting = {"threads": args.threads, "wasm_threads": args.wasm_threads,
+               "native_runs": args.runs, "wasm_runs": args.wasm_runs, "batch": 1}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "backends-minilm.json").write_text(
+        json.dumps({"setting": setting, "rows": rows}, indent=2) + "\n")
+    _print(rows, args.seq)
+    _chart(rows, args.seq, args.out / "backends-minilm.png")
+    return 0
+
+
+def _key(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name)
+
+
+def _variants(dense: Any, factors: list[str], ranks: list[int]) -> list[tuple[str, Any, dict]]:
+    from lrt_deploy.compress import LowRankConfig, factorize_
+    from lrt_deploy.compress.factor_shards import load_lowrank_factors
+
+    out = [("dense", dense, {"kind": "baseline"})]
+    for spec in factors:
+        name, _, folder = spec.partition("=")
+        if not folder:
+            raise SystemExit(f"--factors takes NAME=DIR, got {spec!r}")
+        module = copy.deepcopy(dense.module)
+        units = load_lowrank_factors(module, folder)
+        info: dict[str, Any] = {"kind": "candidate", "source": folder, "units": len(units)}
+        result = Path(folder) / "result.json"
+        if result.is_file():
+            healed = json.loads(result.read_text())
+            info["healing"] = {k: healed.get(k) for k in (
+                "budget", "steps", "batch_size", "device", "trainable", "quantization")}
+            info["healing"]["seconds"] = healed["heal"]["seconds"]
+            info["healing"]["best_step"] = healed["heal"]["best_step"]
+        out.append((name, dataclasses.replace(dense, module=module.eval()), info))
+    for rank in ranks:
+        module = copy.deepcopy(dense.module)
+        factorize_(module, LowRankConfig(rank=rank, solver="svd",
+                                         skip=("*attention*", "*embeddings*", "*pooler*")))
+        out.append((f"probe ffn rank {rank}", dataclasses.replace(dense, module=module.eval()),
+                    {"kind": "shape probe (plain SVD, not healed)"}))
+    for _, model, info in out:
+        info["params"] = sum(p.numel() for p in model.module.parameters())
+    return out
+
+
+def _matrix_share(path: Path, dense: Any, threads: int) -> float:
+    """Share of the native kernel time spent in nodes that multiply by a weight matrix, from
+    ONNX Runtime's profiler over 20 runs at sequence 128."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    feeds = {k: v.numpy() for k, v in dense.tokenize(["lrt " * 126]).items() if k in names}
+    for _ in range(20):
+        session.run(None, feeds)
+    trace = Path(session.end_profiling())
+    spent: collections.Counter[str] = collections.Counter()
+    for event in json.loads(trace.read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            spent[event["args"]["op_name"]] += event["dur"]
+    trace.unlink()
+    total = sum(spent.values())
+    return sum(v for k, v in spent.items() if k in MATRIX_OPS) / total if total else 0.0
+
+
+def _feeds_json(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: {"dims": list(v.shape), "data": [int(x) for x in v.reshape(-1).tolist()]}
+            for k, v in batch.items()}
+
+
+def _node(args: list[str]) -> dict[str, Any]:
+    done = subprocess.run(["node", "wasm-bench.js", *args], cwd=JS_DIR, capture_output=True,
+                          text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"wasm-bench.js failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _wasm_fidelity(graphs: dict[str, Path], sets: dict[str, list[Any]], fidelity: Any,
+                   work: Path, threads: int) -> list[dict[str, Any]]:
+    """Run every graph on both held-out sets in WebAssembly and score it like the native."""
+    import numpy as np
+
+    order = [(name, i) for name, batches in sets.items() for i in range(len(batches))]
+    (work / "batches.json").write_text(json.dumps(
+        [_feeds_json({k: v.numpy() for k, v in sets[name][i].items()}) for name, i in order]))
+    (work / "one.json").write_text(json.dumps(_feeds_json(
+        {k: v.numpy() for k, v in sets[order[0][0]][0].items()})))
+    files = list(graphs.values())
+    _node(["--models", ",".join(str(f) for f in files), "--feeds", str(work / "one.json"),
+           "--runs", "1", "--warmup", "0", "--threads", str(threads),
+           "--outputs", str(work / "batches.json"), "--out", str(work / "wasm-out")])
+    scores = []
+    for g in range(len(files)):
+        served = itertools.count()  # fidelity() walks the sets in ``order``'s order
+
+        def run_batch(batch: Any, g: int = g, served: Any = served) -> Any:
+            raw = (work / "wasm-out" / f"{g}-{next(served)}.bin").read_bytes()
+            return np.frombuffer(raw, dtype=np.float32).reshape(batch["input_ids"].shape[0], -1)
+
+        scores.append(fidelity(run_batch))
+    return scores
+
+
+def _wasm_latency(graphs: dict[str, Path], baseline: str, feeds: dict[str, Any], work: Path,
+                  runs: int, threads: int) -> dict[str, Any]:
+    from interleave import Timing
+
+    names = [baseline, *(n for n in graphs if n != baseline)]
+    (work / "feeds.json").write_text(json.dumps(_feeds_json(feeds)))
+    result = _node(["--models", ",".join(str(graphs[n]) for n in names),
+                    "--feeds", str(work / "feeds.json"), "--runs", str(runs),
+                    "--threads", str(threads)])
+    return {n: Timing(**{k: result[str(graphs[n])][k] for k in (
+        "median_ms", "ratio", "ratio_low", "ratio_high")}) for n in names}
+
+
+def _print(rows: list[dict[str, Any]], seqs: list[int]) -> None:
+    runtimes = [r for r in ("native", "wasm") if r in rows[0]["latency"]]
+    head = " ".join(f"{rt} s{s:<4}" for rt in runtimes for s in seqs)
+    print(f"\n{'variant':<24} {'MB':>6} {'x int8':>6} {'matmul %':>8}  {head}   "
+          "other-domain mean/worst (native; wasm)")
+    for r in rows:
+        cells = " ".join(f"{r['latency'][rt][str(s)]['ratio_vs_int8']:>5.3f}x    "
+                         for rt in runtimes for s in seqs)
+        f = r["fidelity"]["heldout_domain.txt"]
+        w = r.get("fidelity_wasm", {}).get("heldout_domain.txt")
+        wasm = f"; {w['mean_cosine']:.4f}/{w['worst_cosine']:.4f}" if w else ""
+        print(f"{r['variant']:<24} {r['size_mb']:>6.2f} {r['size_vs_int8']:>6.3f} "
+              f"{100 * r['matrix_share']:>7.0f}%  {cells}  "
+              f"{f['mean_cosine']:.4f}/{f['worst_cosine']:.4f}{wasm}")
+    print("latency: median paired ratio to dense int8 in the same run (spread in the JSON)")
+
+
+def _chart(rows: list[dict[str, Any]], seqs: list[int], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart", file=sys.stderr)
+        return
+    runtimes = [r for r in ("native", "wasm") if r in rows[0]["latency"]]
+    shown = [r for r in rows if r["variant"] != "dense fp32"]
+    fig, axes = plt.subplots(1, len(seqs), figsize=(5.5 * len(seqs), 4.5), squeeze=False)
+    width = 0.8 / len(runtimes)
+    for ax, seq in zip(axes[0], seqs, strict=True):
+        for k, runtime in enumerate(runtimes):
+            cells = [r["latency"][runtime][str(seq)] for r in shown]
+            x = [i + (k - (len(runtimes) - 1) / 2) * width for i in range(len(shown))]
+            ratios = [c["ratio_vs_int8"] for c in cells]
+            low = [c["ratio_vs_int8"] - c["ratio_spread"][0] for c in cells]
+            high = [c["ratio_spread"][1] - c["ratio_vs_int8"] for c in cells]
+            label = "native ORT (x86, AVX-512 VNNI/AMX)" if runtime == "native" else \
+                "onnxruntime-web (WebAssembly, Node)"
+            ax.bar(x, ratios, width, yerr=[low, high], capsize=2, label=label)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(shown)))
+        ax.set_xticklabels([r["variant"].replace(" int8", "") for r in shown], rotation=25,
+                           ha="right", fontsize=8)
+        ax.set_ylabel("latency / dense int8 per channel (same run)")
+        ax.set_title(f"batch 1, sequence {seq}")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("all-MiniLM-L6-v2, int8: does a low-rank model run faster? (lower is faster)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"chart: {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
