@@ -17,7 +17,9 @@ shipped held-out sets) of the native int8 graph and of the same graph run in Web
 latency as the median paired ratio to dense int8 (interleaved runs, thread-pool spinning off,
 range over 5 blocks of runs) at each ``--seq`` on both runtimes; and, from ONNX Runtime's
 profiler on the native runtime, the share of kernel time spent in nodes that multiply by a
-weight matrix (the only work a factorization can shrink).
+weight matrix (the only work a factorization can shrink). And one FFN matrix alone, dense
+against the ``--ffn-ranks`` pairs, fp32 and int8, on both runtimes: what the product itself
+costs once the rest of the model is gone.
 
 Writes ``results/backends-minilm.json`` and ``.png``. WebAssembly needs node and
 ``samples/js/node_modules`` (``scripts/setup.sh``); without them those columns are skipped.
@@ -99,6 +101,9 @@ def main() -> int:
             for row, scores in zip(rows, _wasm_fidelity(graphs, sets, fidelity, work,
                                                          args.wasm_threads), strict=True):
                 row["fidelity_wasm"] = scores
+        layers = _layer_probe(work, max(args.seq), args.ffn_ranks, args.runs,
+                              args.wasm_runs, args.threads,
+                              args.wasm_threads if wasm else None)
         for seq in args.seq:
             feeds = {k: v.numpy() for k, v in dense.tokenize(["lrt " * (seq - 2)]).items()}
             print(f"== latency, sequence {seq}: native", file=sys.stderr, flush=True)
@@ -122,7 +127,8 @@ def main() -> int:
                "native_runs": args.runs, "wasm_runs": args.wasm_runs, "batch": 1}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "backends-minilm.json").write_text(
-        json.dumps({"setting": setting, "rows": rows}, indent=2) + "\n")
+        json.dumps({"setting": setting, "rows": rows, "layers": layers}, indent=2) + "\n")
+    _print_layers(layers)
     _print(rows, args.seq)
     _chart(rows, args.seq, args.out / "backends-minilm.png")
     return 0
@@ -190,7 +196,8 @@ def _matrix_share(path: Path, dense: Any, threads: int) -> float:
 
 
 def _feeds_json(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: {"dims": list(v.shape), "data": [int(x) for x in v.reshape(-1).tolist()]}
+    return {k: {"dims": list(v.shape), "data": v.reshape(-1).tolist(),
+                **({"type": "float32"} if v.dtype.kind == "f" else {})}
             for k, v in batch.items()}
 
 
@@ -236,9 +243,70 @@ def _wasm_latency(graphs: dict[str, Path], baseline: str, feeds: dict[str, Any],
     (work / "feeds.json").write_text(json.dumps(_feeds_json(feeds)))
     result = _node(["--models", ",".join(str(graphs[n]) for n in names),
                     "--feeds", str(work / "feeds.json"), "--runs", str(runs),
-                    "--threads", str(threads)])
+                    "--warmup", "5", "--threads", str(threads)])
     return {n: Timing(**{k: result[str(graphs[n])][k] for k in (
         "median_ms", "ratio", "ratio_low", "ratio_high")}) for n in names}
+
+
+def _layer_probe(work: Path, seq: int, ranks: list[int], runs: int, wasm_runs: int,
+                 threads: int, wasm_threads: int | None) -> list[dict[str, Any]]:
+    """One FFN matrix of MiniLM alone (384->1536 and 1536->384, random weights, ``seq``
+    tokens): dense against low-rank pairs, fp32 and dynamic int8 per channel (the pipeline's
+    ``quantize_int8``), so the time of the matrix product is seen without the rest of a model."""
+    import numpy as np
+    import onnx
+    from interleave import interleaved_latency
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lrt_deploy.export.quantize import quantize_int8
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for n_in, n_out in ((384, 1536), (1536, 384)):
+        graphs: dict[str, Path] = {}
+        for rank in (None, *ranks):
+            shapes = [(n_in, n_out)] if rank is None else [(n_in, rank), (rank, n_out)]
+            inits, nodes, current = [], [], "x"
+            for i, (k, n) in enumerate(shapes):
+                weight = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+                inits.append(numpy_helper.from_array(weight, f"w{i}"))
+                nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [f"h{i}"]))
+                current = f"h{i}"
+            graph = helper.make_graph(
+                nodes, "layer",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, n_in])],
+                [helper.make_tensor_value_info(current, TensorProto.FLOAT, None)], inits)
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            model.ir_version = 9
+            name = "dense" if rank is None else f"rank {rank}"
+            fp32 = work / f"layer-{n_in}-{n_out}-{_key(name)}.onnx"
+            onnx.save(model, str(fp32))
+            int8 = fp32.with_suffix(".int8.onnx")
+            quantize_int8(fp32, int8, per_channel=True)
+            graphs[f"{name} int8"], graphs[f"{name} fp32"] = int8, fp32
+        feeds = {"x": rng.standard_normal((1, seq, n_in)).astype(np.float32)}
+        timed = {"native": interleaved_latency(graphs, feeds, baseline="dense int8",
+                                               runs=runs * 3, threads=threads)}
+        if wasm_threads is not None:
+            timed["wasm"] = _wasm_latency(graphs, "dense int8", feeds, work, wasm_runs * 3,
+                                          wasm_threads)
+        for name in graphs:
+            rows.append({"layer": f"{n_in}->{n_out}", "variant": name, "sequence": seq,
+                         **{f"{rt}_us": 1e3 * t[name].median_ms for rt, t in timed.items()},
+                         **{f"{rt}_ratio_vs_int8": t[name].ratio for rt, t in timed.items()}})
+    return rows
+
+
+def _print_layers(rows: list[dict[str, Any]]) -> None:
+    wasm = "wasm_us" in rows[0]
+    print(f"\n{'one FFN matrix, ' + str(rows[0]['sequence']) + ' tokens':<30} {'native':>14}"
+          + (f" {'WebAssembly':>16}" if wasm else ""))
+    for r in rows:
+        cell = f"{r['native_us']:7.0f} us {r['native_ratio_vs_int8']:.2f}x"
+        if wasm:
+            cell += f" {r['wasm_us']:8.0f} us {r['wasm_ratio_vs_int8']:.2f}x"
+        print(f"{r['layer'] + ' ' + r['variant']:<30} {cell}")
+    print("ratios: to the dense int8 matrix of the same shape, same run")
 
 
 def _print(rows: list[dict[str, Any]], seqs: list[int]) -> None:

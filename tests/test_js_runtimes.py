@@ -494,3 +494,37 @@ def test_wasm_bench_outputs_match_native_and_times_pairs(
             raw = (tmp_path / "out" / f"{g}-{b}.bin").read_bytes()
             got = np.frombuffer(raw, dtype=np.float32).reshape(expected.shape)
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_node
+def test_wasm_bench_takes_float_feeds(node_modules: Path, tmp_path: Path) -> None:
+    """Typed float32 feeds (bench_backends.py's one-matrix probes) reach the graph as floats."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((16, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    feeds = {"x": {"dims": [2, 16], "data": x.reshape(-1).tolist(), "type": "float32"}}
+    (tmp_path / "feeds.json").write_text(json.dumps(feeds))
+    (tmp_path / "batches.json").write_text(json.dumps([feeds]))
+    assert NODE is not None
+    proc = subprocess.run(
+        [NODE, "wasm-bench.js", "--models", str(tmp_path / "m.onnx"), "--feeds",
+         str(tmp_path / "feeds.json"), "--runs", "2", "--outputs",
+         str(tmp_path / "batches.json"), "--out", str(tmp_path / "out")],
+        cwd=JS_DIR, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    expected = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
+    got = np.frombuffer((tmp_path / "out" / "0-0.bin").read_bytes(), dtype=np.float32)
+    np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)

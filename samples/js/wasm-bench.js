@@ -7,8 +7,9 @@
 //   node wasm-bench.js --models base.onnx,b.onnx --feeds feeds.json [--runs 30] [--threads 1]
 //                      [--blocks 5] [--outputs batches.json --out DIR]
 //
-// feeds.json: {name: {dims, data}} (int64), the timed input. batches.json: a list of such
-// objects; DIR/<graph index>-<batch index>.bin gets the first output as raw float32 bytes.
+// feeds.json: {name: {dims, data[, type: "float32"]}} (int64 unless typed), the timed input.
+// batches.json: a list of such objects; DIR/<graph index>-<batch index>.bin gets the first
+// output as raw float32 bytes.
 // Prints one JSON object: per graph, the median ms and the median ratio to the first graph over
 // paired runs, with that ratio's range over --blocks blocks of runs.
 
@@ -38,8 +39,10 @@ ort.env.wasm.numThreads = Number(values.threads);
 
 function tensors(spec) {
   const feeds = {};
-  for (const [name, { dims, data }] of Object.entries(spec)) {
-    feeds[name] = new ort.Tensor("int64", BigInt64Array.from(data, BigInt), dims);
+  for (const [name, { dims, data, type }] of Object.entries(spec)) {
+    feeds[name] = type === "float32"
+      ? new ort.Tensor("float32", Float32Array.from(data), dims)
+      : new ort.Tensor("int64", BigInt64Array.from(data, BigInt), dims);
   }
   return feeds;
 }
