@@ -154,7 +154,7 @@ def _variants(dense: Any, factors: list[str], ranks: list[int]) -> list[tuple[st
         if result.is_file():
             healed = json.loads(result.read_text())
             info["healing"] = {k: healed.get(k) for k in (
-                "budget", "steps", "batch_size", "device", "trainable", "quantization")}
+                "budget", "steps", "batch_size", "lr", "device", "trainable", "quantization")}
             info["healing"]["seconds"] = healed["heal"]["seconds"]
             info["healing"]["best_step"] = healed["heal"]["best_step"]
         out.append((name, dataclasses.replace(dense, module=module.eval()), info))
@@ -349,12 +349,20 @@ def _chart(rows: list[dict[str, Any]], seqs: list[int], path: Path) -> None:
             label = "native ORT (x86, AVX-512 VNNI/AMX)" if runtime == "native" else \
                 "onnxruntime-web (WebAssembly, Node)"
             ax.bar(x, ratios, width, yerr=[low, high], capsize=2, label=label)
+        tops = [max(r["latency"][rt][str(seq)]["ratio_spread"][1] for rt in runtimes)
+                for r in shown]
+        for i, (r, top) in enumerate(zip(shown, tops, strict=True)):
+            f = r["fidelity"]["heldout_domain.txt"]
+            ax.annotate(f"{f['mean_cosine']:.4f}\n{f['worst_cosine']:.4f}", (i, top),
+                        xytext=(0, 3), textcoords="offset points", ha="center", fontsize=6)
+        ax.set_ylim(0, max(tops) * 1.35)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(range(len(shown)))
         ax.set_xticklabels([r["variant"].replace(" int8", "") for r in shown], rotation=25,
                            ha="right", fontsize=8)
         ax.set_ylabel("latency / dense int8 per channel (same run)")
-        ax.set_title(f"batch 1, sequence {seq}")
+        ax.set_title(f"batch 1, sequence {seq} (numbers: other-domain mean / worst cosine)",
+                     fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle("all-MiniLM-L6-v2, int8: does a low-rank model run faster? (lower is faster)")
