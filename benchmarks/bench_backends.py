@@ -217,11 +217,8 @@ def _wasm_fidelity(graphs: dict[str, Path], sets: dict[str, list[Any]], fidelity
     order = [(name, i) for name, batches in sets.items() for i in range(len(batches))]
     (work / "batches.json").write_text(json.dumps(
         [_feeds_json({k: v.numpy() for k, v in sets[name][i].items()}) for name, i in order]))
-    (work / "one.json").write_text(json.dumps(_feeds_json(
-        {k: v.numpy() for k, v in sets[order[0][0]][0].items()})))
     files = list(graphs.values())
-    _node(["--models", ",".join(str(f) for f in files), "--feeds", str(work / "one.json"),
-           "--runs", "1", "--warmup", "0", "--threads", str(threads),
+    _node(["--models", ",".join(str(f) for f in files), "--runs", "0", "--threads", str(threads),
            "--outputs", str(work / "batches.json"), "--out", str(work / "wasm-out")])
     scores = []
     for g in range(len(files)):

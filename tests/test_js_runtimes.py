@@ -515,16 +515,15 @@ def test_wasm_bench_takes_float_feeds(node_modules: Path, tmp_path: Path) -> Non
     onnx.save(model, str(tmp_path / "m.onnx"))
     x = rng.standard_normal((2, 16)).astype(np.float32)
     feeds = {"x": {"dims": [2, 16], "data": x.reshape(-1).tolist(), "type": "float32"}}
-    (tmp_path / "feeds.json").write_text(json.dumps(feeds))
     (tmp_path / "batches.json").write_text(json.dumps([feeds]))
     assert NODE is not None
-    proc = subprocess.run(
-        [NODE, "wasm-bench.js", "--models", str(tmp_path / "m.onnx"), "--feeds",
-         str(tmp_path / "feeds.json"), "--runs", "2", "--outputs",
-         str(tmp_path / "batches.json"), "--out", str(tmp_path / "out")],
+    proc = subprocess.run(  # --runs 0: outputs only, no timing, no --feeds
+        [NODE, "wasm-bench.js", "--models", str(tmp_path / "m.onnx"), "--runs", "0",
+         "--outputs", str(tmp_path / "batches.json"), "--out", str(tmp_path / "out")],
         cwd=JS_DIR, capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {}
     expected = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
     got = np.frombuffer((tmp_path / "out" / "0-0.bin").read_bytes(), dtype=np.float32)
     np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)

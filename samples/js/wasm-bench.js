@@ -6,6 +6,7 @@
 //
 //   node wasm-bench.js --models base.onnx,b.onnx --feeds feeds.json [--runs 30] [--threads 1]
 //                      [--blocks 5] [--outputs batches.json --out DIR]
+//   (--runs 0 with --outputs: outputs only, no --feeds needed)
 //
 // feeds.json: {name: {dims, data[, type: "float32"]}} (int64 unless typed), the timed input.
 // batches.json: a list of such objects; DIR/<graph index>-<batch index>.bin gets the first
@@ -29,7 +30,8 @@ const { values } = parseArgs({
     out: { type: "string" },
   },
 });
-if (!values.models || !values.feeds || (values.outputs && !values.out)) {
+const runs = Number(values.runs);
+if (!values.models || (!values.feeds && runs > 0) || (values.outputs && !values.out)) {
   console.error("usage: node wasm-bench.js --models A.onnx,B.onnx --feeds FEEDS.json " +
     "[--runs N] [--threads T] [--outputs BATCHES.json --out DIR]");
   process.exit(2);
@@ -58,8 +60,6 @@ for (const file of files) {
     graphOptimizationLevel: "all",
   }));
 }
-const timed = tensors(JSON.parse(await readFile(values.feeds, "utf8")));
-
 if (values.outputs) {
   await mkdir(values.out, { recursive: true });
   const batches = JSON.parse(await readFile(values.outputs, "utf8")).map(tensors);
@@ -72,12 +72,17 @@ if (values.outputs) {
   }
 }
 
+if (runs === 0) { // outputs only
+  console.log("{}");
+  process.exit(0);
+}
+const timed = tensors(JSON.parse(await readFile(values.feeds, "utf8")));
 const feeds = sessions.map((s) => only(s, timed));
 for (const [g, session] of sessions.entries()) {
   for (let i = 0; i < Number(values.warmup); i++) await session.run(feeds[g]);
 }
 const times = sessions.map(() => []);
-for (let run = 0; run < Number(values.runs); run++) {
+for (let run = 0; run < runs; run++) {
   for (let k = 0; k < sessions.length; k++) {
     const g = run % 2 ? sessions.length - 1 - k : k; // alternate the order
     const start = performance.now();
