@@ -139,25 +139,17 @@ def _key(name: str) -> str:
 
 
 def _variants(dense: Any, factors: list[str], ranks: list[int]) -> list[tuple[str, Any, dict]]:
+    from healed import build_variant
+
     from lrt_deploy.compress import LowRankConfig, factorize_
-    from lrt_deploy.compress.factor_shards import load_lowrank_factors
 
     out = [("dense", dense, {"kind": "baseline"})]
     for spec in factors:
         name, _, folder = spec.partition("=")
         if not folder:
             raise SystemExit(f"--factors takes NAME=DIR, got {spec!r}")
-        module = copy.deepcopy(dense.module)
-        units = load_lowrank_factors(module, folder)
-        info: dict[str, Any] = {"kind": "candidate", "source": folder, "units": len(units)}
-        result = Path(folder) / "result.json"
-        if result.is_file():
-            healed = json.loads(result.read_text())
-            info["healing"] = {k: healed.get(k) for k in (
-                "budget", "steps", "batch_size", "lr", "device", "trainable", "quantization")}
-            info["healing"]["seconds"] = healed["heal"]["seconds"]
-            info["healing"]["best_step"] = healed["heal"]["best_step"]
-        out.append((name, dataclasses.replace(dense, module=module.eval()), info))
+        model, info = build_variant(dense, folder, None)  # the shards and their result.json
+        out.append((name, model, {"kind": "candidate", **info}))
     for rank in ranks:
         module = copy.deepcopy(dense.module)
         factorize_(module, LowRankConfig(rank=rank, solver="svd",

@@ -58,8 +58,8 @@ def build_variant(loaded: Any, spec: str, corpus: Path | None) -> tuple[Any, dic
         result_file = Path(spec) / "result.json"
         if result_file.is_file():
             healed = json.loads(result_file.read_text())
-            info["healing"] = {k: healed[k] for k in ("device", "gpu", "steps", "batch_size",
-                                                      "lr", "select", "trainable",
+            info["healing"] = {k: healed[k] for k in ("budget", "device", "gpu", "steps",
+                                                      "batch_size", "lr", "select", "trainable",
                                                       "quantization") if k in healed}
             info["healing"]["seconds"] = healed["heal"]["seconds"]
             info["healing"]["best_step"] = healed["heal"]["best_step"]

@@ -128,6 +128,13 @@ def floor_notes(outcome: CompressionOutcome | None) -> list[str]:
 #: its precision, in the same run, before the report says so (run-to-run noise is ~2-5%).
 SLOWER_THAN_DENSE = 1.05
 _PACKED_ATTENTION = ("Attention", "QAttention")
+#: Labels of the variants built from the low-rank model (``export.build``).
+_LOW_RANK_LABELS = ("LRT", "healed")
+
+
+def _packs_attention(variant: Variant) -> bool:
+    fused = (variant.optimization or {}).get("fused", {})
+    return any(fused.get(op) for op in _PACKED_ATTENTION)
 
 
 def speed_notes(variants: Sequence[Variant]) -> list[str]:
@@ -137,7 +144,7 @@ def speed_notes(variants: Sequence[Variant]) -> list[str]:
     rounds its own input, which on CPUs with fast int8 units costs more than the products it
     saves; factorized Q/K/V projections keep attention from being packed into one node."""
     deployed = next((v for v in variants
-                     if v.deployed and v.label.startswith(("LRT", "healed"))), None)
+                     if v.deployed and v.label.startswith(_LOW_RANK_LABELS)), None)
     if deployed is None:
         return []
     precision = deployed.label.split()[-1]
@@ -147,9 +154,7 @@ def speed_notes(variants: Sequence[Variant]) -> list[str]:
     if not mine or not theirs or mine <= theirs * SLOWER_THAN_DENSE:
         return []
     causes = []
-    fused = {v.label: (v.optimization or {}).get("fused", {}) for v in (deployed, dense)}
-    if (any(fused[dense.label].get(op) for op in _PACKED_ATTENTION)
-            and not any(fused[deployed.label].get(op) for op in _PACKED_ATTENTION)):
+    if _packs_attention(dense) and not _packs_attention(deployed):
         causes.append("its factorized query/key/value projections keep the attention from "
                       "being packed into one Attention/QAttention node")
     if precision == "int8":
@@ -204,7 +209,7 @@ def run_report(
         incomparable: Labels of variants whose fidelity is not comparable (blank, with a note).
     """
     # Notes on how the low-rank model was made are shown once, under its first row.
-    first_lrt = next((v for v in variants if v.label.startswith(("LRT", "healed"))), None)
+    first_lrt = next((v for v in variants if v.label.startswith(_LOW_RANK_LABELS)), None)
     notes = compression_notes(compression)
     # The floor is judged on what ships, so its verdict goes under the deployed row.
     floors = floor_notes(compression)
