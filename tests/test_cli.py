@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -706,6 +707,25 @@ def test_heal_quantized_simulates_the_target_precision(
     if quantize[1] == "int4":
         assert manifest["target"]["precision"] == {
             "kind": "int4-weight-only", "block": 16, "embeddings": True}
+
+
+def test_float16_folder_factorizes_heals_and_exports(
+    capsys, tmp_path: Path, tiny_bert_dir: Path
+) -> None:
+    # transformers 5 keeps a checkpoint's stored dtype; a float16 folder used to crash healing
+    # with "mixed dtype" (float32 factors beside float16 LayerNorms), traceback and all.
+    from transformers import BertModel
+
+    folder = tmp_path / "bert-fp16"
+    shutil.copytree(tiny_bert_dir, folder)
+    BertModel.from_pretrained(folder).half().save_pretrained(folder)
+    out_dir = tmp_path / "bundle"
+    code, _, err = _cli([folder, "--rank", "0.5", "--heal", "2", "--heal-quantized",
+                         "--device", "cpu", "--quantize", "int8", "-q", *RUNS, "-o", out_dir],
+                        capsys)
+    assert code == 0, err
+    assert json.loads((out_dir / "manifest.json").read_text())["lowrank"]["healing"][
+        "steps_run"] == 2
 
 
 def test_heal_quantized_without_factorization_heals_the_dense_model(

@@ -271,6 +271,22 @@ def test_folder_without_config_is_unsupported(tmp_path: Path) -> None:
     _one_line(info.value)
 
 
+def test_float16_folder_computes_in_float32(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    from transformers import BertModel
+
+    folder = tmp_path / "bert-fp16"
+    shutil.copytree(tiny_bert_dir, folder)
+    stored = BertModel.from_pretrained(folder).half()
+    stored.save_pretrained(folder)
+    loaded = load_model(folder)
+    params = dict(loaded.module.named_parameters())
+    assert {p.dtype for p in params.values()} == {torch.float32}
+    # Upcasting is exact: the stored float16 values, nothing rounded again.
+    weight = next(v for k, v in params.items() if k.endswith("attention.self.query.weight"))
+    expected = stored.encoder.layer[0].attention.self.query.weight
+    assert torch.equal(weight, expected.float())
+
+
 def test_folder_without_tokenizer_raises(tmp_path: Path) -> None:
     folder = tmp_path / "no-tokenizer"
     save_tiny_bert(folder, sentence_transformers=False)

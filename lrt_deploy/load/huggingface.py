@@ -57,6 +57,7 @@ def load_huggingface(folder: Path, max_length: int) -> LoadedModel:
         ) from exc
     finally:
         hf_logging.enable_progress_bar()
+    _upcast_to_float32(backbone, folder)
     tokenizer = None
     tokenizer_file = folder / "tokenizer.json"
     if tokenizer_file.is_file() or (folder / "vocab.txt").is_file():
@@ -164,6 +165,24 @@ def _sentence_transformers_pooling(folder: Path) -> tuple[str, bool] | None:
         elif kind.endswith("Normalize"):
             normalize = True
     return mode, normalize
+
+
+def _upcast_to_float32(backbone: Any, folder: Path) -> None:
+    """Compute in float32 whatever the weight files store.
+
+    transformers 5 loads a checkpoint in its stored dtype, and many are saved in float16 or
+    bfloat16: PyTorch's CPU kernels then fail on mixed dtypes (a float32 low-rank factor next
+    to a float16 LayerNorm), and the ONNX export, quantisation and fidelity checks all expect
+    float32. Upcasting is exact, so the dense baseline keeps the stored values; the cuda
+    target still converts the exported graph to float16 itself.
+    """
+    import torch
+
+    stored = {p.dtype for p in backbone.parameters() if p.is_floating_point()}
+    if stored and stored != {torch.float32}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in stored))
+        logger.info("'%s' stores %s weights; computing in float32", folder, names)
+        backbone.float()
 
 
 def _read_json(path: Path, kind: type) -> Any:
