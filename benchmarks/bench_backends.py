@@ -298,7 +298,7 @@ def _print_layers(rows: list[dict[str, Any]]) -> None:
     print("ratios: to the dense int8 matrix of the same shape, same run")
 
 
-def _print(rows: list[dict[str, Any]], seqs: list[int]) -> None:
+def _print(rows: list[dict[str, Any]], seqs: list[int], baseline: str = "dense int8") -> None:
     runtimes = [r for r in ("native", "wasm") if r in rows[0]["latency"]]
     head = " ".join(f"{rt} s{s:<4}" for rt in runtimes for s in seqs)
     print(f"\n{'variant':<24} {'MB':>6} {'x int8':>6} {'matmul %':>8}  {head}   "
@@ -312,10 +312,13 @@ def _print(rows: list[dict[str, Any]], seqs: list[int]) -> None:
         print(f"{r['variant']:<24} {r['size_mb']:>6.2f} {r['size_vs_int8']:>6.3f} "
               f"{100 * r['matrix_share']:>7.0f}%  {cells}  "
               f"{f['mean_cosine']:.4f}/{f['worst_cosine']:.4f}{wasm}")
-    print("latency: median paired ratio to dense int8 in the same run (spread in the JSON)")
+    print(f"latency: median paired ratio to {baseline} in the same run (spread in the JSON)")
 
 
-def _chart(rows: list[dict[str, Any]], seqs: list[int], path: Path) -> None:
+def _chart(rows: list[dict[str, Any]], seqs: list[int], path: Path,
+           baseline: str = "dense int8 per channel", title: str = (
+               "all-MiniLM-L6-v2, int8: does a low-rank model run faster? (lower is faster)"),
+           ) -> None:
     try:
         import matplotlib
 
@@ -349,12 +352,12 @@ def _chart(rows: list[dict[str, Any]], seqs: list[int], path: Path) -> None:
         ax.set_xticks(range(len(shown)))
         ax.set_xticklabels([r["variant"].replace(" int8", "") for r in shown], rotation=25,
                            ha="right", fontsize=8)
-        ax.set_ylabel("latency / dense int8 per channel (same run)")
+        ax.set_ylabel(f"latency / {baseline} (same run)")
         ax.set_title(f"batch 1, sequence {seq} (numbers: other-domain mean / worst cosine)",
                      fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle("all-MiniLM-L6-v2, int8: does a low-rank model run faster? (lower is faster)")
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -24,7 +24,13 @@ if TYPE_CHECKING:
     from lrt_deploy.export.targets import Target
     from lrt_deploy.load import LoadedModel
 
-__all__ = ["Reference", "judge_deployed_floor", "measure_variants", "reference_outputs"]
+__all__ = [
+    "INTERLEAVE_MAX_BYTES",
+    "Reference",
+    "judge_deployed_floor",
+    "measure_variants",
+    "reference_outputs",
+]
 
 ProgressFn = Callable[[str], None]
 
@@ -52,6 +58,19 @@ def reference_outputs(model: LoadedModel, output: str, batches: Sequence[dict[st
     )
 
 
+#: Above this many bytes of model files, variants are timed one after another (one session
+#: open at a time) instead of interleaved (all open together), to bound memory.
+INTERLEAVE_MAX_BYTES = 4 * 1024**3
+#: Rounds of an interleaved measurement: each variant runs a block of ``runs / ROUNDS`` per round.
+ROUNDS = 3
+#: How the latency columns were timed, as the report says it.
+INTERLEAVED = ("interleaved: each variant's {runs} runs in {rounds} blocks, one per round, order "
+               "rotating, 2 untimed runs before each block, ONNX Runtime's default thread-pool "
+               "spinning")
+SEQUENTIAL = ("one variant after another ({runs} runs each; the model files are too large to "
+              "hold every session open at once), so machine load can favour one variant")
+
+
 def _run_against(path: Path, kind: str, reference: Reference, feeds: dict[str, np.ndarray],
                  providers: Sequence[str], threads: int, warmup: int, runs: int) -> Any:
     from lrt_deploy.compress.fidelity import output_fidelity
@@ -72,27 +91,76 @@ def measure_variants(
     providers: Sequence[str],
     settings: Any,
     progress: ProgressFn,
-) -> None:
-    """Fidelity against the reference, latency on ``feeds``, file size: one session each."""
+) -> str:
+    """Fidelity against the reference, latency on ``feeds``, file size, for every variant.
+
+    Latency is timed interleaved (:func:`~lrt_deploy.runtime.benchmark.measure_interleaved`):
+    every variant a block of runs per round, in rotating order, so the ratios in the report
+    compare variants under the same machine load. Timed one after another, a load spell during
+    one variant's runs made it look 1.18x slower in one quick start and 0.97x in the next.
+    Above :data:`INTERLEAVE_MAX_BYTES` of model files, one session at a time instead.
+
+    Returns:
+        How latency was measured, for the report.
+    """
     progress(
         f"measuring {len(variants)} variants: batch {settings.batch}, sequence "
         f"{settings.sequence}, {settings.threads} threads"
     )
+    total = sum(model_bytes(v.onnx_path) for v in variants)
+    if total > INTERLEAVE_MAX_BYTES:
+        _measure_one_by_one(variants, kind, reference, feeds, providers, settings, progress)
+        return SEQUENTIAL.format(runs=settings.runs)
+    from lrt_deploy.compress.fidelity import output_fidelity
+    from lrt_deploy.runtime.benchmark import measure_interleaved
+    from lrt_deploy.runtime.session import Session
+
+    sessions = []
     for index, variant in enumerate(variants):
         # A provider fallback is warned about once (it is the same for every variant) and
         # written into the report's header for each run.
+        with quiet_loggers(*(("lrt_deploy.runtime",) if index > 0 else ())):
+            session = Session(variant.onnx_path, providers=list(providers),
+                              threads=settings.threads)
+            outputs = [session.run(batch, [reference.output])[reference.output]
+                       for batch in reference.feeds]
+        sessions.append(session)
+        _record(variant, index, session.provider_report(),
+                output_fidelity(kind, reference.outputs, outputs, reference.masks), progress)
+    latencies = measure_interleaved(sessions, feeds, warmup=settings.warmup, runs=settings.runs,
+                                    rounds=ROUNDS)
+    for variant, latency in zip(variants, latencies, strict=True):
+        variant.latency = latency.to_dict()
+    return INTERLEAVED.format(runs=settings.runs, rounds=min(ROUNDS, settings.runs))
+
+
+def _measure_one_by_one(
+    variants: list[Variant],
+    kind: str,
+    reference: Reference,
+    feeds: dict[str, np.ndarray],
+    providers: Sequence[str],
+    settings: Any,
+    progress: ProgressFn,
+) -> None:
+    for index, variant in enumerate(variants):
         quiet = ("lrt_deploy.runtime",) if index > 0 else ()
         with quiet_loggers(*quiet):
             result, fidelity = _run_against(
                 variant.onnx_path, kind, reference, feeds, providers, settings.threads,
                 settings.warmup, settings.runs,
             )
-        variant.provider = result.provider
-        variant.fidelity = fidelity
+        _record(variant, index, result.provider, fidelity, progress)
         variant.latency = result.latency.to_dict()
-        variant.file_bytes = model_bytes(variant.onnx_path)
-        if index == 0 and variant.provider.get("fell_back"):
-            progress(f"provider fallback: {variant.provider.get('message')}")
+
+
+def _record(variant: Variant, index: int, provider: dict[str, Any], fidelity: Any,
+            progress: ProgressFn) -> None:
+    variant.provider = provider
+    variant.fidelity = fidelity
+    variant.file_bytes = model_bytes(variant.onnx_path)
+    if index == 0 and provider.get("fell_back"):
+        progress(f"provider fallback: {provider.get('message')}")
 
 
 def judge_deployed_floor(

@@ -255,8 +255,8 @@ def export_bundle(
         deployed = variants[-1]
         deployed.deployed = True
 
-        measure_variants(variants, loaded.kind, reference, feeds, target.providers, settings,
-                         progress)
+        latency_method = measure_variants(variants, loaded.kind, reference, feeds,
+                                          target.providers, settings, progress)
         # Standard attention is not the Linformer's function: its cosine would mislead.
         incomparable = [
             v.label for v in variants
@@ -292,7 +292,7 @@ def export_bundle(
             threads=settings.threads, lowrank=lowrank,
         )
         report = _report(loaded, target, variants, settings, outcome, design_layers,
-                         baseline_text, incomparable, feeds)
+                         baseline_text, incomparable, feeds, latency_method)
         report.write(staging)
         shutil.rmtree(work)
         commit(staging, out_dir)
@@ -310,6 +310,7 @@ def _report(
     baseline: str | None = None,
     incomparable: list[str] | None = None,
     feeds: dict[str, Any] | None = None,
+    latency_method: str | None = None,
 ) -> Any:
     from lrt_deploy.report.summary import fidelity_description, run_report
 
@@ -333,4 +334,5 @@ def _report(
         design_layers=design_layers,
         baseline=baseline,
         incomparable=incomparable or (),
+        latency_method=latency_method,
     )

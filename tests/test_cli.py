@@ -185,6 +185,23 @@ def test_existing_output_without_force(capsys, tmp_path: Path, models: Path) -> 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lrt-")]
 
 
+def test_large_models_are_timed_one_after_another(
+    capsys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, models: Path
+) -> None:
+    import lrt_deploy.measure
+
+    monkeypatch.setattr(lrt_deploy.measure, "INTERLEAVE_MAX_BYTES", 0)  # "too large to hold"
+    out_dir = tmp_path / "bundle"
+    code, _, err = _cli(
+        [models / "mlp_weights.pt", "--factory", "tiny_models:make_tiny_mlp", "--rank", "4",
+         "--solver", "svd",
+         "--input-shape", "x=2,16", "-q", *RUNS, "-o", out_dir], capsys)
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["settings"]["latency"].startswith("one variant after another")
+    assert all(v["latency"]["median_ms"] > 0 for v in report["variants"])
+
+
 def test_non_text_latency_is_measured_at_the_batch_asked(
     capsys, tmp_path: Path, models: Path
 ) -> None:
@@ -196,6 +213,10 @@ def test_non_text_latency_is_measured_at_the_batch_asked(
     report = json.loads((out_dir / "report.json").read_text())
     assert report["settings"]["inputs"] == "x (5, 16)"  # not the export example's (2, 16)
     assert "x (5, 16)" in out
+    # Blocks of runs in rotating rounds, so a load spell lands on several variants.
+    latency = report["settings"]["latency"]
+    assert latency.startswith("interleaved: each variant's 3 runs in 3 blocks")
+    assert "Latency timed interleaved" in (out_dir / "report.md").read_text()
 
 
 def test_force_replaces_existing_output(capsys, tmp_path: Path, models: Path) -> None:

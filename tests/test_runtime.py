@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from lrt_deploy.runtime import (  # noqa: E402
     Session,
     TextEncoder,
     UnknownTargetError,
+    measure_interleaved,
     measure_latency,
     peak_rss_mb,
     providers_for_target,
@@ -413,6 +415,51 @@ def test_measure_latency_time_budget_and_raw_session(encoder_path, feeds):
     assert stats.runs == 1
     with pytest.raises(ValueError, match="runs >= 1"):
         measure_latency(raw, feeds, runs=0)
+
+
+class _Recorder:
+    """A stand-in InferenceSession: records the order of runs and sleeps ``ms`` per run."""
+
+    def __init__(self, name: str, log: list[str], ms: float) -> None:
+        self.name, self.log, self.ms = name, log, ms
+
+    def run(self, output_names, feeds):  # noqa: ANN001, ANN201 - InferenceSession.run's shape
+        self.log.append(self.name)
+        time.sleep(self.ms / 1e3)
+        return [np.zeros(1)]
+
+
+def test_measure_interleaved_rotates_blocks_round_by_round():
+    log: list[str] = []
+    sessions = [_Recorder(name, log, 0.0) for name in "abc"]
+    stats = measure_interleaved(sessions, {"x": np.zeros(1)}, warmup=1, runs=4, rounds=3,
+                                settle=1)
+    assert log[:3] == ["a", "b", "c"]  # warm-up
+    # Blocks of 2, 1, 1 timed runs, each after 1 untimed; the first model moves along.
+    assert "".join(log[3:]) == "aaa" "bbb" "ccc" + "bb" "cc" "aa" + "cc" "aa" "bb"
+    assert [s.runs for s in stats] == [4, 4, 4]
+    one_by_one: list[str] = []
+    measure_interleaved([_Recorder(n, one_by_one, 0.0) for n in "ab"], {}, warmup=0, runs=2,
+                        rounds=1, settle=0)
+    assert one_by_one == ["a", "a", "b", "b"]
+
+
+def test_measure_interleaved_times_each_model_on_its_own():
+    log: list[str] = []
+    fast, slow = _Recorder("fast", log, 0.0), _Recorder("slow", log, 5.0)
+    fast_stats, slow_stats = measure_interleaved([fast, slow], {"x": np.zeros(1)}, warmup=0,
+                                                 runs=6)
+    assert slow_stats.min_ms >= 5.0 > fast_stats.median_ms
+    with pytest.raises(ValueError, match="runs >= 1"):
+        measure_interleaved([fast], {}, runs=0)
+    with pytest.raises(ValueError, match="need sessions"):
+        measure_interleaved([], {})
+
+
+def test_measure_interleaved_real_sessions(encoder_path, feeds):
+    sessions = [Session(encoder_path, threads=1) for _ in range(2)]
+    stats = measure_interleaved(sessions, feeds, warmup=1, runs=5)
+    assert all(s.runs == 5 and 0 < s.min_ms <= s.median_ms <= s.p90_ms for s in stats)
 
 
 def test_measure_latency_checks_inputs_first(encoder_path, feeds):

@@ -100,7 +100,8 @@ class ComparisonReport:
             ``sequence``, ``threads``, ``provider_requested``, ``provider_active`` (a name or
             a list of names), ``fidelity_inputs`` (a description of the inputs compared) and
             ``baseline`` (how the baseline was made, when it is not the user's own dense
-            model, e.g. "dense-equivalent (low-rank pairs multiplied out)").
+            model, e.g. "dense-equivalent (low-rank pairs multiplied out)") and ``latency``
+            (how the latency columns were timed).
         layers: Per-layer decisions, dicts with ``name``, ``shape``, ``rank``, ``action``,
             ``reason``.
         optimisation: Variant name -> {op type: count} after graph optimisation.
@@ -243,6 +244,8 @@ class ComparisonReport:
             lines += [f"Fidelity measured on: {self.settings['fidelity_inputs']}", ""]
         if self.settings.get("baseline"):
             lines += [f"Baseline: {self.settings['baseline']}", ""]
+        if self.settings.get("latency"):
+            lines += [f"Latency timed {self.settings['latency']}", ""]
         lines += [format_table(self), ""]
         baseline = self.baseline
         lines += [

@@ -135,6 +135,8 @@ def to_html(report: ComparisonReport) -> str:
         )
     if report.settings.get("baseline"):
         body.append(f"<p>Baseline: {escape(str(report.settings['baseline']))}</p>")
+    if report.settings.get("latency"):
+        body.append(f"<p>Latency timed {escape(str(report.settings['latency']))}</p>")
     body += [
         _html_table(*variant_table(report)),
         f'<div class="charts">{"".join(charts)}</div>',

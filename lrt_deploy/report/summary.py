@@ -150,6 +150,7 @@ def run_report(
     design_layers: Sequence[Mapping[str, Any]] = (),
     baseline: str | None = None,
     incomparable: Sequence[str] = (),
+    latency_method: str | None = None,
 ) -> ComparisonReport:
     """The comparison report of one run.
 
@@ -163,6 +164,7 @@ def run_report(
         design_layers: Low-rank-by-design layers when nothing was factorized.
         baseline: How the baseline was made, when it is not the user's dense model.
         incomparable: Labels of variants whose fidelity is not comparable (blank, with a note).
+        latency_method: How the latency columns were timed (interleaved or one by one).
     """
     # Notes on how the low-rank model was made are shown once, under its first row.
     first_lrt = next((v for v in variants if v.label.startswith(("LRT", "healed"))), None)
@@ -196,6 +198,7 @@ def run_report(
             "provider_active": provider.get("active"),
             "fidelity_inputs": fidelity_inputs,
             **({"baseline": baseline} if baseline else {}),
+            **({"latency": latency_method} if latency_method else {}),
         },
         layers=_layer_rows(compression, design_layers),
         optimisation={

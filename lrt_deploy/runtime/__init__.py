@@ -12,6 +12,7 @@ from .bench import BenchInputError, BenchResult, RunStats, benchmark_bundles
 from .benchmark import (
     LatencyStats,
     ModelMeasurement,
+    measure_interleaved,
     measure_latency,
     measure_model,
     peak_rss_mb,
@@ -48,6 +49,7 @@ __all__ = [
     "UnsupportedFormatVersionError",
     "benchmark_bundles",
     "check_manifest",
+    "measure_interleaved",
     "measure_latency",
     "measure_model",
     "peak_rss_mb",

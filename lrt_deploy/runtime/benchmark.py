@@ -1,6 +1,8 @@
 """Latency and memory measurement for a :class:`~lrt_deploy.runtime.session.Session`.
 
-:func:`measure_latency` times one model on fixed feeds (what ``lrt-export`` reports).
+:func:`measure_latency` times one model on fixed feeds.
+:func:`measure_interleaved` times several models in rotating rounds (what ``lrt-export``
+reports).
 :func:`measure_model` measures one variant in one session (outputs for fidelity, then latency).
 ``lrt-bench`` (several bundles, interleaved) is :mod:`lrt_deploy.runtime.bench`.
 """
@@ -23,6 +25,7 @@ from .session import Session
 __all__ = [
     "LatencyStats",
     "ModelMeasurement",
+    "measure_interleaved",
     "measure_latency",
     "measure_model",
     "peak_rss_mb",
@@ -109,6 +112,74 @@ def measure_latency(
         logger.info(
             "stopped after %d of %d runs (max_seconds=%s)", len(timings_ms), runs, max_seconds
         )
+    return _stats(timings_ms)
+
+
+def measure_interleaved(
+    sessions: Sequence[Session | ort.InferenceSession],
+    feeds: Mapping[str, Any],
+    *,
+    warmup: int = 5,
+    runs: int = 30,
+    rounds: int = 3,
+    settle: int = 2,
+) -> list[LatencyStats]:
+    """Time several models on the same feeds in rounds, so they share the machine's state.
+
+    Each round runs every model for a block of ``runs / rounds`` timed runs, starting one model
+    further along than the round before. A load spell from other processes, a thermal or
+    frequency change, then lands on several models' blocks, where timing one model after
+    another charges it all to whichever model was running: in one quick start that made a
+    model 1.18x slower than its twin, 0.97x in the next.
+
+    Blocks, not single runs: ONNX Runtime's worker threads spin after each run (its default,
+    what an app gets), and two sessions' spinning pools fight for the cores when their runs
+    alternate one by one (2x slower on 2 cores); turning spinning off cures that but adds
+    ~40% to a dynamic-int8 model's time, which an app with default settings does not pay.
+    ``settle`` untimed runs open each block so the last model's spinning threads go quiet.
+
+    Args:
+        sessions: The models, each a :class:`Session` (or a raw ``InferenceSession``).
+        feeds: Input name -> array; each session checks and converts them once up front.
+        warmup: Untimed runs of each model before the first round.
+        runs: Timed runs per model, spread over the rounds.
+        rounds: Blocks per model; 1 times the models one after another.
+        settle: Untimed runs at the start of each block.
+
+    Returns:
+        One :class:`LatencyStats` per session, in the order given.
+
+    Raises:
+        ValueError: If ``runs`` or ``rounds`` < 1, ``warmup`` or ``settle`` < 0, or no session
+            is given.
+    """
+    if runs < 1 or rounds < 1 or warmup < 0 or settle < 0 or not sessions:
+        raise ValueError(
+            f"need sessions, runs >= 1, rounds >= 1, warmup >= 0 and settle >= 0, got "
+            f"{len(sessions)} sessions, runs={runs}, rounds={rounds}, warmup={warmup}, "
+            f"settle={settle}")
+    runners = [_runner(session, feeds) for session in sessions]
+    for run_once in runners:
+        for _ in range(warmup):
+            run_once()
+    rounds = min(rounds, runs)
+    # Blocks as even as they go: 30 runs in 3 rounds are 10 + 10 + 10, 31 are 11 + 10 + 10.
+    blocks = [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]
+    timings_ms: list[list[float]] = [[] for _ in runners]
+    count = len(runners)
+    for round_index, block in enumerate(blocks):
+        for offset in range(count):
+            index = (round_index + offset) % count
+            for _ in range(settle):
+                runners[index]()
+            for _ in range(block):
+                begin = time.perf_counter()
+                runners[index]()
+                timings_ms[index].append((time.perf_counter() - begin) * 1e3)
+    return [_stats(timings) for timings in timings_ms]
+
+
+def _stats(timings_ms: Sequence[float]) -> LatencyStats:
     timings = np.asarray(timings_ms)
     return LatencyStats(
         median_ms=float(np.median(timings)),
