@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -295,3 +296,47 @@ def test_layer_table_elides_numbers_of_differing_reasons():
         "budget: dense is worth its parameters (rank …, keeps only …% of whitened energy) "
         "(output gain …)"
     )
+
+
+def _built(label: str, median_ms: float, fused: dict[str, int], *, deployed: bool = False) -> Any:
+    from lrt_deploy.export.build import Variant
+
+    return Variant(key=label.replace(" ", "-"), label=label, onnx_path=Path(f"{label}.onnx"),
+                   is_baseline=label == "dense fp32", deployed=deployed,
+                   optimization={"fused": fused}, latency={"median_ms": median_ms},
+                   provider=CPU_REPORT)
+
+
+def test_report_says_when_the_deployed_lrt_model_is_slower_than_dense_and_why() -> None:
+    """The budget-0.95 MiniLM case: LRT int8 7.32 ms against dense int8 5.86 ms, QAttention
+    lost to MultiHeadAttention; the line goes under the deployed row, with both causes."""
+    from lrt_deploy.report.summary import run_report, speed_notes
+
+    variants = [
+        _built("dense fp32", 13.7, {"Attention": 6}),
+        _built("dense int8", 5.86, {"QAttention": 6}),
+        _built("LRT fp32", 13.6, {"MultiHeadAttention": 6}),
+        _built("LRT int8", 7.32, {"MultiHeadAttention": 6}, deployed=True),
+    ]
+    (line,) = speed_notes(variants)
+    assert line.startswith("1.25x the latency of dense int8 in this run (7.32 vs 5.86 ms")
+    assert "packed into one Attention/QAttention" in line and "quantises its activations" in line
+    report = run_report(title="t", variants=variants, measured_on={"batch": 1, "sequence": 8},
+                        threads=2, fidelity_inputs="x")
+    assert report.variants[-1].notes[-1] == line
+    assert all(line not in v.notes for v in report.variants[:-1])
+
+
+def test_report_is_silent_when_lrt_is_as_fast_or_has_no_dense_twin() -> None:
+    from lrt_deploy.report.summary import SLOWER_THAN_DENSE, speed_notes
+
+    dense = _built("dense int8", 6.0, {"QAttention": 6})
+    within_noise = _built("LRT int8", 6.0 * SLOWER_THAN_DENSE, {"QAttention": 6}, deployed=True)
+    assert speed_notes([dense, within_noise]) == []
+    assert speed_notes([dense, _built("LRT int8", 5.0, {}, deployed=True)]) == []
+    # fp32 deployed: compared with dense fp32, not dense int8; no int8 cause is named.
+    fp32 = [_built("dense fp32", 10.0, {"Attention": 6}), dense,
+            _built("LRT fp32", 12.0, {"Attention": 6}, deployed=True)]
+    (line,) = speed_notes(fp32)
+    assert line == "1.20x the latency of dense fp32 in this run (12.00 vs 10.00 ms median)"
+    assert speed_notes([_built("LRT int8", 9.0, {}, deployed=True)]) == []

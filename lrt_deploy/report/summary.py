@@ -27,6 +27,7 @@ __all__ = [
     "fidelity_description",
     "floor_notes",
     "run_report",
+    "speed_notes",
 ]
 
 #: Under each baseline row whose function differs from the deployed model's (Linformer).
@@ -123,6 +124,49 @@ def floor_notes(outcome: CompressionOutcome | None) -> list[str]:
     return outcome.floor_verdict.lines()
 
 
+#: How much slower (median) the deployed low-rank variant may run than the dense variant of
+#: its precision, in the same run, before the report says so (run-to-run noise is ~2-5%).
+SLOWER_THAN_DENSE = 1.05
+_PACKED_ATTENTION = ("Attention", "QAttention")
+#: Labels of the variants built from the low-rank model (``export.build``).
+_LOW_RANK_LABELS = ("LRT", "healed")
+
+
+def _packs_attention(variant: Variant) -> bool:
+    fused = (variant.optimization or {}).get("fused", {})
+    return any(fused.get(op) for op in _PACKED_ATTENTION)
+
+
+def speed_notes(variants: Sequence[Variant]) -> list[str]:
+    """A line under the deployed low-rank variant when it ran slower than the dense model at
+    the same precision in this run, with the causes this project measured
+    (``benchmarks/bench_backends.py``): a low-rank pair is two matmuls, and in dynamic int8 each
+    rounds its own input, which on CPUs with fast int8 units costs more than the products it
+    saves; factorized Q/K/V projections keep attention from being packed into one node."""
+    deployed = next((v for v in variants
+                     if v.deployed and v.label.startswith(_LOW_RANK_LABELS)), None)
+    if deployed is None:
+        return []
+    precision = deployed.label.split()[-1]
+    dense = next((v for v in variants if v.label == f"dense {precision}"), None)
+    mine = deployed.latency.get("median_ms")
+    theirs = dense.latency.get("median_ms") if dense is not None else None
+    if not mine or not theirs or mine <= theirs * SLOWER_THAN_DENSE:
+        return []
+    causes = []
+    if _packs_attention(dense) and not _packs_attention(deployed):
+        causes.append("its factorized query/key/value projections keep the attention from "
+                      "being packed into one Attention/QAttention node")
+    if precision == "int8":
+        causes.append("each low-rank pair quantises its activations twice, which on CPUs with "
+                      "fast int8 units (AVX-512 VNNI, AMX) costs more than the multiply-adds it "
+                      "saves; fewer parameters pay in time in fp32 and in WebAssembly "
+                      "(benchmarks/bench_backends.py)")
+    why = f": {'; '.join(causes)}" if causes else ""
+    return [f"{mine / theirs:.2f}x the latency of dense {precision} in this run "
+            f"({mine:.2f} vs {theirs:.2f} ms median){why}"]
+
+
 def _layer_rows(
     outcome: CompressionOutcome | None, design_layers: Sequence[Mapping[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -167,10 +211,11 @@ def run_report(
         latency_method: How the latency columns were timed (interleaved or one by one).
     """
     # Notes on how the low-rank model was made are shown once, under its first row.
-    first_lrt = next((v for v in variants if v.label.startswith(("LRT", "healed"))), None)
+    first_lrt = next((v for v in variants if v.label.startswith(_LOW_RANK_LABELS)), None)
     notes = compression_notes(compression)
     # The floor is judged on what ships, so its verdict goes under the deployed row.
     floors = floor_notes(compression)
+    slower = speed_notes(variants)
     results = [
         VariantResult(
             name=v.label + (" (deployed)" if v.deployed else ""),
@@ -182,7 +227,7 @@ def run_report(
             provider_report=v.provider,
             notes=(list(notes) if v is first_lrt else [])
             + ([INCOMPARABLE_NOTE] if v.label in incomparable else [])
-            + (floors if v.deployed else []),
+            + (floors + slower if v.deployed else []),
         )
         for v in variants
     ]
