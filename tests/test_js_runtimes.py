@@ -527,3 +527,32 @@ def test_wasm_bench_takes_float_feeds(node_modules: Path, tmp_path: Path) -> Non
     expected = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
     got = np.frombuffer((tmp_path / "out" / "0-0.bin").read_bytes(), dtype=np.float32)
     np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- benchmarks/bench_bundles.py: which file of a bundle it measures, and what it reports ------
+
+
+def _bench_bundles() -> Any:
+    path = SAMPLES.parent / "benchmarks" / "bench_bundles.py"
+    spec = importlib.util.spec_from_file_location("bench_bundles", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_bundles_measures_the_file_the_manifest_ships(
+    quickstart_bundle: Path, tmp_path: Path
+) -> None:
+    bench = _bench_bundles()
+    name, model = bench._resolve(f"quick start={quickstart_bundle}")
+    assert (name, model) == ("quick start", quickstart_bundle / "model.ort")
+    assert bench._resolve(f"bare={model}") == ("bare", model)
+    made = bench._from_manifest(model)
+    assert made["target"] == "mobile" and made["budget"] == 0.9
+    assert made["healing"] is None  # the quick start does not heal
+    assert bench._from_manifest(tmp_path / "model.onnx") == {}  # no manifest beside it
+    with pytest.raises(SystemExit, match="no model.ort or model.onnx there"):
+        bench._resolve(f"empty={tmp_path}")
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        bench._resolve(str(quickstart_bundle))
