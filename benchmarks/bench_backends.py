@@ -52,18 +52,12 @@ def main() -> int:
                         help="low-rank factor shards to rebuild (healed or plain)")
     parser.add_argument("--ffn-ranks", nargs="*", type=int, default=(192, 128),
                         help="shape probes: every FFN matrix factorized at this rank (plain SVD)")
-    parser.add_argument("--model-dir", default="all-MiniLM-L6-v2")
-    parser.add_argument("--seq", nargs="+", type=int, default=(32, 128))
-    parser.add_argument("--runs", type=int, default=30, help="native timed runs per graph")
-    parser.add_argument("--wasm-runs", type=int, default=15, help="WebAssembly timed runs")
-    parser.add_argument("--threads", type=int, default=2, help="native intra-op threads")
-    parser.add_argument("--wasm-threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    add_runtime_arguments(parser, runs=30, wasm_runs=15)
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from healed import export_int8, heldout_scorer
-    from interleave import cpu_session, interleaved_latency
+    from interleave import cpu_session
 
     from lrt_deploy.export.graph import model_bytes
     from lrt_deploy.load import load_model
@@ -104,22 +98,7 @@ def main() -> int:
         layers = _layer_probe(work, max(args.seq), args.ffn_ranks, args.runs,
                               args.wasm_runs, args.threads,
                               args.wasm_threads if wasm else None)
-        for seq in args.seq:
-            feeds = {k: v.numpy() for k, v in dense.tokenize(["lrt " * (seq - 2)]).items()}
-            print(f"== latency, sequence {seq}: native", file=sys.stderr, flush=True)
-            native = interleaved_latency(graphs, feeds, baseline=baseline, runs=args.runs,
-                                         threads=args.threads)
-            timed = {"native": native}
-            if wasm:
-                print(f"== latency, sequence {seq}: WebAssembly", file=sys.stderr, flush=True)
-                timed["wasm"] = _wasm_latency(graphs, baseline, feeds, work, args.wasm_runs,
-                                              args.wasm_threads)
-            for row in rows:
-                for runtime, timings in timed.items():
-                    t = timings[row["variant"]]
-                    row.setdefault("latency", {}).setdefault(runtime, {})[str(seq)] = {
-                        "median_ms": t.median_ms, "ratio_vs_int8": t.ratio,
-                        "ratio_spread": [t.ratio_low, t.ratio_high]}
+        time_rows(rows, graphs, baseline, dense, work, args, wasm)
     base_mb = next(r["size_mb"] for r in rows if r["variant"] == baseline)
     for row in rows:
         row["size_vs_int8"] = row["size_mb"] / base_mb
@@ -132,6 +111,42 @@ def main() -> int:
     _print(rows, args.seq)
     _chart(rows, args.seq, args.out / "backends-minilm.png")
     return 0
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, *, runs: int, wasm_runs: int) -> None:
+    """The options both runtime benchmarks share: the dense model, shapes, runs, threads, out."""
+    parser.add_argument("--model-dir", default="all-MiniLM-L6-v2",
+                        help="the dense model every fidelity is measured against")
+    parser.add_argument("--seq", nargs="+", type=int, default=(32, 128))
+    parser.add_argument("--runs", type=int, default=runs, help="native timed runs per graph")
+    parser.add_argument("--wasm-runs", type=int, default=wasm_runs,
+                        help="WebAssembly timed runs")
+    parser.add_argument("--threads", type=int, default=2, help="native intra-op threads")
+    parser.add_argument("--wasm-threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("results"))
+
+
+def time_rows(rows: list[dict[str, Any]], graphs: dict[str, Path], baseline: str, dense: Any,
+              work: Path, args: argparse.Namespace, wasm: bool) -> None:
+    """Latency of every graph at each ``args.seq``, natively and (``wasm``) in WebAssembly, as
+    the median paired ratio to ``baseline`` with its spread, into ``row["latency"]``."""
+    from interleave import interleaved_latency
+
+    for seq in args.seq:
+        feeds = {k: v.numpy() for k, v in dense.tokenize(["lrt " * (seq - 2)]).items()}
+        print(f"== latency, sequence {seq}: native", file=sys.stderr, flush=True)
+        timed = {"native": interleaved_latency(graphs, feeds, baseline=baseline,
+                                               runs=args.runs, threads=args.threads)}
+        if wasm:
+            print(f"== latency, sequence {seq}: WebAssembly", file=sys.stderr, flush=True)
+            timed["wasm"] = _wasm_latency(graphs, baseline, feeds, work, args.wasm_runs,
+                                          args.wasm_threads)
+        for row in rows:
+            for runtime, timings in timed.items():
+                t = timings[row["variant"]]
+                row.setdefault("latency", {}).setdefault(runtime, {})[str(seq)] = {
+                    "median_ms": t.median_ms, "ratio_vs_int8": t.ratio,
+                    "ratio_spread": [t.ratio_low, t.ratio_high]}
 
 
 def _key(name: str) -> str:

@@ -30,26 +30,20 @@ from typing import Any
 
 
 def main() -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_backends as backends
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundles", nargs="+", metavar="NAME=PATH",
                         help="bundle folders or model files; the first is the baseline")
-    parser.add_argument("--model-dir", default="all-MiniLM-L6-v2",
-                        help="the dense model the fidelity is measured against")
-    parser.add_argument("--seq", nargs="+", type=int, default=(32, 128))
-    parser.add_argument("--runs", type=int, default=60, help="native timed runs per bundle")
-    parser.add_argument("--wasm-runs", type=int, default=60, help="WebAssembly timed runs")
-    parser.add_argument("--threads", type=int, default=2, help="native intra-op threads")
-    parser.add_argument("--wasm-threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    backends.add_runtime_arguments(parser, runs=60, wasm_runs=60)
     parser.add_argument("--name", default="bundles-minilm", help="output file stem")
     args = parser.parse_args()
     if len(args.bundles) < 2:
         raise SystemExit("give a baseline and at least one bundle to compare with it")
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_backends as backends
     from healed import heldout_scorer
-    from interleave import cpu_session, interleaved_latency
+    from interleave import cpu_session
 
     from lrt_deploy.load import load_model
 
@@ -80,20 +74,7 @@ def main() -> int:
             for row, scores in zip(rows, backends._wasm_fidelity(
                     graphs, sets, fidelity, work, args.wasm_threads), strict=True):
                 row["fidelity_wasm"] = scores
-        for seq in args.seq:
-            feeds = {k: v.numpy() for k, v in dense.tokenize(["lrt " * (seq - 2)]).items()}
-            print(f"== latency, sequence {seq}", file=sys.stderr, flush=True)
-            timed = {"native": interleaved_latency(graphs, feeds, baseline=baseline,
-                                                   runs=args.runs, threads=args.threads)}
-            if wasm:
-                timed["wasm"] = backends._wasm_latency(graphs, baseline, feeds, work,
-                                                       args.wasm_runs, args.wasm_threads)
-            for row in rows:
-                for runtime, timings in timed.items():
-                    t = timings[row["variant"]]
-                    row.setdefault("latency", {}).setdefault(runtime, {})[str(seq)] = {
-                        "median_ms": t.median_ms, "ratio_vs_int8": t.ratio,
-                        "ratio_spread": [t.ratio_low, t.ratio_high]}
+        backends.time_rows(rows, graphs, baseline, dense, work, args, wasm)
     for row in rows:
         row["size_vs_int8"] = row["size_mb"] / rows[0]["size_mb"]
     setting = {"baseline": baseline, "threads": args.threads, "wasm_threads": args.wasm_threads,

@@ -107,12 +107,9 @@ def measure_variants(
         f"measuring {len(variants)} variants: batch {settings.batch}, sequence "
         f"{settings.sequence}, {settings.threads} threads"
     )
-    total = sum(model_bytes(v.onnx_path) for v in variants)
-    if total > INTERLEAVE_MAX_BYTES:
-        _measure_one_by_one(variants, kind, reference, feeds, providers, settings, progress)
-        return SEQUENTIAL.format(runs=settings.runs)
+    interleave = sum(model_bytes(v.onnx_path) for v in variants) <= INTERLEAVE_MAX_BYTES
     from lrt_deploy.compress.fidelity import output_fidelity
-    from lrt_deploy.runtime.benchmark import measure_interleaved
+    from lrt_deploy.runtime.benchmark import measure_interleaved, measure_latency
     from lrt_deploy.runtime.session import Session
 
     sessions = []
@@ -124,34 +121,20 @@ def measure_variants(
                               threads=settings.threads)
             outputs = [session.run(batch, [reference.output])[reference.output]
                        for batch in reference.feeds]
-        sessions.append(session)
         _record(variant, index, session.provider_report(),
                 output_fidelity(kind, reference.outputs, outputs, reference.masks), progress)
+        if interleave:
+            sessions.append(session)
+        else:  # timed now, and the session let go before the next one opens
+            variant.latency = measure_latency(session, feeds, warmup=settings.warmup,
+                                              runs=settings.runs).to_dict()
+    if not interleave:
+        return SEQUENTIAL.format(runs=settings.runs)
     latencies = measure_interleaved(sessions, feeds, warmup=settings.warmup, runs=settings.runs,
                                     rounds=ROUNDS)
     for variant, latency in zip(variants, latencies, strict=True):
         variant.latency = latency.to_dict()
     return INTERLEAVED.format(runs=settings.runs, rounds=min(ROUNDS, settings.runs))
-
-
-def _measure_one_by_one(
-    variants: list[Variant],
-    kind: str,
-    reference: Reference,
-    feeds: dict[str, np.ndarray],
-    providers: Sequence[str],
-    settings: Any,
-    progress: ProgressFn,
-) -> None:
-    for index, variant in enumerate(variants):
-        quiet = ("lrt_deploy.runtime",) if index > 0 else ()
-        with quiet_loggers(*quiet):
-            result, fidelity = _run_against(
-                variant.onnx_path, kind, reference, feeds, providers, settings.threads,
-                settings.warmup, settings.runs,
-            )
-        _record(variant, index, result.provider, fidelity, progress)
-        variant.latency = result.latency.to_dict()
 
 
 def _record(variant: Variant, index: int, provider: dict[str, Any], fidelity: Any,
