@@ -6,8 +6,9 @@ Each stage is a function of the package that owns it and takes plain values:
 * ``data.readers``: calibration, held-out and latency batches;
 * ``compress.recipe``: (budget search) -> factorize -> (heal);
 * ``export.build``: export, validate, optimise and apply the target's precision, per model;
-* ``runtime.benchmark.measure_model`` + ``compress.fidelity.output_fidelity``: one session per
-  variant, fidelity against PyTorch and latency on the same inputs;
+* ``measure.measure_variants``: one session per variant, fidelity against PyTorch
+  (``compress.fidelity``), then latency on the same inputs, the variants interleaved
+  (``runtime.benchmark.measure_interleaved``);
 * ``export.bundle``: output-folder checks, manifest, atomic commit;
 * ``report.summary``: the comparison report from the typed results.
 
