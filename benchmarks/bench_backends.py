@@ -57,19 +57,13 @@ def main() -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from healed import export_int8, heldout_scorer
-    from interleave import cpu_session
 
     from lrt_deploy.export.graph import model_bytes
     from lrt_deploy.load import load_model
 
     dense = load_model(args.model_dir)
-    primary = dense.output_names[0]
     sets, fidelity = heldout_scorer(dense)
-    node = shutil.which("node")
-    wasm = node is not None and (JS_DIR / "node_modules" / "onnxruntime-web").is_dir()
-    if not wasm:
-        print("node or samples/js/node_modules missing (scripts/setup.sh): native only",
-              file=sys.stderr)
+    wasm = wasm_available()
 
     rows: list[dict[str, Any]] = []
     graphs: dict[str, Path] = {}
@@ -80,21 +74,13 @@ def main() -> int:
             fp32, int8 = export_int8(model, work, _key(name))
             for label, path in ([("dense fp32", fp32)] if name == "dense" else []) + [
                     (f"{name} int8", int8)]:
-                session = cpu_session(path, args.threads)
-                inputs = {i.name for i in session.get_inputs()}
                 graphs[label] = path
-                rows.append({
-                    "variant": label, **info, "size_mb": model_bytes(path) / 1e6,
-                    "fidelity": fidelity(lambda b, s=session, i=inputs: s.run(
-                        [primary], {k: v.numpy() for k, v in b.items() if k in i})[0]),
-                    "matrix_share": _matrix_share(path, dense, args.threads),
-                })
+                rows.append({"variant": label, **info, "size_mb": model_bytes(path) / 1e6,
+                             **native_scores(path, dense, fidelity, args.threads,
+                                             dense.output_names[0])})
         baseline = "dense int8"
         if wasm:
-            print("== WebAssembly fidelity", file=sys.stderr, flush=True)
-            for row, scores in zip(rows, _wasm_fidelity(graphs, sets, fidelity, work,
-                                                         args.wasm_threads), strict=True):
-                row["fidelity_wasm"] = scores
+            add_wasm_fidelity(rows, graphs, sets, fidelity, work, args.wasm_threads)
         layers = _layer_probe(work, max(args.seq), args.ffn_ranks, args.runs,
                               args.wasm_runs, args.threads,
                               args.wasm_threads if wasm else None)
@@ -124,6 +110,40 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, runs: int, wasm_ru
     parser.add_argument("--threads", type=int, default=2, help="native intra-op threads")
     parser.add_argument("--wasm-threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("results"))
+
+
+def wasm_available() -> bool:
+    """Whether node and onnxruntime-web are there; says so on stderr when not."""
+    if shutil.which("node") and (JS_DIR / "node_modules" / "onnxruntime-web").is_dir():
+        return True
+    print("node or samples/js/node_modules missing (scripts/setup.sh): native only",
+          file=sys.stderr)
+    return False
+
+
+def native_scores(path: Path, dense: Any, fidelity: Any, threads: int,
+                  output: str | None = None) -> dict[str, Any]:
+    """Fidelity of the graph at ``path`` on native ONNX Runtime (``output``, else its first
+    output, scored by ``fidelity`` from ``healed.heldout_scorer``) and its kernel-time share in
+    matrix ops."""
+    from interleave import cpu_session
+
+    session = cpu_session(path, threads)
+    inputs = {i.name for i in session.get_inputs()}
+    names = [output] if output else None
+    return {"fidelity": fidelity(lambda b: session.run(
+                names, {k: v.numpy() for k, v in b.items() if k in inputs})[0]),
+            "matrix_share": _matrix_share(path, dense, threads)}
+
+
+def add_wasm_fidelity(rows: list[dict[str, Any]], graphs: dict[str, Path],
+                      sets: dict[str, list[Any]], fidelity: Any, work: Path,
+                      threads: int) -> None:
+    """``row["fidelity_wasm"]`` for every row (in ``graphs`` order), run in WebAssembly."""
+    print("== WebAssembly fidelity", file=sys.stderr, flush=True)
+    for row, scores in zip(rows, _wasm_fidelity(graphs, sets, fidelity, work, threads),
+                           strict=True):
+        row["fidelity_wasm"] = scores
 
 
 def time_rows(rows: list[dict[str, Any]], graphs: dict[str, Path], baseline: str, dense: Any,

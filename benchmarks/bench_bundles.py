@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -43,7 +42,6 @@ def main() -> int:
         raise SystemExit("give a baseline and at least one bundle to compare with it")
 
     from healed import heldout_scorer
-    from interleave import cpu_session
 
     from lrt_deploy.load import load_model
 
@@ -51,29 +49,15 @@ def main() -> int:
     baseline = next(iter(graphs))
     dense = load_model(args.model_dir)
     sets, fidelity = heldout_scorer(dense)
-    wasm = shutil.which("node") is not None and (
-        backends.JS_DIR / "node_modules" / "onnxruntime-web").is_dir()
-    if not wasm:
-        print("node or samples/js/node_modules missing (scripts/setup.sh): native only",
-              file=sys.stderr)
-    rows = []
-    for name, path in graphs.items():
-        session = cpu_session(path, args.threads)
-        inputs = {i.name for i in session.get_inputs()}
-        rows.append({
-            "variant": name, "file": path.name, **_from_manifest(path),
-            "size_mb": path.stat().st_size / 1e6,
-            "fidelity": fidelity(lambda b, s=session, i=inputs: s.run(
-                None, {k: v.numpy() for k, v in b.items() if k in i})[0]),
-            "matrix_share": backends._matrix_share(path, dense, args.threads),
-        })
+    wasm = backends.wasm_available()
+    rows = [{"variant": name, "file": path.name, **_from_manifest(path),
+             "size_mb": path.stat().st_size / 1e6,
+             **backends.native_scores(path, dense, fidelity, args.threads)}
+            for name, path in graphs.items()]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if wasm:
-            print("== WebAssembly fidelity", file=sys.stderr, flush=True)
-            for row, scores in zip(rows, backends._wasm_fidelity(
-                    graphs, sets, fidelity, work, args.wasm_threads), strict=True):
-                row["fidelity_wasm"] = scores
+            backends.add_wasm_fidelity(rows, graphs, sets, fidelity, work, args.wasm_threads)
         backends.time_rows(rows, graphs, baseline, dense, work, args, wasm)
     for row in rows:
         row["size_vs_int8"] = row["size_mb"] / rows[0]["size_mb"]
