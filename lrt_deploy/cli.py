@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "the calibration data, or weight-only (activations float: the same "
                      "embeddings in every ONNX Runtime build, WebAssembly included)")
     exp.add_argument("--exclude-sensitive", type=int, default=0, metavar="N",
-                     help="with --quant-format qdq: keep the N MatMuls int8 hurts most in fp32")
+                     help="with --quantize int8: keep the N MatMuls int8 hurts most in fp32 "
+                     "(dynamic: measured on the model output, one MatMul at a time; qdq: each "
+                     "MatMul's own SQNR)")
     exp.add_argument("--per-tensor", action="store_true",
                      help="one int8 scale per weight tensor instead of per channel")
     exp.add_argument("--no-fusion", action="store_true",
@@ -291,7 +293,7 @@ def _precision(args: argparse.Namespace) -> Precision | None:
     """The precision recipe the quantisation flags ask for, or ``None`` (fp32, or the preset's).
 
     Raises:
-        LrtDeployError: ``--exclude-sensitive`` without static int8.
+        LrtDeployError: ``--exclude-sensitive`` without int8 activations.
     """
     from lrt_deploy.export.precision import (
         DynamicInt8,
@@ -301,9 +303,10 @@ def _precision(args: argparse.Namespace) -> Precision | None:
     )
 
     static = args.quantize == "int8" and args.quant_format == "qdq"
-    if args.exclude_sensitive and not static:
+    if args.exclude_sensitive and (args.quantize != "int8" or args.quant_format == "weight-only"):
         raise _usage_error(
-            "--exclude-sensitive applies to static int8: add --quantize int8 --quant-format qdq"
+            "--exclude-sensitive applies to int8 with quantised activations: add --quantize int8 "
+            "(dynamic, or --quant-format qdq)"
         )
     if args.int4_block != 32 and args.quantize != "int4":
         raise _usage_error("--int4-block applies to --quantize int4: add it or drop the block")
@@ -314,7 +317,8 @@ def _precision(args: argparse.Namespace) -> Precision | None:
     if static:
         return StaticInt8(per_channel=not args.per_tensor, exclude_sensitive=args.exclude_sensitive)
     if args.quantize == "int8":
-        return DynamicInt8(per_channel=not args.per_tensor)
+        return DynamicInt8(per_channel=not args.per_tensor,
+                           exclude_sensitive=args.exclude_sensitive)
     return None
 
 

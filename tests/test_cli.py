@@ -643,10 +643,29 @@ def test_qdq_with_sensitive_nodes_excluded(capsys, tmp_path: Path, tiny_bert_dir
     assert quantization["mode"] == "static-qdq"
 
 
-def test_exclude_sensitive_needs_qdq(capsys, tmp_path: Path, tiny_bert_dir: Path) -> None:
-    line = _fail([tiny_bert_dir, "--quantize", "int8", "--exclude-sensitive", "2"], capsys,
+def test_dynamic_int8_with_damaging_nodes_excluded(capsys, tmp_path: Path,
+                                                   tiny_bert_dir: Path) -> None:
+    out_dir = tmp_path / "bundle"
+    code, _, err = _cli([tiny_bert_dir, "--quantize", "int8", "--exclude-sensitive", "2", "-q",
+                         *RUNS, "-o", out_dir], capsys)
+    assert code == 0, err
+    quantization = json.loads((out_dir / "manifest.json").read_text())["quantization"]
+    assert quantization["mode"] == "dynamic"
+    assert len(quantization["excluded_nodes"]) == 2
+    import onnx
+
+    graph = onnx.load(str(out_dir / "model.onnx")).graph
+    kept = {node.name for node in graph.node if node.op_type == "MatMul"}
+    assert set(quantization["excluded_nodes"]) <= kept  # still float MatMuls in the bundle
+
+
+@pytest.mark.parametrize("flags", [["--quantize", "int4"], ["--quant-format", "weight-only",
+                                                             "--quantize", "int8"], []])
+def test_exclude_sensitive_needs_int8_activations(capsys, tmp_path: Path, tiny_bert_dir: Path,
+                                                  flags: list[str]) -> None:
+    line = _fail([tiny_bert_dir, *flags, "--exclude-sensitive", "2"], capsys,
                  tmp_path / "bundle")
-    assert "qdq" in line
+    assert "--quantize int8" in line
 
 
 def test_fidelity_floor_searches_a_budget(capsys, tmp_path: Path, tiny_bert_dir: Path) -> None:

@@ -109,6 +109,8 @@ def test_invalid_new_fields_raise(name: str, overrides: dict) -> None:
     [
         lambda: DynamicInt8(per_channel="yes"),
         lambda: StaticInt8(exclude_sensitive=-1),
+        lambda: DynamicInt8(exclude_sensitive=-2),
+        lambda: DynamicInt8(exclude_sensitive=True),
         lambda: StaticInt8(exclude_sensitive=1.5),
         lambda: Int4WeightOnly(block=24),
         lambda: Int4WeightOnly(block=8),
@@ -121,7 +123,8 @@ def test_invalid_precision_recipes_raise(make) -> None:
 
 @pytest.mark.parametrize(
     "recipe",
-    [Float16(), DynamicInt8(per_channel=False), StaticInt8(per_channel=True, exclude_sensitive=6),
+    [Float16(), DynamicInt8(per_channel=False), DynamicInt8(exclude_sensitive=3),
+     StaticInt8(per_channel=True, exclude_sensitive=6),
      Int8WeightOnly(), Int4WeightOnly(block=64), Int4WeightOnly(embeddings=False)],
 )
 def test_precision_round_trips_through_dict(recipe) -> None:
@@ -239,3 +242,8 @@ def test_export_is_reproducible_after_normalization(tmp_path: Path) -> None:
     assert again.metadata_removed == 0 and (tmp_path / "c.onnx").read_bytes() == before
     feeds = {"input_ids": loaded.example_inputs["input_ids"].numpy()}
     np.testing.assert_array_equal(_run(first, feeds), _run(second, feeds))
+
+
+def test_dynamic_int8_calibrates_only_to_exclude() -> None:
+    assert DynamicInt8().needs_calibration is False
+    assert DynamicInt8(exclude_sensitive=2).needs_calibration is True

@@ -87,14 +87,22 @@ class DynamicInt8(Precision):
     Attributes:
         per_channel: One scale per output channel (keeps MiniLM at ~0.99 cosine, where one
             scale per tensor drops it to ~0.96).
+        exclude_sensitive: Keep this many MatMuls fp32: those whose int8 alone lowers the
+            model output's cosine most on the calibration data (``rank_int8_damage``).
     """
 
     kind: ClassVar[str] = "dynamic-int8"
     suffix: ClassVar[str] = "int8"
     per_channel: bool = True
+    exclude_sensitive: int = 0
 
     def __post_init__(self) -> None:
         _check_bool(self.per_channel, "DynamicInt8.per_channel")
+        _check_count(self.exclude_sensitive)
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.exclude_sensitive > 0
 
     def describe(self) -> str:
         return f"int8 (per_channel={self.per_channel})"
@@ -118,12 +126,7 @@ class StaticInt8(Precision):
 
     def __post_init__(self) -> None:
         _check_bool(self.per_channel, "StaticInt8.per_channel")
-        count = self.exclude_sensitive
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise LrtDeployError(
-                f"exclude_sensitive is a count of MatMuls >= 0, got {count!r}: e.g. "
-                "--exclude-sensitive 6"
-            )
+        _check_count(self.exclude_sensitive)
 
     def describe(self) -> str:
         return "static int8 QDQ (calibrated)"
@@ -227,6 +230,14 @@ def apply_precision(
     return handler(precision, Path(source), Path(target), context)
 
 
+def _check_count(count: object) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise LrtDeployError(
+            f"exclude_sensitive is a count of MatMuls >= 0, got {count!r}: e.g. "
+            "--exclude-sensitive 6"
+        )
+
+
 def precision_from_dict(data: Mapping[str, Any] | None) -> Precision | None:
     """Rebuild a recipe from :meth:`Precision.to_dict` output (``None`` stays ``None``)."""
     if data is None:
@@ -261,9 +272,22 @@ def _dynamic_int8(
     recipe: DynamicInt8, source: Path, target: Path, context: PrecisionContext
 ) -> dict:
     from lrt_deploy.export.quantize import quantize_int8
+    from lrt_deploy.export.sensitivity import rank_int8_damage
 
+    excluded: list[str] = []
+    if recipe.exclude_sensitive:
+        context.progress(
+            f"measuring what int8 of each MatMul alone does to {context.label}'s output")
+        ranked = rank_int8_damage(source, context.calibration, per_channel=recipe.per_channel,
+                                  progress=context.progress)
+        excluded = [entry.node for entry in ranked[: recipe.exclude_sensitive]]
+        context.progress(
+            f"keeping the {len(excluded)} MatMuls int8 hurts most fp32 (alone, mean cosine "
+            + ", ".join(f"{entry.mean_cosine:.4f}" for entry in ranked[: len(excluded)]) + ")"
+        )
     context.progress(f"quantising {context.label} to int8 (per_channel={recipe.per_channel})")
-    return quantize_int8(source, target, per_channel=recipe.per_channel).to_dict()
+    return quantize_int8(source, target, per_channel=recipe.per_channel,
+                         nodes_to_exclude=excluded).to_dict()
 
 
 @register_precision(StaticInt8)

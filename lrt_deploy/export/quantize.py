@@ -80,6 +80,7 @@ def quantize_int8(
     *,
     per_channel: bool = True,
     op_types: Sequence[str] = DYNAMIC_INT8_OP_TYPES,
+    nodes_to_exclude: Sequence[str] = (),
 ) -> QuantizationResult:
     """Dynamic int8 quantisation: weights int8 (signed, per output channel by default),
     activations quantised at run time. MatMul, Gather (embedding) and packed-QKV Attention
@@ -90,6 +91,8 @@ def quantize_int8(
         target: Where the quantised ONNX file goes.
         per_channel: One scale per output channel (per-tensor costs MiniLM ~0.04 cosine).
         op_types: Op types to quantise (see :data:`DYNAMIC_INT8_OP_TYPES`).
+        nodes_to_exclude: Node names kept in float (see
+            :func:`lrt_deploy.export.sensitivity.rank_int8_damage`).
 
     Returns:
         The settings used and which ops changed.
@@ -104,6 +107,7 @@ def quantize_int8(
             per_channel=per_channel,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=list(op_types),
+            nodes_to_exclude=list(nodes_to_exclude),
             # Shape inference cannot type the outputs of com.microsoft ops (SkipLayerNorm,
             # BiasGelu); every float tensor in these graphs is fp32.
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
@@ -115,6 +119,7 @@ def quantize_int8(
         weight_type="int8",
         quantized_ops=_quantized_ops(target),
         changes=count_changes(before, after),
+        excluded_nodes=list(nodes_to_exclude),
         settings={"op_types": list(op_types)},
     )
     logger.info("quantised int8 (per_channel=%s): %s", per_channel, result.quantized_ops)
