@@ -340,3 +340,44 @@ def test_report_is_silent_when_lrt_is_as_fast_or_has_no_dense_twin() -> None:
     (line,) = speed_notes(fp32)
     assert line == "1.20x the latency of dense fp32 in this run (12.00 vs 10.00 ms median)"
     assert speed_notes([_built("LRT int8", 9.0, {}, deployed=True)]) == []
+
+
+def _scored(label: str, cosine: float, excluded: int = 0, deployed: bool = False) -> Any:
+    variant = _built(label, 5.0, {}, deployed=deployed)
+    variant.fidelity = {"mean_cosine": cosine}
+    variant.quantization = {"excluded_nodes": [f"mm{i}" for i in range(excluded)]}
+    return variant
+
+
+def test_report_says_when_int8_costs_the_output_and_what_to_do() -> None:
+    """The all-mpnet-base-v2 case: plain dynamic int8 at 0.8777 against 1.0 for fp32."""
+    from lrt_deploy.report.summary import run_report
+
+    variants = [_scored("dense fp32", 1.0), _scored("dense int8", 0.8777, deployed=True)]
+    report = run_report(title="t", variants=variants, measured_on={"batch": 1, "sequence": 8},
+                        threads=2, fidelity_inputs="x")
+    (line,) = report.variants[-1].notes
+    assert line.startswith("int8 costs this model 0.122 of mean cosine (0.8777 against 1.0000 "
+                           "for dense fp32)")
+    assert "--exclude-sensitive N" in line
+    assert report.variants[0].notes == []
+
+
+def test_int8_note_compares_with_the_same_models_fp32_and_knows_exclusions() -> None:
+    from lrt_deploy.report.summary import INT8_COSINE_LOSS, int8_notes
+
+    # The quick start's MiniLM: LRT int8 0.9902 against LRT fp32 0.9968: silent.
+    assert int8_notes([_scored("dense fp32", 1.0), _scored("dense int8", 0.9929),
+                       _scored("LRT fp32", 0.9968),
+                       _scored("LRT int8", 0.9902, deployed=True)]) == []
+    # A factorization's loss is not int8's: LRT fp32 0.95, LRT int8 0.945.
+    assert int8_notes([_scored("dense fp32", 1.0), _scored("LRT fp32", 0.95),
+                       _scored("LRT int8", 0.945, deployed=True)]) == []
+    (line,) = int8_notes([_scored("dense fp32", 1.0),
+                          _scored("dense int8", 0.97, excluded=4, deployed=True)])
+    assert line.endswith("with 4 MatMuls kept fp32: raise --exclude-sensitive")
+    edge = 1.0 - INT8_COSINE_LOSS
+    assert int8_notes([_scored("dense fp32", 1.0), _scored("dense int8", edge + 1e-6,
+                                                           deployed=True)]) == []
+    assert int8_notes([_scored("dense fp32", 1.0), _scored("dense fp16", 0.5,
+                                                           deployed=True)]) == []
