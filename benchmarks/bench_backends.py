@@ -63,7 +63,7 @@ def main() -> int:
 
     dense = load_model(args.model_dir)
     sets, fidelity = heldout_scorer(dense)
-    wasm = wasm_available()
+    wasm = wasm_available(args.wasm_runs)
 
     rows: list[dict[str, Any]] = []
     graphs: dict[str, Path] = {}
@@ -106,14 +106,17 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, runs: int, wasm_ru
     parser.add_argument("--seq", nargs="+", type=int, default=(32, 128))
     parser.add_argument("--runs", type=int, default=runs, help="native timed runs per graph")
     parser.add_argument("--wasm-runs", type=int, default=wasm_runs,
-                        help="WebAssembly timed runs")
+                        help="WebAssembly timed runs (0: native only)")
     parser.add_argument("--threads", type=int, default=2, help="native intra-op threads")
     parser.add_argument("--wasm-threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("results"))
 
 
-def wasm_available() -> bool:
-    """Whether node and onnxruntime-web are there; says so on stderr when not."""
+def wasm_available(runs: int = 1) -> bool:
+    """Whether the WebAssembly side runs: asked for (``runs`` > 0), and node and
+    onnxruntime-web are there (says so on stderr when not)."""
+    if runs <= 0:
+        return False
     if shutil.which("node") and (JS_DIR / "node_modules" / "onnxruntime-web").is_dir():
         return True
     print("node or samples/js/node_modules missing (scripts/setup.sh): native only",

@@ -49,7 +49,7 @@ def main() -> int:
     baseline = next(iter(graphs))
     dense = load_model(args.model_dir)
     sets, fidelity = heldout_scorer(dense)
-    wasm = backends.wasm_available()
+    wasm = backends.wasm_available(args.wasm_runs)
     rows = [{"variant": name, "file": path.name, **_from_manifest(path),
              "size_mb": path.stat().st_size / 1e6,
              **backends.native_scores(path, dense, fidelity, args.threads)}
@@ -75,7 +75,8 @@ def main() -> int:
                   f"batch {h['batch_size']}, lr {h['lr']}, {h['seconds']:.0f} s on "
                   f"{h['device']} ({h['precision']}), {h['quantization'] or 'float'} simulated")
     backends._chart(rows, args.seq, args.out / f"{args.name}.png", baseline,
-                    title="all-MiniLM-L6-v2, the bundles lrt-export wrote (lower is faster)")
+                    title=f"{Path(args.model_dir).name}, the bundles lrt-export wrote "
+                    "(lower is faster)")
     return 0
 
 
