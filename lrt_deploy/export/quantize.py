@@ -24,6 +24,7 @@ __all__ = [
     "quantize_static_int8",
     "quantize_weights_4bit",
     "quantize_weights_int8",
+    "symmetric_int8_scale",
 ]
 
 _QUANTIZED_OP_TYPES = (
@@ -264,12 +265,19 @@ class NodeSensitivity:
         return {"node": self.node, "sqnr_db": self.sqnr_db}
 
 
+def symmetric_int8_scale(values: np.ndarray, axis: int | None) -> np.ndarray:
+    """Scales of symmetric int8 (``[-127, 127]``), one per slice along ``axis`` (one for the
+    tensor when None), shaped to broadcast against ``values``; an all-zero slice gets 1."""
+    reduce = None if axis is None else tuple(i for i in range(values.ndim) if i != axis)
+    scale = np.abs(values).max(axis=reduce, keepdims=True) / 127.0
+    return np.where(scale == 0, 1.0, scale)
+
+
 def _quantize_dequantize(values: np.ndarray, axis: int | None, symmetric: bool) -> np.ndarray:
     """Round-trip through int8 with scales per slice along ``axis`` (per tensor when None)."""
     reduce = None if axis is None else tuple(i for i in range(values.ndim) if i != axis)
     if symmetric:
-        scale = np.abs(values).max(axis=reduce, keepdims=True) / 127.0
-        scale = np.where(scale == 0, 1.0, scale)
+        scale = symmetric_int8_scale(values, axis)
         return np.clip(np.round(values / scale), -127, 127) * scale
     low = np.minimum(values.min(axis=reduce, keepdims=True), 0.0)
     high = np.maximum(values.max(axis=reduce, keepdims=True), 0.0)

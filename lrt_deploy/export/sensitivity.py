@@ -39,7 +39,8 @@ _INLINE_LIMIT = 1_500_000_000
 @dataclass(frozen=True)
 class NodeDamage:
     """What dynamic int8 of one MatMul alone does to the model's first output: mean and
-    worst cosine per row to the float model's, on the calibration rows."""
+    worst cosine of its vectors to the float model's (``cosine_per_row``), on the calibration
+    rows."""
 
     node: str
     mean_cosine: float
@@ -48,12 +49,6 @@ class NodeDamage:
     def to_dict(self) -> dict[str, Any]:
         return {"node": self.node, "mean_cosine": self.mean_cosine,
                 "worst_cosine": self.worst_cosine}
-
-
-def _weight_scale(weight: np.ndarray, per_channel: bool) -> np.ndarray:
-    """Symmetric int8 scales of a (in x out) MatMul weight: per output column, or one."""
-    peak = np.abs(weight).max(axis=0) if per_channel else np.array(np.abs(weight).max())
-    return np.where(peak == 0, 1.0, peak / 127.0).astype(np.float32)
 
 
 def build_probe(model: Any, per_channel: bool = True) -> list[str]:
@@ -66,6 +61,7 @@ def build_probe(model: Any, per_channel: bool = True) -> list[str]:
     from onnx import TensorProto, helper, numpy_helper
 
     from lrt_deploy.export.graph_index import GraphIndex
+    from lrt_deploy.export.quantize import symmetric_int8_scale
 
     graph = model.graph
     index = GraphIndex(graph)
@@ -82,7 +78,9 @@ def build_probe(model: Any, per_channel: bool = True) -> list[str]:
         probed.append(node.name or node.output[0])
         output = node.output[0]
         node.output[0] = f"{tag}_float"
-        scale = _weight_scale(weight.astype(np.float32), per_channel)
+        # The quantiser's symmetric scales: per output column (axis 1 of in x out) or one.
+        scale = symmetric_int8_scale(weight.astype(np.float32), 1 if per_channel else None)
+        scale = scale.reshape(-1 if per_channel else ()).astype(np.float32)
         extra_inits += [
             numpy_helper.from_array(scale, f"{tag}_w_scale"),
             numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{tag}_w_zero"),
@@ -116,13 +114,6 @@ def build_probe(model: Any, per_channel: bool = True) -> list[str]:
     graph.input.append(helper.make_tensor_value_info(MASK_INPUT, TensorProto.BOOL,
                                                      [len(probed)]))
     return probed
-
-
-def _cosine_rows(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
-    a = reference.reshape(reference.shape[0], -1).astype(np.float64)
-    b = other.reshape(other.shape[0], -1).astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.where(norms > 0, (a * b).sum(1) / np.where(norms > 0, norms, 1.0), 1.0)
 
 
 def rank_int8_damage(
@@ -173,6 +164,7 @@ def rank_int8_damage(
 
 def _rank(session: Any, probed: list[str], calibration: Iterable[Mapping[str, np.ndarray]],
           max_rows: int, progress: Any) -> list[NodeDamage]:
+    from lrt_deploy.compress.fidelity import cosine_per_row
     names = [value.name for value in session.get_inputs() if value.name != MASK_INPUT]
     batches, rows = [], 0
     for batch in calibration:
@@ -190,7 +182,7 @@ def _rank(session: Any, probed: list[str], calibration: Iterable[Mapping[str, np
     for i, name in enumerate(probed):
         mask = np.zeros(len(probed), bool)
         mask[i] = True
-        cosine = np.concatenate([_cosine_rows(r, o)
+        cosine = np.concatenate([cosine_per_row(r, o)
                                  for r, o in zip(reference, run(mask), strict=True)])
         ranked.append(NodeDamage(name, float(cosine.mean()), float(cosine.min())))
         if progress is not None and (i + 1) % 16 == 0:

@@ -26,8 +26,8 @@ __all__ = [
     "compression_notes",
     "fidelity_description",
     "floor_notes",
-    "run_report",
     "int8_notes",
+    "run_report",
     "speed_notes",
 ]
 
