@@ -69,7 +69,8 @@ def build_variant(loaded: Any, spec: str, corpus: Path | None) -> tuple[Any, dic
 
 
 def export_int8(model: Any, work: Path, key: str) -> tuple[Path, Path]:
-    """The pipeline's cpu int8 path: ONNX, fusion, dynamic int8 per channel."""
+    """The pipeline's cpu int8 path: ONNX, fusion, dynamic int8 per channel, plain (as
+    ``--heal-quantized`` deploys it; without it the CLI smooths outlier channels first)."""
     from lrt_deploy.export.fusion import fuse_transformer
     from lrt_deploy.export.onnx_export import export_onnx
     from lrt_deploy.export.precision import DynamicInt8

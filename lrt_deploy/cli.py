@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --quantize int8: keep the N MatMuls int8 hurts most in fp32 "
                      "(dynamic: measured on the model output, one MatMul at a time; qdq: each "
                      "MatMul's own SQNR)")
+    exp.add_argument("--no-smoothing", action="store_true",
+                     help="dynamic int8: skip outlier smoothing (by default input channels "
+                     "peaking above 8x the median channel on the calibration data are scaled "
+                     "into the weights, one Mul per such input; --heal-quantized implies this)")
     exp.add_argument("--per-tensor", action="store_true",
                      help="one int8 scale per weight tensor instead of per channel")
     exp.add_argument("--no-fusion", action="store_true",
@@ -308,6 +312,9 @@ def _precision(args: argparse.Namespace) -> Precision | None:
             "--exclude-sensitive applies to int8 with quantised activations: add --quantize int8 "
             "(dynamic, or --quant-format qdq)"
         )
+    if args.no_smoothing and (args.quantize != "int8" or args.quant_format != "dynamic"):
+        raise _usage_error("--no-smoothing applies to dynamic int8: add --quantize int8 or "
+                           "drop it")
     if args.int4_block != 32 and args.quantize != "int4":
         raise _usage_error("--int4-block applies to --quantize int4: add it or drop the block")
     if args.quantize == "int4":
@@ -317,8 +324,10 @@ def _precision(args: argparse.Namespace) -> Precision | None:
     if static:
         return StaticInt8(per_channel=not args.per_tensor, exclude_sensitive=args.exclude_sensitive)
     if args.quantize == "int8":
+        # --heal-quantized trains for plain int8's rounding, which smoothing would change.
         return DynamicInt8(per_channel=not args.per_tensor,
-                           exclude_sensitive=args.exclude_sensitive)
+                           exclude_sensitive=args.exclude_sensitive,
+                           smooth=not (args.no_smoothing or args.heal_quantized))
     return None
 
 

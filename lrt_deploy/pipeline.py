@@ -180,7 +180,11 @@ def export_bundle(
     with staging_folder(out_dir, force, loaded.source_path) as staging:
         if compressing:
             check_compressible(loaded)
-        calibrate = bool(target.precision and target.precision.needs_calibration)
+        precision = target.precision
+        # Outlier smoothing uses calibration when there is some: text models always have the
+        # shipped corpus; other models only an .npz the user gives.
+        calibrate = bool(precision and (precision.needs_calibration or (
+            precision.uses_calibration and (loaded.is_text or calibration is not None))))
         # Read once: factorization, healing, the budget search and static int8 share it.
         batches: list[dict[str, Any]] = []
         # Healing on a user's text file streams all of it; everything else reads its head.

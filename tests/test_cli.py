@@ -380,9 +380,12 @@ def test_mobile_bundle_manifest(mobile_bundle, tiny_bert_dir: Path) -> None:
     assert manifest["opset"] == 18
     assert manifest["target"]["name"] == "mobile"
     assert manifest["target"]["precision"] == {"kind": "dynamic-int8", "per_channel": True,
-                                                  "exclude_sensitive": 0}
+                                                  "exclude_sensitive": 0, "smooth": True}
     assert manifest["files"]["model"] == "model.ort"
     assert manifest["variant"] == "LRT int8"
+    smoothing = manifest["quantization"]["smoothing"]  # measured on the shipped corpus
+    assert smoothing["rows"] == 64 and smoothing["skipped"] is None
+    assert smoothing["ratio"] == 8.0 and smoothing["target"] == 3.0
 
     lowrank = manifest["lowrank"]
     assert lowrank["origin"] == "post-training factorization"
@@ -660,6 +663,19 @@ def test_dynamic_int8_with_damaging_nodes_excluded(capsys, tmp_path: Path,
     assert set(quantization["excluded_nodes"]) <= kept  # still float MatMuls in the bundle
 
 
+def test_no_smoothing_quantises_plainly(capsys, tmp_path: Path, tiny_bert_dir: Path) -> None:
+    out_dir = tmp_path / "bundle"
+    code, _, err = _cli([tiny_bert_dir, "--quantize", "int8", "--no-smoothing", "-q", *RUNS,
+                         "-o", out_dir], capsys)
+    assert code == 0, err
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["target"]["precision"]["smooth"] is False
+    assert "smoothing" not in manifest["quantization"]
+    line = _fail([tiny_bert_dir, "--quantize", "int4", "--no-smoothing"], capsys,
+                 tmp_path / "other")
+    assert "--no-smoothing applies to dynamic int8" in line
+
+
 @pytest.mark.parametrize("flags", [["--quantize", "int4"], ["--quant-format", "weight-only",
                                                              "--quantize", "int8"], []])
 def test_exclude_sensitive_needs_int8_activations(capsys, tmp_path: Path, tiny_bert_dir: Path,
@@ -748,6 +764,9 @@ def test_heal_quantized_simulates_the_target_precision(
     if quantize[1] == "int4":
         assert manifest["target"]["precision"] == {
             "kind": "int4-weight-only", "block": 16, "embeddings": True}
+    else:  # healed for plain int8's rounding, so deployed without smoothing
+        assert manifest["target"]["precision"]["smooth"] is False
+        assert "smoothing" not in manifest["quantization"]
 
 
 def test_float16_folder_factorizes_heals_and_exports(

@@ -111,6 +111,7 @@ def test_invalid_new_fields_raise(name: str, overrides: dict) -> None:
         lambda: StaticInt8(exclude_sensitive=-1),
         lambda: DynamicInt8(exclude_sensitive=-2),
         lambda: DynamicInt8(exclude_sensitive=True),
+        lambda: DynamicInt8(smooth="yes"),
         lambda: StaticInt8(exclude_sensitive=1.5),
         lambda: Int4WeightOnly(block=24),
         lambda: Int4WeightOnly(block=8),
@@ -124,6 +125,7 @@ def test_invalid_precision_recipes_raise(make) -> None:
 @pytest.mark.parametrize(
     "recipe",
     [Float16(), DynamicInt8(per_channel=False), DynamicInt8(exclude_sensitive=3),
+     DynamicInt8(smooth=False),
      StaticInt8(per_channel=True, exclude_sensitive=6),
      Int8WeightOnly(), Int4WeightOnly(block=64), Int4WeightOnly(embeddings=False)],
 )
@@ -247,3 +249,19 @@ def test_export_is_reproducible_after_normalization(tmp_path: Path) -> None:
 def test_dynamic_int8_calibrates_only_to_exclude() -> None:
     assert DynamicInt8().needs_calibration is False
     assert DynamicInt8(exclude_sensitive=2).needs_calibration is True
+    # Smoothing uses calibration where there is some, and is skipped (said so) where not.
+    assert DynamicInt8().uses_calibration is True
+    assert DynamicInt8(smooth=False).uses_calibration is False
+
+
+def test_manifests_from_before_smoothing_read_as_plain_int8() -> None:
+    old = {"kind": "dynamic-int8", "per_channel": True, "exclude_sensitive": 0}
+    assert precision_from_dict(old) == DynamicInt8(smooth=False)
+
+
+def test_heal_quantized_refuses_a_smoothed_int8_target() -> None:
+    from lrt_deploy.compress.recipe import simulated_quantization
+
+    with pytest.raises(LrtDeployError, match="smooth=False"):
+        simulated_quantization(DynamicInt8())
+    assert simulated_quantization(DynamicInt8(smooth=False)) is not None

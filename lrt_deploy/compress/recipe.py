@@ -334,6 +334,11 @@ def simulated_quantization(precision: Any) -> Any:
     from lrt_deploy.compress.quant_aware import FakeQuantization
     from lrt_deploy.export.precision import DynamicInt8, Int4WeightOnly
 
+    if isinstance(precision, DynamicInt8) and precision.per_channel and precision.smooth:
+        raise LrtDeployError(
+            "--heal-quantized simulates plain dynamic int8, and outlier smoothing rounds "
+            "differently: use DynamicInt8(smooth=False) (the CLI does so with --heal-quantized)"
+        )
     if isinstance(precision, DynamicInt8) and precision.per_channel:
         return FakeQuantization("int8")
     if isinstance(precision, Int4WeightOnly) and precision.embeddings:

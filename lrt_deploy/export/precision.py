@@ -53,11 +53,14 @@ class Precision:
         needs_calibration: True when the pass needs calibration inputs.
         packs_qkv: Whether the fp32 graph it starts from may pack dense Q/K/V into one
             ``Attention`` (whose weight only the int8 quantiser can still reach).
+        uses_calibration: True when the pass does better with calibration inputs but runs
+            without them (a non-text model given no ``.npz``).
     """
 
     kind: ClassVar[str] = ""
     suffix: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    uses_calibration: ClassVar[bool] = False
     packs_qkv: ClassVar[bool] = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,23 +92,33 @@ class DynamicInt8(Precision):
             scale per tensor drops it to ~0.96).
         exclude_sensitive: Keep this many MatMuls fp32: those whose int8 alone lowers the
             model output's cosine most on the calibration data (``rank_int8_damage``).
+        smooth: Scale outlier input channels into the weights first
+            (``smooth_outlier_channels``: one ``Mul`` per such input), measured on the
+            calibration data; skipped, and said so, when a model has none.
     """
 
     kind: ClassVar[str] = "dynamic-int8"
     suffix: ClassVar[str] = "int8"
     per_channel: bool = True
     exclude_sensitive: int = 0
+    smooth: bool = True
 
     def __post_init__(self) -> None:
         _check_bool(self.per_channel, "DynamicInt8.per_channel")
         _check_count(self.exclude_sensitive)
+        _check_bool(self.smooth, "DynamicInt8.smooth")
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
         return self.exclude_sensitive > 0
 
+    @property
+    def uses_calibration(self) -> bool:  # type: ignore[override]
+        return self.smooth
+
     def describe(self) -> str:
-        return f"int8 (per_channel={self.per_channel})"
+        smooth = ", outlier channels smoothed" if self.smooth else ""
+        return f"int8 (per_channel={self.per_channel}{smooth})"
 
 
 @dataclass(frozen=True)
@@ -256,6 +269,9 @@ def precision_from_dict(data: Mapping[str, Any] | None) -> Precision | None:
     if config_type is Int4WeightOnly:
         # Written before the tables were quantised too: those int4 bundles kept them float.
         fields.setdefault("embeddings", False)
+    if config_type is DynamicInt8:
+        # Written before outlier smoothing: those int8 bundles were quantised plainly.
+        fields.setdefault("smooth", False)
     return config_type(**fields)
 
 
@@ -271,23 +287,45 @@ def _float16(recipe: Float16, source: Path, target: Path, context: PrecisionCont
 def _dynamic_int8(
     recipe: DynamicInt8, source: Path, target: Path, context: PrecisionContext
 ) -> dict:
+    import tempfile
+
     from lrt_deploy.export.quantize import quantize_int8
     from lrt_deploy.export.sensitivity import rank_int8_damage
+    from lrt_deploy.export.smoothing import SmoothingResult, smooth_outlier_channels
 
-    excluded: list[str] = []
-    if recipe.exclude_sensitive:
+    with tempfile.TemporaryDirectory(prefix="lrt-int8-", dir=target.parent) as scratch:
+        smoothing = None
+        if recipe.smooth and context.calibration:
+            context.progress(f"measuring {context.label}'s MatMul input channels for outliers")
+            smoothed = Path(scratch) / "smoothed.onnx"
+            smoothing = smooth_outlier_channels(source, smoothed, context.calibration)
+            source = smoothed
+            context.progress(
+                f"smoothed {smoothing.channels} outlier channels on {smoothing.inputs} inputs "
+                f"({len(smoothing.nodes)} MatMuls)")
+        elif recipe.smooth:
+            smoothing = SmoothingResult(skipped="no calibration data: a non-text model needs "
+                                                "--calibration inputs.npz")
+            context.progress(f"outlier smoothing skipped: {smoothing.skipped}")
+        excluded: list[str] = []
+        if recipe.exclude_sensitive:
+            context.progress(
+                f"measuring what int8 of each MatMul alone does to {context.label}'s output")
+            ranked = rank_int8_damage(source, context.calibration,
+                                      per_channel=recipe.per_channel, progress=context.progress)
+            excluded = [entry.node for entry in ranked[: recipe.exclude_sensitive]]
+            context.progress(
+                f"keeping the {len(excluded)} MatMuls int8 hurts most fp32 (alone, mean cosine "
+                + ", ".join(f"{entry.mean_cosine:.4f}" for entry in ranked[: len(excluded)])
+                + ")"
+            )
         context.progress(
-            f"measuring what int8 of each MatMul alone does to {context.label}'s output")
-        ranked = rank_int8_damage(source, context.calibration, per_channel=recipe.per_channel,
-                                  progress=context.progress)
-        excluded = [entry.node for entry in ranked[: recipe.exclude_sensitive]]
-        context.progress(
-            f"keeping the {len(excluded)} MatMuls int8 hurts most fp32 (alone, mean cosine "
-            + ", ".join(f"{entry.mean_cosine:.4f}" for entry in ranked[: len(excluded)]) + ")"
-        )
-    context.progress(f"quantising {context.label} to int8 (per_channel={recipe.per_channel})")
-    return quantize_int8(source, target, per_channel=recipe.per_channel,
-                         nodes_to_exclude=excluded).to_dict()
+            f"quantising {context.label} to int8 (per_channel={recipe.per_channel})")
+        details = quantize_int8(source, target, per_channel=recipe.per_channel,
+                                nodes_to_exclude=excluded).to_dict()
+    if smoothing is not None:
+        details["smoothing"] = smoothing.to_dict()
+    return details
 
 
 @register_precision(StaticInt8)
