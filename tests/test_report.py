@@ -381,3 +381,32 @@ def test_int8_note_compares_with_the_same_models_fp32_and_knows_exclusions() -> 
                                                            deployed=True)]) == []
     assert int8_notes([_scored("dense fp32", 1.0), _scored("dense fp16", 0.5,
                                                            deployed=True)]) == []
+
+
+def test_report_says_what_outlier_smoothing_did_and_when_it_was_off() -> None:
+    from lrt_deploy.report.summary import int8_notes, run_report
+
+    smoothing = {"nodes": ["mm_a", "mm_b", "mm_c"], "inputs": 2, "channels": 5,
+                 "largest_scale": 19.2, "ratio": 8.0, "target": 3.0, "rows": 64,
+                 "skipped": None}
+    variants = [_scored("dense fp32", 1.0), _scored("dense int8", 0.9942, deployed=True)]
+    variants[0].quantization = None  # fp32 variants have none
+    variants[1].quantization = {"mode": "dynamic", "excluded_nodes": [],
+                                "smoothing": smoothing}
+    report = run_report(title="t", variants=variants, measured_on={"batch": 1, "sequence": 8},
+                        threads=2, fidelity_inputs="x")
+    (line,) = report.variants[-1].notes
+    assert line.startswith("int8 outlier smoothing: 5 input channels peaking above 8x")
+    assert "weights of 3 MatMuls, one Mul on each of 2 inputs" in line
+    # The report counts the smoothed MatMuls; the manifest keeps their names.
+    assert report.quantisation["smoothing"]["matmuls"] == 3
+    assert "nodes" not in report.quantisation["smoothing"]
+    # all-mpnet-base-v2 with --no-smoothing: the fix named first is to smooth.
+    variants[1].quantization = {"mode": "dynamic", "excluded_nodes": []}
+    variants[1].fidelity = {"mean_cosine": 0.9191}
+    (line,) = int8_notes(variants)
+    assert line.startswith("int8 costs this model 0.081") and "drop --no-smoothing" in line
+    # A non-text model without an .npz: smoothing could not measure, and says so.
+    variants[1].quantization = {"mode": "dynamic", "smoothing": {"skipped": "no data"}}
+    variants[1].fidelity = {"mean_cosine": 0.995}
+    assert int8_notes(variants) == ["int8 outlier smoothing skipped: no data"]

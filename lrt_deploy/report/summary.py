@@ -204,6 +204,16 @@ def int8_notes(variants: Sequence[Variant]) -> list[str]:
                     "0.994)"]
 
 
+def _quantisation_section(quantization: Mapping[str, Any]) -> dict[str, Any]:
+    """The report's quantisation settings: the smoothed MatMuls counted, not listed (the
+    manifest keeps their names)."""
+    smoothing = quantization.get("smoothing")
+    if not smoothing or "nodes" not in smoothing:
+        return dict(quantization)
+    compact = {key: value for key, value in smoothing.items() if key != "nodes"}
+    return {**quantization, "smoothing": {"matmuls": len(smoothing["nodes"]), **compact}}
+
+
 def _smoothing_lines(smoothing: Mapping[str, Any] | None) -> list[str]:
     if not smoothing:
         return []
@@ -300,6 +310,7 @@ def run_report(
         optimisation={
             v.label: v.optimization.get("fused", {}) for v in variants if v.optimization
         },
-        quantisation=next((v.quantization for v in variants if v.quantization), {}) or {},
+        quantisation=_quantisation_section(
+            next((v.quantization for v in variants if v.quantization), {}) or {}),
         provider_messages=messages,
     )
