@@ -6,7 +6,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-__all__ = ["op_counts", "count_changes", "default_opset", "model_bytes"]
+__all__ = ["INLINE_LIMIT", "count_changes", "cpu_session", "default_opset", "model_bytes",
+           "op_counts"]
 
 
 def op_counts(path: str | Path) -> Counter[str]:
@@ -44,3 +45,23 @@ def model_bytes(path: str | Path) -> int:
 def default_opset(model: Any) -> int:
     """The default-domain (``ai.onnx``) opset an ``onnx.ModelProto`` imports."""
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+# Above this an in-memory model is saved with external weights first (protobuf's 2 GB).
+INLINE_LIMIT = 1_500_000_000
+
+
+def cpu_session(model: Any, scratch: str | Path) -> Any:
+    """A quiet CPU ``InferenceSession`` over an in-memory ``onnx.ModelProto``; a large model
+    goes through ``scratch`` (a folder that must outlive the session) with external weights."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if model.ByteSize() > INLINE_LIMIT:
+        path = Path(scratch) / "model.onnx"
+        onnx.save(model, str(path), save_as_external_data=True, location="model.data")
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])

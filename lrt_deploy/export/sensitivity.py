@@ -32,8 +32,6 @@ __all__ = ["NodeDamage", "rank_int8_damage"]
 logger = logging.getLogger(__name__)
 
 MASK_INPUT = "lrt_int8_only"
-# Above this the probe graph goes to a temporary file with external weights (protobuf's 2 GB).
-_INLINE_LIMIT = 1_500_000_000
 
 
 @dataclass(frozen=True)
@@ -138,23 +136,15 @@ def rank_int8_damage(
         One entry per probed MatMul, lowest mean cosine first.
     """
     import onnx
-    import onnxruntime as ort
+
+    from lrt_deploy.export.graph import cpu_session
 
     model = onnx.load(str(source))
     probed = build_probe(model, per_channel)
     if not probed:
         return []
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="lrt-int8-probe-") as scratch:
-        if model.ByteSize() > _INLINE_LIMIT:
-            path = Path(scratch) / "probe.onnx"
-            onnx.save(model, str(path), save_as_external_data=True, location="probe.data")
-            session = ort.InferenceSession(str(path), options,
-                                           providers=["CPUExecutionProvider"])
-        else:
-            session = ort.InferenceSession(model.SerializeToString(), options,
-                                           providers=["CPUExecutionProvider"])
+        session = cpu_session(model, scratch)
         del model
         ranked = _rank(session, probed, calibration, max_rows, progress)
     logger.info("int8 damage, worst first: %s", [(d.node, round(d.mean_cosine, 5))

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from lrt_deploy.export.graph import INLINE_LIMIT
+
 __all__ = ["SmoothingResult", "input_channel_peaks", "smooth_outlier_channels"]
 
 logger = logging.getLogger(__name__)
@@ -42,8 +44,6 @@ TARGET_RATIO = 3.0
 # Op types whose input 0 is an activation and input 1 a constant (in x out) weight; the
 # packed-QKV Attention's weight rows are its input channels too.
 _WEIGHTED_OPS = ("MatMul", "Attention")
-# Above this the rewritten graph is saved with external weights (protobuf's 2 GB).
-_INLINE_LIMIT = 1_500_000_000
 
 
 @dataclass
@@ -125,8 +125,9 @@ def input_channel_peaks(
         ``{name: peaks}`` and the number of rows run.
     """
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper
+
+    from lrt_deploy.export.graph import cpu_session
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -135,17 +136,8 @@ def input_channel_peaks(
         if name not in outputs:
             probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
                                                                     None))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="lrt-smooth-") as scratch:
-        if probe.ByteSize() > _INLINE_LIMIT:
-            path = Path(scratch) / "probe.onnx"
-            onnx.save(probe, str(path), save_as_external_data=True, location="probe.data")
-            session = ort.InferenceSession(str(path), options,
-                                           providers=["CPUExecutionProvider"])
-        else:
-            session = ort.InferenceSession(probe.SerializeToString(), options,
-                                           providers=["CPUExecutionProvider"])
+        session = cpu_session(probe, scratch)
         del probe
         inputs = [value.name for value in session.get_inputs()]
         peaks: dict[str, np.ndarray] = {}
@@ -245,7 +237,7 @@ def smooth_outlier_channels(
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    if model.ByteSize() > _INLINE_LIMIT:
+    if model.ByteSize() > INLINE_LIMIT:
         onnx.save(model, str(target), save_as_external_data=True,
                   location=Path(target).name + ".data")
     else:
