@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-smoothing", action="store_true",
                      help="dynamic int8: skip outlier smoothing (by default input channels "
                      "peaking above 8x the median channel on the calibration data are scaled "
-                     "into the weights, one Mul per such input; --heal-quantized implies this)")
+                     "into the weights, one Mul per such input; --heal-quantized simulates either)")
     exp.add_argument("--per-tensor", action="store_true",
                      help="one int8 scale per weight tensor instead of per channel")
     exp.add_argument("--no-fusion", action="store_true",
@@ -324,10 +324,9 @@ def _precision(args: argparse.Namespace) -> Precision | None:
     if static:
         return StaticInt8(per_channel=not args.per_tensor, exclude_sensitive=args.exclude_sensitive)
     if args.quantize == "int8":
-        # --heal-quantized trains for plain int8's rounding, which smoothing would change.
         return DynamicInt8(per_channel=not args.per_tensor,
                            exclude_sensitive=args.exclude_sensitive,
-                           smooth=not (args.no_smoothing or args.heal_quantized))
+                           smooth=not args.no_smoothing)
     return None
 
 

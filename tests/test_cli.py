@@ -748,6 +748,7 @@ def test_heal_on_the_shipped_corpus_keeps_the_calibration_split(
 
 
 @pytest.mark.parametrize("quantize", [["--quantize", "int8"],
+                                      ["--quantize", "int8", "--no-smoothing"],
                                       ["--quantize", "int4", "--int4-block", "16"]])
 def test_heal_quantized_simulates_the_target_precision(
     capsys, tmp_path: Path, tiny_bert_dir: Path, quantize: list[str]
@@ -758,13 +759,18 @@ def test_heal_quantized_simulates_the_target_precision(
     assert code == 0, err
     manifest = json.loads((out_dir / "manifest.json").read_text())
     healing = manifest["lowrank"]["healing"]
-    expected = "dynamic int8" if quantize[1] == "int8" else "4-bit weights, block 16"
-    assert healing["quantization"] == expected and healing["trainable"] == "layers"
-    assert healing["steps_run"] == 3
+    smooth = "--no-smoothing" not in quantize
+    expected = {"int4": "4-bit weights, block 16",
+                "int8": "dynamic int8, outlier channels smoothed" if smooth else "dynamic int8"}
+    assert healing["quantization"] == expected[quantize[1]]
+    assert healing["trainable"] == "layers" and healing["steps_run"] == 3
     if quantize[1] == "int4":
         assert manifest["target"]["precision"] == {
             "kind": "int4-weight-only", "block": 16, "embeddings": True}
-    else:  # healed for plain int8's rounding, so deployed without smoothing
+    elif smooth:  # healed for smoothed int8's rounding, and deployed so
+        assert manifest["target"]["precision"]["smooth"] is True
+        assert manifest["quantization"]["smoothing"]["rows"] == 64
+    else:
         assert manifest["target"]["precision"]["smooth"] is False
         assert "smoothing" not in manifest["quantization"]
 

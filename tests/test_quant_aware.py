@@ -17,14 +17,17 @@ from torch import nn
 from lrt_deploy.compress import LowRankConfig, factorize_, heal_
 from lrt_deploy.compress.factor_shards import load_lowrank_factors, save_lowrank_factors
 from lrt_deploy.compress.fidelity import cosine_per_row
+from lrt_deploy.compress.outliers import outlier_scales
 from lrt_deploy.compress.quant_aware import (
     FakeQuantization,
     fake_int4_blocks,
     fake_int8_per_channel,
     fake_uint8_dynamic,
     quantization_aware,
+    smoothing_scales,
 )
 from lrt_deploy.export.quantize import quantize_int8, quantize_weights_4bit
+from lrt_deploy.export.smoothing import smooth_outlier_channels
 
 
 def _matmul_graph(weight: torch.Tensor, rows: int, path: Path) -> None:
@@ -89,6 +92,24 @@ def test_fake_quantization_rejects_unknown_settings() -> None:
         FakeQuantization("int3")
     with pytest.raises(ValueError, match="power of two"):
         FakeQuantization("int4", block=24)
+    with pytest.raises(ValueError, match="goes with int8"):
+        FakeQuantization("int4", smooth=True)
+    with pytest.raises(ValueError, match="needs the scales"):
+        with quantization_aware(nn.Linear(4, 4), FakeQuantization("int8", smooth=True)):
+            pass
+    with pytest.raises(ValueError, match="smoothing_batches"):
+        heal_(nn.Linear(4, 4), nn.Linear(4, 4), [{"input": torch.randn(2, 4)}], steps=1,
+              quantization=FakeQuantization("int8", smooth=True), progress=False)
+
+
+def test_outlier_scales_are_powers_of_two_for_outliers_only() -> None:
+    peak = np.array([1.0, 1.2, 0.9, 1.1, 9.5, 40.0, 1.0])  # median 1.1: above 8.8 is an outlier
+    scale = outlier_scales(peak)
+    assert scale.tolist() == [1, 1, 1, 1, 4, 16, 1]  # 9.5/3.3 = 2.9 -> 4; 40/3.3 = 12.1 -> 16
+    assert outlier_scales(np.array([1.0, 2.0, 3.0])) is None
+    assert outlier_scales(np.zeros(4)) is None
+    with pytest.raises(ValueError, match="target_ratio"):
+        outlier_scales(peak, ratio=4.0, target=6.0)
 
 
 class _Mlp(nn.Module):
@@ -196,3 +217,118 @@ def test_int4_tables_are_uint8_pairs_equal_to_the_simulation(tmp_path: Path) -> 
         got = ort.InferenceSession(str(tmp_path / path), providers=["CPUExecutionProvider"]).run(
             None, {"ids": ids})[0]
         assert np.array_equal(got, expected), path
+
+
+class _OutlierMlp(nn.Module):
+    """An MLP whose input and hidden activations both have outlier channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(64, 96)
+        self.down = nn.Linear(96, 64)
+        with torch.no_grad():
+            self.up.weight[7] *= 25.0  # hidden channel 7 peaks far above the others
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(nn.functional.gelu(self.up(x)))
+
+
+def _outlier_inputs(seed: int, count: int) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        x = torch.randn(16, 4, 64, generator=generator)
+        x[:, 1, 3] *= 30.0  # input channel 3 spikes on one token of each row
+        batches.append({"x": x})
+    return batches
+
+
+def _export_smoothed_int8(model: nn.Module, calibration: list[dict], folder: Path,
+                          name: str) -> Path:
+    raw = folder / f"{name}.onnx"
+    torch.onnx.export(model, (calibration[0]["x"],), str(raw), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}}, dynamo=False)
+    smoothed, quantized = folder / f"{name}.smooth.onnx", folder / f"{name}.int8.onnx"
+    feeds = [{"x": batch["x"].numpy()} for batch in calibration]
+    result = smooth_outlier_channels(raw, smoothed, feeds)
+    assert result.inputs == 2 and result.rows == 64
+    quantize_int8(smoothed, quantized, per_channel=True)
+    return quantized
+
+
+def test_smoothed_int8_simulation_equals_the_smoothed_export(tmp_path: Path) -> None:
+    torch.manual_seed(6)
+    model = _OutlierMlp().eval()
+    calibration = _outlier_inputs(0, 5)  # the export reads 64 rows: 4 batches of 16
+    scales = smoothing_scales(model, calibration)
+    assert set(scales) == {model.up, model.down}
+    assert scales[model.up][3] > 1 and scales[model.down][7] > 1
+    assert int((scales[model.up] != 1).sum()) == 1 and int((scales[model.down] != 1).sum()) == 1
+    exported = _export_smoothed_int8(model, calibration, tmp_path, "m")
+    x = _outlier_inputs(1, 1)[0]["x"]
+    ort_int8 = _run(exported, x)
+    with torch.no_grad():
+        with quantization_aware(model, FakeQuantization("int8", smooth=True), scales):
+            smoothed = model(x).numpy()
+            # measured in float even while the simulation is in force
+            assert all(torch.equal(scales[k], v)
+                       for k, v in smoothing_scales(model, calibration).items())
+        with quantization_aware(model, "int8"):
+            plain = model(x).numpy()
+    assert np.abs(ort_int8 - smoothed).max() < 1e-4
+    # the plain simulation is far from what the smoothed export computes
+    assert np.abs(ort_int8 - plain).max() > 100 * np.abs(ort_int8 - smoothed).max()
+
+
+def test_padded_tokens_and_rows_past_the_limit_do_not_count() -> None:
+    layer = nn.Linear(8, 4)
+    x = torch.ones(4, 3, 8)
+    x[0, 2, 5] = 100.0  # a padded token
+    x[3, 0, 6] = 100.0  # the fourth row, past max_rows=3
+    mask = torch.ones(4, 3, dtype=torch.long)
+    mask[0, 2] = 0
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.layer(x)
+
+    wrapped = Wrapped()
+    assert smoothing_scales(wrapped, [{"x": x, "attention_mask": mask}], max_rows=3) == {}
+    x[1, 1, 5] = 100.0  # a real token of a counted row
+    scales = smoothing_scales(wrapped, [{"x": x, "attention_mask": mask}], max_rows=3)
+    assert scales[layer].tolist() == [1, 1, 1, 1, 1, 32, 1, 1]  # 100/3 = 33 -> 32
+
+
+def test_smoothed_int8_healing_lands_on_the_smoothed_export(tmp_path: Path) -> None:
+    torch.manual_seed(7)
+    teacher = _OutlierMlp().eval()
+    student = copy.deepcopy(teacher)
+    factorize_(student, LowRankConfig(rank=24, solver="svd"))
+    calibration = _outlier_inputs(2, 4)
+    spec = FakeQuantization("int8", smooth=True)
+    before = _export_smoothed_int8(student, calibration, tmp_path, "before")
+    result = heal_(student, teacher, _outlier_inputs(3, 8), steps=120, lr=2e-3,
+                   eval_batches=_outlier_inputs(4, 2), eval_every=20, trainable="layers",
+                   quantization=spec, smoothing_batches=calibration, progress=False)
+    assert result.quantization == "dynamic int8, outlier channels smoothed"
+    assert result.improved
+    scales = smoothing_scales(student, calibration)
+    assert scales  # the outliers are still there after healing
+    for layer in student.modules():  # returned on the smoothed export's grid
+        if isinstance(layer, nn.Linear):
+            scale = scales.get(layer, torch.ones(layer.in_features))
+            smoothed = layer.weight.detach() * scale
+            assert torch.equal(fake_int8_per_channel(smoothed), smoothed)
+    after = _export_smoothed_int8(student, calibration, tmp_path, "after")
+    test = _outlier_inputs(5, 4)[0]["x"]
+    reference = teacher(test).detach().numpy().reshape(-1, 64)
+    gap_before = 1 - cosine_per_row(reference, _run(before, test).reshape(-1, 64)).mean()
+    gap_after = 1 - cosine_per_row(reference, _run(after, test).reshape(-1, 64)).mean()
+    assert gap_after < 0.5 * gap_before, (gap_before, gap_after)
+    with torch.no_grad(), quantization_aware(student, spec, scales):
+        simulated = student(test).numpy()
+    assert np.abs(_run(after, test) - simulated).max() < 1e-3

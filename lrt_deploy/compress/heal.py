@@ -28,6 +28,7 @@ from lrt_deploy.compress.fidelity import cosine_per_row
 from lrt_deploy.compress.quant_aware import (
     FakeQuantization,
     quantization_aware,
+    smoothing_scales,
     snap_to_grid_,
 )
 from lrt_deploy.errors import LrtDeployError
@@ -279,6 +280,7 @@ def heal_(
     warmup_steps: int | None = None,
     final_lr_fraction: float = 0.0,
     quantization: FakeQuantization | str | None = None,
+    smoothing_batches: Sequence[Batch] | None = None,
 ) -> HealResult:
     """Distil the factorized ``student`` towards the dense ``teacher``, in place.
 
@@ -333,6 +335,10 @@ def heal_(
             returned snapped to the export's grid (:func:`~lrt_deploy.compress.quant_aware.
             snap_to_grid_`). Use fp32 ``precision`` with it (bf16's 8-bit mantissa is as
             coarse as the int8 grid).
+        smoothing_batches: With a smoothed int8 ``quantization``: the export's calibration
+            batches, on whose first rows the outlier-smoothing scales are measured (as the
+            export will measure them) before training, at each evaluation and for the kept
+            weights.
 
     Returns:
         Before/after fidelity, steps run, the step kept, the device and precision.
@@ -349,6 +355,10 @@ def heal_(
         raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
     if isinstance(batches, Sequence) and not batches:
         raise ValueError("heal_ needs at least one training batch")
+    spec = FakeQuantization(quantization) if isinstance(quantization, str) else quantization
+    if spec is not None and spec.smooth and not smoothing_batches:
+        raise ValueError("a smoothed int8 simulation needs smoothing_batches (the export's "
+                         "calibration batches)")
     student_module = _as_module(student, "student")
     teacher_fn = teacher if not hasattr(teacher, "module") else _as_module(teacher, "teacher")
     if eval_batches is None:
@@ -362,7 +372,6 @@ def heal_(
     target_device = home if device is None else select_device(device)
     amp_dtype = autocast_dtype(target_device, precision)
     params = _trainable_parameters(student_module, trainable)
-    spec = FakeQuantization(quantization) if isinstance(quantization, str) else quantization
     started = time.perf_counter()
 
     teacher_module = teacher_fn if isinstance(teacher_fn, nn.Module) else None
@@ -416,9 +425,18 @@ def heal_(
     for p in student_module.parameters():
         p.requires_grad_(id(p) in chosen)
     simulation = contextlib.ExitStack()
+    # Outlier-smoothing scales follow the weights: measured again before each evaluation.
+    scales: dict[nn.Module, torch.Tensor] = {}
+
+    def measure_scales() -> None:
+        if spec is not None and spec.smooth:
+            scales.clear()
+            scales.update(smoothing_scales(student_module, smoothing_batches))
+
     try:
         if spec is not None:
-            simulation.enter_context(quantization_aware(student_module, spec))
+            measure_scales()
+            simulation.enter_context(quantization_aware(student_module, spec, scales))
         with torch.no_grad():
             eval_reference = [
                 primary_output(teacher_fn(**b)).float().cpu().numpy() for b in eval_inputs
@@ -472,6 +490,7 @@ def heal_(
             steps_run = step
             bar.update(1)
             if step % every == 0 or step == steps:
+                measure_scales()
                 mean, worst = evaluate()
                 history.append(
                     {"step": step, "loss": loss.item(), "mean_cosine": mean,
@@ -487,7 +506,8 @@ def heal_(
                 param.copy_(saved)
         if spec is not None and best_step > 0:
             # The kept weights go back on the grid the export rounds to (see snap_to_grid_).
-            snap_to_grid_(student_module, spec, only=chosen)
+            measure_scales()
+            snap_to_grid_(student_module, spec, only=chosen, scales=scales)
     finally:
         simulation.close()
         for p in student_module.parameters():

@@ -9,7 +9,11 @@ Adam still moves the float weights the export will round.
 ``"int8"`` mirrors :func:`lrt_deploy.export.quantize.quantize_int8` (dynamic, per channel):
 weights int8 symmetric per output channel (``[-127, 127]``), each MatMul's input uint8 with a
 scale and zero point taken from that tensor's own range at run time (``DynamicQuantizeLinear``),
-embedding tables int8 symmetric per tensor. ``"int4"`` mirrors 4-bit weight-only
+embedding tables int8 symmetric per tensor; with ``smooth`` it mirrors the export's outlier
+smoothing too (:mod:`lrt_deploy.export.smoothing`): outlier input channels, found on the
+export's calibration rows by the same rule (:func:`lrt_deploy.compress.outliers.outlier_scales`),
+are divided by a power of two before the input is rounded, and the weight columns reading
+them multiplied by it before the weight is. ``"int4"`` mirrors 4-bit weight-only
 ``MatMulNBits`` / ``GatherBlockQuantized`` (symmetric blocks of ``block`` values along the input
 dimension of a weight and along the hidden dimension of a table; activations stay float).
 """
@@ -17,13 +21,16 @@ dimension of a weight and along the hidden dimension of a table; activations sta
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional
+
+from lrt_deploy.compress.outliers import outlier_scales
 
 __all__ = [
     "QUANTIZATIONS",
@@ -33,6 +40,7 @@ __all__ = [
     "fake_int8_per_tensor",
     "fake_uint8_dynamic",
     "quantization_aware",
+    "smoothing_scales",
     "snap_to_grid_",
 ]
 
@@ -46,20 +54,28 @@ class FakeQuantization:
     Attributes:
         kind: ``"int8"`` (dynamic int8, per-channel weights) or ``"int4"`` (4-bit weights).
         block: Values per scale for ``"int4"`` (the export's block size).
+        smooth: ``"int8"`` only: the export smooths outlier input channels first (its
+            default); the scales are measured by :func:`smoothing_scales`.
     """
 
     kind: str = "int8"
     block: int = 32
+    smooth: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.kind!r}")
         if self.block < 2 or self.block & (self.block - 1):
             raise ValueError(f"block must be a power of two, got {self.block!r}")
+        if not isinstance(self.smooth, bool) or (self.smooth and self.kind != "int8"):
+            raise ValueError(f"smooth must be a bool and goes with int8, got {self.smooth!r} "
+                             f"with {self.kind!r}")
 
     def describe(self) -> str:
         """A short label for logs and manifests."""
-        return "dynamic int8" if self.kind == "int8" else f"4-bit weights, block {self.block}"
+        if self.kind == "int4":
+            return f"4-bit weights, block {self.block}"
+        return "dynamic int8, outlier channels smoothed" if self.smooth else "dynamic int8"
 
 
 def _straight_through(value: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
@@ -112,23 +128,37 @@ def _as_spec(spec: FakeQuantization | str) -> FakeQuantization:
     return FakeQuantization(spec) if isinstance(spec, str) else spec
 
 
-def _fake_weight(layer: nn.Linear | nn.Embedding, spec: FakeQuantization) -> torch.Tensor:
+def _fake_weight(layer: nn.Linear | nn.Embedding, spec: FakeQuantization,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's weight as the export rounds it: 4-bit blocks, or int8 per output channel
-    (a Linear's MatMul) or per tensor (an embedding table's Gather)."""
+    (a Linear's MatMul) or per tensor (an embedding table's Gather). ``scale`` (per input
+    channel, from outlier smoothing) multiplies the weight's columns before rounding and
+    divides them after: the rounded weight in the unsmoothed frame."""
     weight = layer.weight.float()
     if spec.kind == "int4":
         return fake_int4_blocks(weight, spec.block)
     if isinstance(layer, nn.Linear):
-        return fake_int8_per_channel(weight)
+        if scale is None:
+            return fake_int8_per_channel(weight)
+        scale = scale.to(weight.device)
+        return fake_int8_per_channel(weight * scale) / scale
     return fake_int8_per_tensor(weight)
 
 
-def _linear_forward(layer: nn.Linear, spec: FakeQuantization) -> Any:
+def _linear_forward(layer: nn.Linear, spec: FakeQuantization,
+                    scales: Mapping[nn.Module, torch.Tensor]) -> Any:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if spec.kind == "int8":  # activations too: DynamicQuantizeLinear before each MatMul
-            x = fake_uint8_dynamic(x.float())
         bias = None if layer.bias is None else layer.bias.float()
-        return functional.linear(x.float(), _fake_weight(layer, spec), bias)
+        x = x.float()
+        if spec.kind != "int8":
+            return functional.linear(x, _fake_weight(layer, spec), bias)
+        # Activations too: DynamicQuantizeLinear before each MatMul, after smoothing's Mul.
+        scale = scales.get(layer)
+        if scale is None:
+            return functional.linear(fake_uint8_dynamic(x), _fake_weight(layer, spec), bias)
+        scale = scale.to(x.device)
+        return functional.linear(fake_uint8_dynamic(x / scale),
+                                 fake_int8_per_channel(layer.weight.float() * scale), bias)
 
     return forward
 
@@ -141,19 +171,32 @@ def _embedding_forward(table: nn.Embedding, spec: FakeQuantization) -> Any:
 
 
 @contextlib.contextmanager
-def quantization_aware(module: nn.Module, spec: FakeQuantization | str) -> Iterator[int]:
+def quantization_aware(
+    module: nn.Module,
+    spec: FakeQuantization | str,
+    scales: Mapping[nn.Module, torch.Tensor] | None = None,
+) -> Iterator[int]:
     """Within the block, every ``nn.Linear`` and ``nn.Embedding`` in ``module`` computes on
     fake-quantised values (see the module docstring); their forwards are restored on exit.
+
+    Args:
+        module: The model.
+        spec: The simulated precision.
+        scales: Outlier-smoothing scales per Linear (:func:`smoothing_scales`), read at each
+            call, so a caller may refresh the mapping in place; for ``spec.smooth``.
 
     Yields:
         How many layers were switched.
     """
     spec = _as_spec(spec)
+    if spec.smooth and scales is None:
+        raise ValueError("a smoothed int8 simulation needs the scales (smoothing_scales)")
+    scales = scales if scales is not None else {}
     patched: list[nn.Module] = []
     try:
         for layer in module.modules():
             if isinstance(layer, nn.Linear):
-                layer.forward = _linear_forward(layer, spec)  # type: ignore[method-assign]
+                layer.forward = _linear_forward(layer, spec, scales)  # type: ignore[method-assign]
             elif isinstance(layer, nn.Embedding):
                 layer.forward = _embedding_forward(layer, spec)  # type: ignore[method-assign]
             else:
@@ -165,8 +208,83 @@ def quantization_aware(module: nn.Module, spec: FakeQuantization | str) -> Itera
             del layer.forward  # the instance attribute: the class's forward shows again
 
 
+@contextlib.contextmanager
+def _float_forwards(module: nn.Module) -> Iterator[None]:
+    """Within the block, layers switched by :func:`quantization_aware` compute in float."""
+    stashed = {layer: layer.__dict__.pop("forward") for layer in module.modules()
+               if "forward" in layer.__dict__}
+    try:
+        yield
+    finally:
+        for layer, forward in stashed.items():
+            layer.forward = forward  # type: ignore[method-assign]
+
+
+def _rows(batch: Mapping[str, Any], count: int) -> dict[str, Any]:
+    return {name: value[:count] if isinstance(value, torch.Tensor) and value.ndim else value
+            for name, value in batch.items()}
+
+
+def smoothing_scales(
+    module: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    max_rows: int = 64,
+) -> dict[nn.Module, torch.Tensor]:
+    """The outlier-smoothing scales the export will use, per ``nn.Linear``: each input
+    channel's peak ``|x|`` on the first ``max_rows`` rows of ``batches`` (padded tokens left
+    out), measured in float as the export measures its fp32 graph, through the export's rule
+    (:func:`lrt_deploy.compress.outliers.outlier_scales`).
+
+    Args:
+        module: The model (float; a simulation in force is paused while measuring).
+        batches: The export's calibration batches, as model keyword inputs (torch tensors),
+            in the order the export reads them.
+        max_rows: Rows to measure on (the export's smoothing reads 64).
+
+    Returns:
+        ``{linear: scales}`` for the layers that have outlier channels.
+    """
+    peaks: dict[nn.Module, torch.Tensor] = {}
+    mask: list[torch.Tensor | None] = [None]
+
+    def hook(layer: nn.Module, args: tuple) -> None:
+        x = args[0].detach().float()
+        flat = x.reshape(-1, x.shape[-1])
+        if mask[0] is not None and flat.shape[0] == mask[0].numel():
+            flat = flat[mask[0].reshape(-1).to(flat.device) != 0]
+        peak = flat.abs().amax(dim=0) if len(flat) else flat.new_zeros(flat.shape[1])
+        peaks[layer] = torch.maximum(peaks[layer], peak) if layer in peaks else peak
+
+    linears = [layer for layer in module.modules() if isinstance(layer, nn.Linear)]
+    handles = [layer.register_forward_pre_hook(hook) for layer in linears]
+    device = next(module.parameters()).device
+    rows = 0
+    try:
+        with torch.no_grad(), _float_forwards(module):
+            for batch in batches:
+                if rows >= max_rows:
+                    break
+                first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
+                batch = _rows(batch, max_rows - rows)
+                rows += min(len(first), max_rows - rows)
+                mask[0] = batch.get("attention_mask")
+                module(**{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                          for k, v in batch.items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+    scales = {}
+    for layer, peak in peaks.items():
+        scale = outlier_scales(peak.cpu().numpy())
+        if scale is not None:
+            scales[layer] = torch.from_numpy(np.ascontiguousarray(scale)).to(device)
+    return scales
+
+
 def snap_to_grid_(module: nn.Module, spec: FakeQuantization | str,
-                  only: set[int] | None = None) -> int:
+                  only: set[int] | None = None,
+                  scales: Mapping[nn.Module, torch.Tensor] | None = None) -> int:
     """Replace weights by their fake-quantised values, in place: what the export will round
     them to anyway, so the float model equals the simulated one and stays so when stored in
     fp16 or quantised again (the same grid comes back). Weights trained with rounding in the
@@ -177,6 +295,8 @@ def snap_to_grid_(module: nn.Module, spec: FakeQuantization | str,
         module: The model.
         spec: The simulated precision.
         only: ``id()`` of the parameters to snap (e.g. those healing trained); None: all.
+        scales: Outlier-smoothing scales per Linear (:func:`smoothing_scales`): a smoothed
+            weight is snapped to the grid of its smoothed columns.
 
     Returns:
         How many weight tensors were snapped.
@@ -190,6 +310,7 @@ def snap_to_grid_(module: nn.Module, spec: FakeQuantization | str,
             weight = layer.weight
             if only is not None and id(weight) not in only:
                 continue
-            weight.copy_(_fake_weight(layer, spec).to(weight.dtype))
+            scale = None if scales is None else scales.get(layer)
+            weight.copy_(_fake_weight(layer, spec, scale).to(weight.dtype))
             snapped += 1
     return snapped

@@ -315,7 +315,8 @@ def compress_model(
     healing = None
     if heal_steps:
         data = healing_data or HealingData(fit, select, "", SELECTION_DATA)
-        healing = _heal(loaded, dense, data, heal_steps, progress, options, heal_quantization)
+        healing = _heal(loaded, dense, data, heal_steps, progress, options, heal_quantization,
+                        smoothing_batches=batches)
     outcome = CompressionOutcome(result, dense, config, search, healing, heal_steps,
                                  healing_data, heal_options=options if heal_steps else {})
     if fidelity_floor is not None:
@@ -325,8 +326,9 @@ def compress_model(
 
 def simulated_quantization(precision: Any) -> Any:
     """The healing loop's simulation of a target precision recipe
-    (:mod:`lrt_deploy.export.precision`): dynamic int8 per channel and 4-bit weight-only with
-    embedding tables are simulated exactly (tested against ONNX Runtime).
+    (:mod:`lrt_deploy.export.precision`): dynamic int8 per channel (outlier smoothing
+    included, when the recipe smooths) and 4-bit weight-only with embedding tables are
+    simulated exactly (tested against ONNX Runtime).
 
     Raises:
         LrtDeployError: No precision (fp32), or a recipe the simulation does not mirror.
@@ -334,13 +336,8 @@ def simulated_quantization(precision: Any) -> Any:
     from lrt_deploy.compress.quant_aware import FakeQuantization
     from lrt_deploy.export.precision import DynamicInt8, Int4WeightOnly
 
-    if isinstance(precision, DynamicInt8) and precision.per_channel and precision.smooth:
-        raise LrtDeployError(
-            "--heal-quantized simulates plain dynamic int8, and outlier smoothing rounds "
-            "differently: use DynamicInt8(smooth=False) (the CLI does so with --heal-quantized)"
-        )
     if isinstance(precision, DynamicInt8) and precision.per_channel:
-        return FakeQuantization("int8")
+        return FakeQuantization("int8", smooth=precision.smooth)
     if isinstance(precision, Int4WeightOnly) and precision.embeddings:
         return FakeQuantization("int4", precision.block)
     what = "an fp32 target" if precision is None else precision.describe()
@@ -381,9 +378,11 @@ def _split(batches: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[di
 def _heal(
     loaded: LoadedModel, dense: LoadedModel, data: HealingData, steps: int,
     progress: Callable[[str], None], options: dict[str, Any], quantization: Any = None,
+    smoothing_batches: list[dict[str, Any]] | None = None,
 ) -> HealResult:
     """Distil the factorized model towards the dense one on ``data.train``, keeping the step
-    that does best on ``data.selection`` (under ``quantization`` when given)."""
+    that does best on ``data.selection`` (under ``quantization`` when given; a smoothed int8
+    one measures its scales on ``smoothing_batches``, the export's calibration batches)."""
     from lrt_deploy.compress.heal import heal_
 
     source = (f"{len(data.train)} calibration batches" if isinstance(data.train, list)
@@ -396,7 +395,7 @@ def _heal(
         eval_batches=data.selection,
         hidden_modules=_block_names(loaded.module), progress=True,
         device=options["device_asked"], precision=options["precision_asked"],
-        quantization=quantization,
+        quantization=quantization, smoothing_batches=smoothing_batches,
         trainable="layers" if quantization is not None else "lowrank",
     )
     progress(

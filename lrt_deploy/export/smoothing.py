@@ -12,8 +12,10 @@ This pass moves the range instead, as SmoothQuant does: for an input whose chann
 peaks above ``ratio`` times the median channel's peak on calibration data, ``x_j`` is divided
 by ``s_j`` (one ``Mul`` per input tensor, shared by the MatMuls reading it) and row ``j`` of
 each weight reading it is multiplied by ``s_j``, so the float product is unchanged and the
-channel now peaks at ``target`` times the median. Only outlier channels move (``s`` is 1
-elsewhere), so the weights' per-column int8 scales barely change. ORT's own SmoothQuant is
+channel now peaks near ``target`` times the median (``s_j`` is a power of two: the rule,
+:func:`lrt_deploy.compress.outliers.outlier_scales`, is shared with the healing loop's
+simulation of this export). Only outlier channels move (``s`` is 1 elsewhere), so the weights'
+per-column int8 scales barely change. ORT's own SmoothQuant is
 for static QDQ only and needs Intel's neural-compressor; this is the dynamic-int8 form.
 
 The defaults (``ratio`` 8, ``target`` 3) were chosen on ``heldout.txt`` with all-mpnet-base-v2
@@ -31,16 +33,16 @@ from typing import Any
 
 import numpy as np
 
+from lrt_deploy.compress.outliers import OUTLIER_RATIO, TARGET_RATIO, outlier_scales
 from lrt_deploy.export.graph import INLINE_LIMIT
 
-__all__ = ["SmoothingResult", "input_channel_peaks", "smooth_outlier_channels"]
+__all__ = [
+    "OUTLIER_RATIO", "TARGET_RATIO", "SmoothingResult", "input_channel_peaks",
+    "smooth_outlier_channels",
+]
 
 logger = logging.getLogger(__name__)
 
-#: A channel peaking above this multiple of the median channel's peak is an outlier.
-OUTLIER_RATIO = 8.0
-#: Where an outlier channel's peak is brought, as a multiple of the median channel's peak.
-TARGET_RATIO = 3.0
 # Op types whose input 0 is an activation and input 1 a constant (in x out) weight; the
 # packed-QKV Attention's weight rows are its input channels too.
 _WEIGHTED_OPS = ("MatMul", "Attention")
@@ -186,22 +188,15 @@ def smooth_outlier_channels(
     import onnx
     from onnx import helper, numpy_helper
 
-    if not 0 < target_ratio <= ratio:
-        raise ValueError(f"target_ratio must be in (0, ratio], got {target_ratio} > {ratio}")
+    outlier_scales(np.ones(1), ratio, target_ratio)  # checks the two thresholds before any work
     model = onnx.load(str(source))
     weighted = _weighted_nodes(model)
     result = SmoothingResult(ratio=ratio, target=target_ratio)
     names = sorted({node.input[0] for node, _ in weighted})
     peaks, result.rows = (input_channel_peaks(model, calibration, names, max_rows=max_rows)
                           if names else ({}, 0))
-    scales: dict[str, np.ndarray] = {}
-    for name, peak in peaks.items():
-        median = float(np.median(peak))
-        outliers = peak > ratio * median
-        if median > 0 and outliers.any():
-            scale = np.ones(peak.shape, np.float32)
-            scale[outliers] = peak[outliers] / (target_ratio * median)
-            scales[name] = scale
+    scales = {name: scale for name, peak in peaks.items()
+              if (scale := outlier_scales(peak, ratio, target_ratio)) is not None}
     graph = model.graph
     smoothed: dict[str, str] = {}
     new_nodes, new_inits = [], []
