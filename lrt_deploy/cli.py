@@ -128,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--calibration", metavar="FILE",
                       help="text lines (.txt) or named inputs (.npz); default: shipped corpus. "
                       "With --heal a text file is streamed (any size; its first 2048 lines "
-                      "calibrate the factorization)")
+                      "calibrate the factorization) unless --heal-corpus is given")
+    comp.add_argument("--heal-corpus", metavar="FILE",
+                      help="with --heal: stream this text file (any size) to heal on, while "
+                      "--calibration (default: the shipped corpus) calibrates the "
+                      "factorization, the budget search and int8")
     comp.add_argument("--factorize-embeddings", action="store_true",
                       help="also factorize Embedding tables")
     comp.add_argument("--skip", action="append", default=[], metavar="PATTERN",
@@ -222,6 +226,12 @@ def _run(args: argparse.Namespace) -> int:
         if not args.heal:
             raise _usage_error("--heal-quantized needs --heal STEPS")
         simulated_quantization(target.precision)  # one line now if it cannot be simulated
+    if args.heal_corpus is not None:
+        if not args.heal:
+            raise _usage_error("--heal-corpus is what --heal trains on: add --heal STEPS")
+        if str(args.heal_corpus).endswith(".npz") or not Path(args.heal_corpus).is_file():
+            raise _usage_error(f"--heal-corpus '{args.heal_corpus}' is not a text file: give "
+                               "UTF-8 text, one sentence per line")
     if args.strict and args.fidelity_floor is None:
         raise _usage_error("--strict gates on a fidelity floor: add --fidelity-floor COSINE")
     if args.heal:
@@ -277,6 +287,7 @@ def _run(args: argparse.Namespace) -> int:
         heal_quantized=args.heal_quantized,
         heal_batch=args.heal_batch,
         heal_lr=args.heal_lr,
+        heal_corpus=args.heal_corpus,
     )
     print(result.report.to_markdown())
     progress(f"bundle written to {result.out_dir}")

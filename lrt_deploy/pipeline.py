@@ -127,6 +127,7 @@ def export_bundle(
     heal_quantized: bool = False,
     heal_batch: int = 32,
     heal_lr: float = 1e-4,
+    heal_corpus: str | Path | None = None,
 ) -> BundleResult:
     """Build a deployment bundle for ``loaded`` and measure it against the dense baseline.
 
@@ -151,6 +152,10 @@ def export_bundle(
             int8 per channel or int4; every weight but the embedding tables trains).
         heal_batch: Sentences per healing step when healing streams a text corpus.
         heal_lr: Peak learning rate of healing.
+        heal_corpus: A text file healing streams, apart from ``calibration`` (which then
+            calibrates the factorization, the search and int8 in full; default: the shipped
+            corpus). Without it, healing streams ``calibration`` when that is a text file and
+            everything else reads its head.
 
     Returns:
         The manifest, report and per-variant measurements.
@@ -177,6 +182,12 @@ def export_bundle(
     settings = _plan_settings(loaded, target, settings or BenchmarkSettings())
     out_dir = Path(out_dir)
     _check_fixed_shape(loaded, target)
+    if heal_corpus is not None and not (loaded.is_text and heal_steps and compressing):
+        raise LrtDeployError(
+            "--heal-corpus is text that healing streams: it needs a text model and --heal STEPS "
+            "with a factorization or --heal-quantized (other models heal on --calibration .npz)"
+        )
+    healing_text = heal_corpus if heal_corpus is not None else calibration
     with staging_folder(out_dir, force, loaded.source_path) as staging:
         if compressing:
             check_compressible(loaded)
@@ -187,17 +198,19 @@ def export_bundle(
             precision.uses_calibration and (loaded.is_text or calibration is not None))))
         # Read once: factorization, healing, the budget search and static int8 share it.
         batches: list[dict[str, Any]] = []
-        # Healing on a user's text file streams all of it; everything else reads its head.
+        # Healing on a user's text file streams all of it; everything else reads the head of
+        # that file when it is also the calibration, else the calibration in full.
         stream_text = bool(
-            compressing and heal_steps and calibration is not None and loaded.is_text
-            and not str(calibration).endswith(".npz")
+            compressing and heal_steps and healing_text is not None and loaded.is_text
+            and not str(healing_text).endswith(".npz")
         )
         if calibrate or (compressing and (
             compress is None or needs_calibration(compress, heal_steps, fidelity_floor)
         )):
             progress("reading calibration data")
+            streamed_too = stream_text and heal_corpus is None
             batches = readers.calibration_batches(
-                loaded, calibration, max_lines=CALIBRATION_HEAD_LINES if stream_text else None
+                loaded, calibration, max_lines=CALIBRATION_HEAD_LINES if streamed_too else None
             )
         outcome = None
         if compressing:
@@ -210,7 +223,7 @@ def export_bundle(
                 loaded, compress, batches, heal_steps=heal_steps,
                 fidelity_floor=fidelity_floor, progress=progress, device=device,
                 heal_precision=heal_precision,
-                healing_data=(text_healing_data(loaded, calibration, batch_size=heal_batch)
+                healing_data=(text_healing_data(loaded, healing_text, batch_size=heal_batch)
                               if stream_text else None),
                 probe=probe, probe_data=readers.DOMAIN_HELDOUT_TEXT,
                 heal_quantization=simulation, heal_lr=heal_lr,

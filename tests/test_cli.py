@@ -734,6 +734,48 @@ def test_heal_streams_a_text_calibration_file_on_cpu(
     assert "on cpu (fp32)" in out and "the shipped calibration.txt" in out
 
 
+def test_heal_corpus_streams_while_the_shipped_corpus_calibrates(
+    capsys, monkeypatch, tmp_path: Path, tiny_bert_dir: Path
+) -> None:
+    from lrt_deploy.data import readers
+
+    read = []
+    calibration_batches = readers.calibration_batches
+
+    def recording(loaded, calibration, *args, **kwargs):  # noqa: ANN001, ANN202
+        read.append((calibration, kwargs.get("max_lines")))
+        return calibration_batches(loaded, calibration, *args, **kwargs)
+
+    monkeypatch.setattr(readers, "calibration_batches", recording)
+    corpus = _big_corpus(tmp_path / "corpus.txt", 3000)
+    out_dir = tmp_path / "bundle"
+    code, _, err = _cli([tiny_bert_dir, "--rank", "0.5", "--heal", "3", "--device", "cpu",
+                         "--heal-corpus", corpus, "--heal-batch", "64", "--quantize", "int8",
+                         "-q", *RUNS, "-o", out_dir], capsys)
+    assert code == 0, err
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    healing = manifest["lowrank"]["healing"]
+    assert healing["streamed"] is True and healing["training_data"] == "corpus.txt (streamed)"
+    assert healing["steps_run"] == 3 and healing["lines_read"] > 0
+    assert healing["selection_data"] == "the shipped calibration.txt (never trained on)"
+    # The factorization and int8's smoothing read the shipped corpus, whole, not the stream.
+    assert read == [(None, None)]
+    assert manifest["quantization"]["smoothing"]["rows"] == 64
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--budget", "0.9", "--heal-corpus", "corpus.txt"], "--heal-corpus is what --heal trains"),
+    (["--budget", "0.9", "--heal", "2", "--heal-corpus", "missing.txt"], "is not a text file"),
+    (["--budget", "0.9", "--heal", "2", "--heal-corpus", "inputs.npz"], "is not a text file"),
+])
+def test_heal_corpus_usage_errors(capsys, tmp_path: Path, tiny_bert_dir: Path,
+                                  monkeypatch, args: list[str], message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    _big_corpus(tmp_path / "corpus.txt", 10)
+    (tmp_path / "inputs.npz").write_bytes(b"")
+    assert message in _fail([tiny_bert_dir, *args], capsys, tmp_path / "bundle")
+
+
 def test_heal_on_the_shipped_corpus_keeps_the_calibration_split(
     capsys, tmp_path: Path, tiny_bert_dir: Path
 ) -> None:

@@ -285,3 +285,16 @@ def test_failure_leaves_no_staging_folder_and_keeps_existing_bundle(tmp_path: Pa
         export_bundle(loaded, out, Target.cpu(), settings=FAST, force=True, progress=fail_late)
     assert (out / "manifest.json").read_text() == before
     assert _leftovers(tmp_path) == []
+
+
+def test_heal_corpus_needs_a_text_model_that_heals(tmp_path: Path) -> None:
+    from lrt_deploy.errors import LrtDeployError
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one sentence\n", encoding="utf-8")
+    loaded = load_model(_pickled(tmp_path, make_tiny_encoder(), "encoder"), trust_pickle=True)
+    for options in ({"heal_steps": 0}, {"heal_steps": 2, "compress": LowRankConfig(rank=0.5)}):
+        with pytest.raises(LrtDeployError, match="--heal-corpus is text that healing streams"):
+            export_bundle(loaded, tmp_path / "bundle", Target.cpu(), settings=FAST,
+                          heal_corpus=corpus, **options)
+        assert not (tmp_path / "bundle").exists() and _leftovers(tmp_path) == []
