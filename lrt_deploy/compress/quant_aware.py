@@ -148,17 +148,14 @@ def _fake_weight(layer: nn.Linear | nn.Embedding, spec: FakeQuantization,
 def _linear_forward(layer: nn.Linear, spec: FakeQuantization,
                     scales: Mapping[nn.Module, torch.Tensor]) -> Any:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        bias = None if layer.bias is None else layer.bias.float()
         x = x.float()
-        if spec.kind != "int8":
-            return functional.linear(x, _fake_weight(layer, spec), bias)
-        # Activations too: DynamicQuantizeLinear before each MatMul, after smoothing's Mul.
         scale = scales.get(layer)
-        if scale is None:
-            return functional.linear(fake_uint8_dynamic(x), _fake_weight(layer, spec), bias)
-        scale = scale.to(x.device)
-        return functional.linear(fake_uint8_dynamic(x / scale),
-                                 fake_int8_per_channel(layer.weight.float() * scale), bias)
+        if spec.kind == "int8":  # activations too: DynamicQuantizeLinear before each MatMul
+            # (after smoothing's Mul; the powers of two cancel exactly with the weight's)
+            x = (fake_uint8_dynamic(x) if scale is None
+                 else fake_uint8_dynamic(x / scale.to(x.device)) * scale.to(x.device))
+        bias = None if layer.bias is None else layer.bias.float()
+        return functional.linear(x, _fake_weight(layer, spec, scale), bias)
 
     return forward
 
