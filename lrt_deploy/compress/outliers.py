@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["OUTLIER_RATIO", "TARGET_RATIO", "outlier_scales"]
+__all__ = ["OUTLIER_RATIO", "TARGET_RATIO", "check_thresholds", "outlier_scales"]
 
 #: A channel peaking above this multiple of the median channel's peak is an outlier.
 OUTLIER_RATIO = 8.0
 #: Where an outlier channel's peak is brought, as a multiple of the median channel's peak
 #: (to the nearest power of two of the division).
 TARGET_RATIO = 3.0
+
+
+def check_thresholds(ratio: float, target: float) -> None:
+    """Raise ``ValueError`` unless ``0 < target <= ratio``."""
+    if not 0 < target <= ratio:
+        raise ValueError(f"target_ratio must be in (0, ratio], got {target} > {ratio}")
 
 
 def outlier_scales(
@@ -38,8 +44,7 @@ def outlier_scales(
     Returns:
         float32 scales, or ``None`` when no channel is an outlier.
     """
-    if not 0 < target <= ratio:
-        raise ValueError(f"target_ratio must be in (0, ratio], got {target} > {ratio}")
+    check_thresholds(ratio, target)
     peak = np.asarray(peak, dtype=np.float64)
     median = float(np.median(peak)) if peak.size else 0.0
     outliers = peak > ratio * median

@@ -33,7 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from lrt_deploy.compress.outliers import OUTLIER_RATIO, TARGET_RATIO, outlier_scales
+from lrt_deploy.compress.outliers import (
+    OUTLIER_RATIO,
+    TARGET_RATIO,
+    check_thresholds,
+    outlier_scales,
+)
 from lrt_deploy.export.graph import INLINE_LIMIT
 
 __all__ = [
@@ -188,7 +193,7 @@ def smooth_outlier_channels(
     import onnx
     from onnx import helper, numpy_helper
 
-    outlier_scales(np.ones(1), ratio, target_ratio)  # checks the two thresholds before any work
+    check_thresholds(ratio, target_ratio)
     model = onnx.load(str(source))
     weighted = _weighted_nodes(model)
     result = SmoothingResult(ratio=ratio, target=target_ratio)
