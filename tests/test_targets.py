@@ -259,9 +259,11 @@ def test_manifests_from_before_smoothing_read_as_plain_int8() -> None:
     assert precision_from_dict(old) == DynamicInt8(smooth=False)
 
 
-def test_heal_quantized_refuses_a_smoothed_int8_target() -> None:
+def test_heal_quantized_simulates_the_int8_recipe_it_deploys() -> None:
+    from lrt_deploy.compress.quant_aware import FakeQuantization
     from lrt_deploy.compress.recipe import simulated_quantization
 
-    with pytest.raises(LrtDeployError, match="smooth=False"):
-        simulated_quantization(DynamicInt8())
-    assert simulated_quantization(DynamicInt8(smooth=False)) is not None
+    assert simulated_quantization(DynamicInt8()) == FakeQuantization("int8", smooth=True)
+    assert simulated_quantization(DynamicInt8(smooth=False)) == FakeQuantization("int8")
+    with pytest.raises(LrtDeployError, match="per channel and int4"):
+        simulated_quantization(DynamicInt8(per_channel=False))
