@@ -16,13 +16,27 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["OUTLIER_RATIO", "TARGET_RATIO", "check_thresholds", "outlier_scales"]
+__all__ = [
+    "CALIBRATION_ROWS", "OUTLIER_RATIO", "TARGET_RATIO", "channel_peak", "check_thresholds",
+    "outlier_scales",
+]
 
 #: A channel peaking above this multiple of the median channel's peak is an outlier.
 OUTLIER_RATIO = 8.0
 #: Where an outlier channel's peak is brought, as a multiple of the median channel's peak
 #: (to the nearest power of two of the division).
 TARGET_RATIO = 3.0
+#: Calibration rows (sentences) the channel peaks are measured on.
+CALIBRATION_ROWS = 64
+
+
+def channel_peak(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Per channel (last axis), the largest ``|x|`` of ``values``; tokens whose
+    ``attention_mask`` is 0 are left out when the leading axes are the mask's."""
+    flat = values.reshape(-1, values.shape[-1])
+    if mask is not None and flat.shape[0] == mask.size:
+        flat = flat[mask.reshape(-1) != 0]
+    return np.abs(flat).max(axis=0) if len(flat) else np.zeros(flat.shape[1], flat.dtype)
 
 
 def check_thresholds(ratio: float, target: float) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from lrt_deploy.compress.outliers import outlier_scales
+from lrt_deploy.compress.outliers import CALIBRATION_ROWS, channel_peak, outlier_scales
 
 __all__ = [
     "QUANTIZATIONS",
@@ -150,10 +150,12 @@ def _linear_forward(layer: nn.Linear, spec: FakeQuantization,
     def forward(x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         scale = scales.get(layer)
+        if scale is not None:
+            scale = scale.to(x.device)
         if spec.kind == "int8":  # activations too: DynamicQuantizeLinear before each MatMul
             # (after smoothing's Mul; the powers of two cancel exactly with the weight's)
             x = (fake_uint8_dynamic(x) if scale is None
-                 else fake_uint8_dynamic(x / scale.to(x.device)) * scale.to(x.device))
+                 else fake_uint8_dynamic(x / scale) * scale)
         bias = None if layer.bias is None else layer.bias.float()
         return functional.linear(x, _fake_weight(layer, spec, scale), bias)
 
@@ -226,7 +228,7 @@ def smoothing_scales(
     module: nn.Module,
     batches: Iterable[Mapping[str, Any]],
     *,
-    max_rows: int = 64,
+    max_rows: int = CALIBRATION_ROWS,
 ) -> dict[nn.Module, torch.Tensor]:
     """The outlier-smoothing scales the export will use, per ``nn.Linear``: each input
     channel's peak ``|x|`` on the first ``max_rows`` rows of ``batches`` (padded tokens left
@@ -242,16 +244,13 @@ def smoothing_scales(
     Returns:
         ``{linear: scales}`` for the layers that have outlier channels.
     """
-    peaks: dict[nn.Module, torch.Tensor] = {}
-    mask: list[torch.Tensor | None] = [None]
+    peaks: dict[nn.Module, np.ndarray] = {}
+    mask: list[np.ndarray | None] = [None]
 
     def hook(layer: nn.Module, args: tuple) -> None:
-        x = args[0].detach().float()
-        flat = x.reshape(-1, x.shape[-1])
-        if mask[0] is not None and flat.shape[0] == mask[0].numel():
-            flat = flat[mask[0].reshape(-1).to(flat.device) != 0]
-        peak = flat.abs().amax(dim=0) if len(flat) else flat.new_zeros(flat.shape[1])
-        peaks[layer] = torch.maximum(peaks[layer], peak) if layer in peaks else peak
+        # The export's measurement, on this model's input to the layer.
+        peak = channel_peak(args[0].detach().float().cpu().numpy(), mask[0])
+        peaks[layer] = np.maximum(peaks[layer], peak) if layer in peaks else peak
 
     linears = [layer for layer in module.modules() if isinstance(layer, nn.Linear)]
     handles = [layer.register_forward_pre_hook(hook) for layer in linears]
@@ -265,7 +264,8 @@ def smoothing_scales(
                 first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
                 batch = _rows(batch, max_rows - rows)
                 rows += min(len(first), max_rows - rows)
-                mask[0] = batch.get("attention_mask")
+                attention = batch.get("attention_mask")
+                mask[0] = None if attention is None else attention.cpu().numpy()
                 module(**{k: v.to(device) if isinstance(v, torch.Tensor) else v
                           for k, v in batch.items()})
     finally:
@@ -273,7 +273,7 @@ def smoothing_scales(
             handle.remove()
     scales = {}
     for layer, peak in peaks.items():
-        scale = outlier_scales(peak.cpu().numpy())
+        scale = outlier_scales(peak)
         if scale is not None:
             scales[layer] = torch.from_numpy(np.ascontiguousarray(scale)).to(device)
     return scales

@@ -34,8 +34,10 @@ from typing import Any
 import numpy as np
 
 from lrt_deploy.compress.outliers import (
+    CALIBRATION_ROWS,
     OUTLIER_RATIO,
     TARGET_RATIO,
+    channel_peak,
     check_thresholds,
     outlier_scales,
 )
@@ -116,7 +118,7 @@ def input_channel_peaks(
     calibration: Iterable[Mapping[str, np.ndarray]],
     names: list[str],
     *,
-    max_rows: int = 64,
+    max_rows: int = CALIBRATION_ROWS,
 ) -> tuple[dict[str, np.ndarray], int]:
     """Per channel (last axis), the largest ``|x|`` of each tensor in ``names`` over the
     calibration rows, run one row at a time. Padded tokens (``attention_mask`` 0) are left out
@@ -155,10 +157,7 @@ def input_channel_peaks(
                 feed = {name: array[row:row + 1] for name, array in arrays.items()}
                 mask = feed.get("attention_mask")
                 for name, value in zip(names, session.run(names, feed), strict=True):
-                    flat = value.reshape(-1, value.shape[-1])
-                    if mask is not None and flat.shape[0] == mask.size:
-                        flat = flat[mask.reshape(-1) != 0]
-                    peak = np.abs(flat).max(axis=0) if len(flat) else np.zeros(flat.shape[1])
+                    peak = channel_peak(value, mask)
                     peaks[name] = np.maximum(peaks[name], peak) if name in peaks else peak
                 rows += 1
                 if rows >= max_rows:
@@ -173,7 +172,7 @@ def smooth_outlier_channels(
     *,
     ratio: float = OUTLIER_RATIO,
     target_ratio: float = TARGET_RATIO,
-    max_rows: int = 64,
+    max_rows: int = CALIBRATION_ROWS,
 ) -> SmoothingResult:
     """Scale the outlier input channels of every MatMul/Attention with a constant weight into
     its weight rows (see the module docstring); the float model's outputs are unchanged up to
