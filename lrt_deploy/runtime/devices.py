@@ -1,0 +1,126 @@
+"""Device classes: the CPU families whose onnxruntime int8 kernels compute differently.
+
+ONNX Runtime picks its integer matrix kernel (MLAS) by CPU features at run time. With uint8
+activations and int8 weights (U8S8, what dynamic int8 and QAttention use), x86 CPUs with AVX2
+but no VNNI (and AVX-512 without VNNI) multiply with ``VPMADDUBSW``, which adds each adjacent
+pair of products along the inner axis into int16 and saturates there; VNNI/AMX, SSE, ARM64 and
+WebAssembly kernels accumulate in int32 and are exact. A bundle whose weights keep every
+adjacent pair's ``|w_k| + |w_k+1|`` at or below 128 (7-bit weights do) is exact on all of them.
+
+Torch-free: imports the standard library only, so :class:`lrt_deploy.runtime.Session` can say
+where it runs.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DEVICE_CLASSES", "DeviceClass", "classify_cpu", "device_class", "host_class"]
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    """One family of CPUs (or a runtime) sharing onnxruntime's int8 arithmetic.
+
+    Attributes:
+        name: Stable id written to manifests and reports (``x86-avx2``).
+        title: Who has it, in a few words.
+        saturates_u8s8: True when uint8 x int8 products are added in pairs into int16 and
+            saturate (full-range int8 weights are then not exact).
+    """
+
+    name: str
+    title: str
+    saturates_u8s8: bool
+
+
+DEVICE_CLASSES: dict[str, DeviceClass] = {
+    c.name: c
+    for c in (
+        DeviceClass("x86-avx2", "x86 with AVX2, no VNNI (AMD Zen 1-3, Intel Haswell to "
+                    "Comet Lake)", True),
+        DeviceClass("x86-avx512", "x86 with AVX-512, no VNNI (Intel Skylake-SP/X)", True),
+        DeviceClass("x86-vnni", "x86 with AVX-VNNI, AVX-512 VNNI or AMX (Intel Cascade Lake "
+                    "and later servers, Alder Lake and later, AMD Zen 4+)", False),
+        DeviceClass("x86-sse", "x86 without AVX2 (SSE4.1 kernel)", False),
+        DeviceClass("arm64-dotprod", "ARM64 with dot product (most phones since 2018, "
+                    "Apple M1)", False),
+        DeviceClass("arm64-i8mm", "ARM64 with int8 matrix multiply (Armv8.6+, Apple M2+)",
+                    False),
+        DeviceClass("arm64-neon", "ARM64 without dot product", False),
+        DeviceClass("wasm", "WebAssembly (onnxruntime-web in a browser or Node)", False),
+    )
+}
+
+
+def device_class(name: str) -> DeviceClass:
+    """The class called ``name``; ``KeyError`` names the known ones."""
+    try:
+        return DEVICE_CLASSES[name]
+    except KeyError:
+        raise KeyError(f"unknown device class {name!r}: one of {', '.join(DEVICE_CLASSES)}")\
+            from None
+
+
+def classify_cpu(machine: str, flags: set[str] | frozenset[str]) -> str | None:
+    """The class of a CPU from its architecture (``platform.machine()``) and feature flags
+    (``/proc/cpuinfo`` names: ``avx2``, ``avx512_vnni``, ``asimddp``, ``i8mm``); None when
+    the architecture is neither x86-64 nor ARM64."""
+    machine = machine.lower()
+    if machine in ("x86_64", "amd64", "x64"):
+        if flags & {"avx512_vnni", "avx_vnni", "amx_int8", "avx10_1"}:
+            return "x86-vnni"
+        if "avx512bw" in flags:
+            return "x86-avx512"
+        if "avx2" in flags:
+            return "x86-avx2"
+        return "x86-sse"
+    if machine in ("aarch64", "arm64"):
+        if "i8mm" in flags:
+            return "arm64-i8mm"
+        if "asimddp" in flags:
+            return "arm64-dotprod"
+        return "arm64-neon"
+    return None
+
+
+def _linux_flags() -> set[str]:
+    flags: set[str] = set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+            break
+    return flags
+
+
+def _darwin_flags() -> set[str]:
+    """Apple silicon: every M-series core has dot product; i8mm from M2 on (sysctl)."""
+    flags = {"asimddp"}
+    try:
+        out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_I8MM"], capture_output=True,
+                             text=True, timeout=5, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return flags
+    if out == "1":
+        flags.add("i8mm")
+    return flags
+
+
+def host_class() -> str | None:
+    """This machine's device class, or None when it cannot be told (Windows on x86, an
+    unknown architecture): callers then say "unknown" rather than guess."""
+    machine = platform.machine()
+    if sys.platform.startswith("linux"):
+        return classify_cpu(machine, _linux_flags())
+    if sys.platform == "darwin" and machine.lower() == "arm64":
+        return classify_cpu(machine, _darwin_flags())
+    return None
