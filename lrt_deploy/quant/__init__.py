@@ -1,0 +1,1 @@
+"""Quantisation: integer kernels as onnxruntime computes them, and what they mean per device."""
