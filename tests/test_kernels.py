@@ -197,3 +197,37 @@ def test_integer_nodes_qdq_and_weight_only():
     assert node.pair_bound == pair_bound(w)
     assert integer_nodes(weight_only) == []
     assert exact_classes(weight_only) == list(DEVICE_CLASSES)
+
+
+@needs_known_host
+def test_qattention_gemm_matches_reference():
+    rng = np.random.default_rng(5)
+    batch, seq, hidden, heads = 2, 6, 64, 2
+    x = rng.integers(0, 256, (batch, seq, hidden), dtype=np.uint8)
+    x[..., ::2] |= 0xC0
+    w = rng.integers(-128, 128, (hidden, 3 * hidden), dtype=np.int8)
+    bias = rng.normal(0, 0.1, 3 * hidden).astype(np.float32)
+    si, sw, zi, zw = np.float32(0.01), np.float32(0.0005), np.uint8(100), np.int8(3)
+    inits = [numpy_helper.from_array(v, n) for v, n in
+             ((w, "w"), (bias, "bias"), (si, "si"), (sw, "sw"), (zi, "zi"), (zw, "zw"))]
+    node = helper.make_node("QAttention", ["x", "w", "bias", "si", "sw", "", "zi", "zw"], ["y"],
+                            domain="com.microsoft", num_heads=heads, name="qa")
+    model = _model([node], [helper.make_tensor_value_info("x", TensorProto.UINT8, x.shape)],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    got = _session(model).run(None, {"x": x})[0]
+
+    def attention(saturating):
+        qkv = matmul_integer(x, w, zi, zw, saturating=saturating) * float(si * sw) + bias
+        size = hidden // heads
+        q, k, v = (t.reshape(batch, seq, heads, size).transpose(0, 2, 1, 3)
+                   for t in np.split(qkv, 3, -1))
+        s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(size)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        return (p @ v).transpose(0, 2, 1, 3).reshape(batch, seq, hidden)
+
+    np.testing.assert_allclose(got, attention(HOST_SATURATES), atol=1e-5)
+    assert np.abs(attention(True) - attention(False)).max() > 1e-2
+    [found] = integer_nodes(model)
+    assert (found.op_type, found.kernel, found.k, found.pair_safe) == ("QAttention", "u8s8", 64,
+                                                                      False)
