@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dynamic int8: skip outlier smoothing (by default input channels "
                      "peaking above 8x the median channel on the calibration data are scaled "
                      "into the weights, one Mul per such input; --heal-quantized simulates either)")
+    exp.add_argument("--int8-weights", choices=("pair-safe", "full-range"), default=None,
+                     help="int8 (dynamic or qdq) weight grid: pair-safe (default) is exact on "
+                     "every CPU; full-range [-127, 127] computes wrongly on x86 AVX2 without "
+                     "VNNI (AMD Zen 1-3, Intel before Ice Lake), and the manifest says so")
     exp.add_argument("--per-tensor", action="store_true",
                      help="one int8 scale per weight tensor instead of per channel")
     exp.add_argument("--no-fusion", action="store_true",
@@ -326,6 +330,11 @@ def _precision(args: argparse.Namespace) -> Precision | None:
     if args.no_smoothing and (args.quantize != "int8" or args.quant_format != "dynamic"):
         raise _usage_error("--no-smoothing applies to dynamic int8: add --quantize int8 or "
                            "drop it")
+    if args.int8_weights is not None and (args.quantize != "int8"
+                                          or args.quant_format == "weight-only"):
+        raise _usage_error("--int8-weights applies to int8 with quantised activations: add "
+                           "--quantize int8 (dynamic, or --quant-format qdq) or drop it")
+    grid = args.int8_weights or "pair-safe"
     if args.int4_block != 32 and args.quantize != "int4":
         raise _usage_error("--int4-block applies to --quantize int4: add it or drop the block")
     if args.quantize == "int4":
@@ -333,11 +342,12 @@ def _precision(args: argparse.Namespace) -> Precision | None:
     if args.quantize == "int8" and args.quant_format == "weight-only":
         return Int8WeightOnly()
     if static:
-        return StaticInt8(per_channel=not args.per_tensor, exclude_sensitive=args.exclude_sensitive)
+        return StaticInt8(per_channel=not args.per_tensor, exclude_sensitive=args.exclude_sensitive,
+                          weight_grid=grid)
     if args.quantize == "int8":
         return DynamicInt8(per_channel=not args.per_tensor,
                            exclude_sensitive=args.exclude_sensitive,
-                           smooth=not args.no_smoothing)
+                           smooth=not args.no_smoothing, weight_grid=grid)
     return None
 
 

@@ -85,10 +85,8 @@ def test_probe_is_onnx_runtimes_own_int8(tmp_path: Path, per_channel: bool) -> N
     np.testing.assert_array_equal(probe_run([False] * 3), _run(source, feeds))
     for i, name in enumerate(probed):
         quantized = tmp_path / f"only-{name}.onnx"
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(str(source), str(quantized), per_channel=per_channel,
-                         weight_type=QuantType.QInt8, nodes_to_quantize=[name])
+        quantize_int8(source, quantized, per_channel=per_channel,
+                      nodes_to_exclude=[other for other in probed if other != name])
         mask = [j == i for j in range(3)]
         expected = _run(quantized, feeds)
         assert not np.allclose(expected, _run(source, feeds), atol=1e-4)  # int8 did change it

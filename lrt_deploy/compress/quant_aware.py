@@ -7,7 +7,8 @@ scaled back to float, with a straight-through gradient (the rounding's gradient 
 Adam still moves the float weights the export will round.
 
 ``"int8"`` mirrors :func:`lrt_deploy.export.quantize.quantize_int8` (dynamic, per channel):
-weights int8 symmetric per output channel (``[-127, 127]``), each MatMul's input uint8 with a
+weights int8 symmetric per output channel on the export's grid (``pair-safe``, see
+:mod:`lrt_deploy.quant.rules`, or ``full-range`` ``[-127, 127]``), each MatMul's input uint8 with a
 scale and zero point taken from that tensor's own range at run time (``DynamicQuantizeLinear``),
 embedding tables int8 symmetric per tensor; with ``smooth`` it mirrors the export's outlier
 smoothing too (:mod:`lrt_deploy.export.smoothing`): outlier input channels, found on the
@@ -39,6 +40,7 @@ __all__ = [
     "fake_int8_per_channel",
     "fake_int8_per_tensor",
     "fake_uint8_dynamic",
+    "pair_safe_row_scale",
     "quantization_aware",
     "smoothing_scales",
     "snap_to_grid_",
@@ -56,11 +58,14 @@ class FakeQuantization:
         block: Values per scale for ``"int4"`` (the export's block size).
         smooth: ``"int8"`` only: the export smooths outlier input channels first (its
             default); the scales are measured by :func:`smoothing_scales`.
+        weight_grid: ``"int8"`` only: the export's int8 weight grid (``pair-safe`` or
+            ``full-range``).
     """
 
     kind: str = "int8"
     block: int = 32
     smooth: bool = False
+    weight_grid: str = "pair-safe"
 
     def __post_init__(self) -> None:
         if self.kind not in QUANTIZATIONS:
@@ -70,12 +75,16 @@ class FakeQuantization:
         if not isinstance(self.smooth, bool) or (self.smooth and self.kind != "int8"):
             raise ValueError(f"smooth must be a bool and goes with int8, got {self.smooth!r} "
                              f"with {self.kind!r}")
+        if self.weight_grid not in ("pair-safe", "full-range"):
+            raise ValueError(f"weight_grid must be pair-safe or full-range, got "
+                             f"{self.weight_grid!r}")
 
     def describe(self) -> str:
         """A short label for logs and manifests."""
         if self.kind == "int4":
             return f"4-bit weights, block {self.block}"
-        return "dynamic int8, outlier channels smoothed" if self.smooth else "dynamic int8"
+        grid = f"dynamic int8, {self.weight_grid} weights"
+        return f"{grid}, outlier channels smoothed" if self.smooth else grid
 
 
 def _straight_through(value: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
@@ -83,9 +92,26 @@ def _straight_through(value: torch.Tensor, rounded: torch.Tensor) -> torch.Tenso
     return value + (rounded - value).detach()
 
 
-def fake_int8_per_channel(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` (out x in) through symmetric int8 with one scale per output row."""
-    scale = weight.detach().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+def pair_safe_row_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Per output row of ``weight`` (out x in), the pair-safe int8 scale of
+    :func:`lrt_deploy.quant.rules.pair_safe_scale` (pairs along the input axis)."""
+    values = weight.detach()
+    if values.shape[1] % 2:
+        values = functional.pad(values, (0, 1))
+    even, odd = values[:, 0::2], values[:, 1::2]
+    positive = even.clamp(min=0) + odd.clamp(min=0)
+    negative = (-even).clamp(min=0) + (-odd).clamp(min=0)
+    pairs = torch.maximum(positive, negative).amax(dim=1, keepdim=True) / 128.0
+    return torch.maximum(values.abs().amax(dim=1, keepdim=True) / 127.0, pairs).clamp(min=1e-12)
+
+
+def fake_int8_per_channel(weight: torch.Tensor, weight_grid: str = "pair-safe") -> torch.Tensor:
+    """``weight`` (out x in) through symmetric int8 with one scale per output row, on the
+    export's grid (``pair-safe`` or ``full-range``)."""
+    if weight_grid == "pair-safe":
+        scale = pair_safe_row_scale(weight)
+    else:
+        scale = weight.detach().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
     return _straight_through(weight, torch.round(weight / scale).clamp(-127, 127) * scale)
 
 
@@ -139,9 +165,9 @@ def _fake_weight(layer: nn.Linear | nn.Embedding, spec: FakeQuantization,
         return fake_int4_blocks(weight, spec.block)
     if isinstance(layer, nn.Linear):
         if scale is None:
-            return fake_int8_per_channel(weight)
+            return fake_int8_per_channel(weight, spec.weight_grid)
         scale = scale.to(weight.device)
-        return fake_int8_per_channel(weight * scale) / scale
+        return fake_int8_per_channel(weight * scale, spec.weight_grid) / scale
     return fake_int8_per_tensor(weight)
 
 

@@ -337,7 +337,8 @@ def simulated_quantization(precision: Any) -> Any:
     from lrt_deploy.export.precision import DynamicInt8, Int4WeightOnly
 
     if isinstance(precision, DynamicInt8) and precision.per_channel:
-        return FakeQuantization("int8", smooth=precision.smooth)
+        return FakeQuantization("int8", smooth=precision.smooth,
+                                weight_grid=precision.weight_grid)
     if isinstance(precision, Int4WeightOnly) and precision.embeddings:
         return FakeQuantization("int4", precision.block)
     what = "an fp32 target" if precision is None else precision.describe()

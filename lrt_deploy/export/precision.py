@@ -95,6 +95,9 @@ class DynamicInt8(Precision):
         smooth: Scale outlier input channels into the weights first
             (``smooth_outlier_channels``: one ``Mul`` per such input), measured on the
             calibration data; skipped, and said so, when a model has none.
+        weight_grid: ``pair-safe`` (exact on every device class) or ``full-range``
+            ([-127, 127]; wrong on x86 AVX2 / AVX-512 without VNNI), see
+            :mod:`lrt_deploy.quant.rules`.
     """
 
     kind: ClassVar[str] = "dynamic-int8"
@@ -102,11 +105,13 @@ class DynamicInt8(Precision):
     per_channel: bool = True
     exclude_sensitive: int = 0
     smooth: bool = True
+    weight_grid: str = "pair-safe"
 
     def __post_init__(self) -> None:
         _check_bool(self.per_channel, "DynamicInt8.per_channel")
         _check_count(self.exclude_sensitive)
         _check_bool(self.smooth, "DynamicInt8.smooth")
+        _check_grid(self.weight_grid, "DynamicInt8.weight_grid")
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -118,7 +123,7 @@ class DynamicInt8(Precision):
 
     def describe(self) -> str:
         smooth = ", outlier channels smoothed" if self.smooth else ""
-        return f"int8 (per_channel={self.per_channel}{smooth})"
+        return f"int8 (per_channel={self.per_channel}, {self.weight_grid} weights{smooth})"
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,7 @@ class StaticInt8(Precision):
         per_channel: One weight scale per output channel.
         exclude_sensitive: Keep this many MatMuls, those int8 hurts most on the calibration
             data (``find_sensitive_nodes``), in fp32.
+        weight_grid: As for :class:`DynamicInt8`.
     """
 
     kind: ClassVar[str] = "static-int8"
@@ -136,13 +142,15 @@ class StaticInt8(Precision):
     needs_calibration: ClassVar[bool] = True
     per_channel: bool = True
     exclude_sensitive: int = 0
+    weight_grid: str = "pair-safe"
 
     def __post_init__(self) -> None:
         _check_bool(self.per_channel, "StaticInt8.per_channel")
         _check_count(self.exclude_sensitive)
+        _check_grid(self.weight_grid, "StaticInt8.weight_grid")
 
     def describe(self) -> str:
-        return "static int8 QDQ (calibrated)"
+        return f"static int8 QDQ (calibrated, {self.weight_grid} weights)"
 
 
 @dataclass(frozen=True)
@@ -243,6 +251,16 @@ def apply_precision(
     return handler(precision, Path(source), Path(target), context)
 
 
+def _check_grid(grid: object, what: str) -> None:
+    from lrt_deploy.quant.rules import INT8_WEIGHT_GRIDS
+
+    if grid not in INT8_WEIGHT_GRIDS:
+        raise LrtDeployError(
+            f"{what} must be one of {', '.join(INT8_WEIGHT_GRIDS)}, got {grid!r}: pair-safe is "
+            "exact on every CPU, full-range saturates on x86 AVX2 without VNNI"
+        )
+
+
 def _check_count(count: object) -> None:
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise LrtDeployError(
@@ -272,6 +290,9 @@ def precision_from_dict(data: Mapping[str, Any] | None) -> Precision | None:
     if config_type is DynamicInt8:
         # Written before outlier smoothing: those int8 bundles were quantised plainly.
         fields.setdefault("smooth", False)
+    if config_type in (DynamicInt8, StaticInt8):
+        # Written before the pair-safe grid: those weights span [-127, 127].
+        fields.setdefault("weight_grid", "full-range")
     return config_type(**fields)
 
 
@@ -312,7 +333,8 @@ def _dynamic_int8(
             context.progress(
                 f"measuring what int8 of each MatMul alone does to {context.label}'s output")
             ranked = rank_int8_damage(source, context.calibration,
-                                      per_channel=recipe.per_channel, progress=context.progress)
+                                      per_channel=recipe.per_channel,
+                                      weight_grid=recipe.weight_grid, progress=context.progress)
             excluded = [entry.node for entry in ranked[: recipe.exclude_sensitive]]
             context.progress(
                 f"keeping the {len(excluded)} MatMuls int8 hurts most fp32 (alone, mean cosine "
@@ -322,7 +344,8 @@ def _dynamic_int8(
         context.progress(
             f"quantising {context.label} to int8 (per_channel={recipe.per_channel})")
         details = quantize_int8(source, target, per_channel=recipe.per_channel,
-                                nodes_to_exclude=excluded).to_dict()
+                                nodes_to_exclude=excluded,
+                                weight_grid=recipe.weight_grid).to_dict()
     if smoothing is not None:
         details["smoothing"] = smoothing.to_dict()
     return details
@@ -345,6 +368,7 @@ def _static_int8(
         )
     return quantize_static_int8(
         source, target, calibration, per_channel=recipe.per_channel, nodes_to_exclude=excluded,
+        weight_grid=recipe.weight_grid,
     ).to_dict()
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "NodeSensitivity",
     "QuantizationResult",
     "find_sensitive_nodes",
+    "make_weights_pair_safe",
     "quantize_int8",
     "quantize_static_int8",
     "quantize_weights_4bit",
@@ -82,6 +83,7 @@ def quantize_int8(
     per_channel: bool = True,
     op_types: Sequence[str] = DYNAMIC_INT8_OP_TYPES,
     nodes_to_exclude: Sequence[str] = (),
+    weight_grid: str = "pair-safe",
 ) -> QuantizationResult:
     """Dynamic int8 quantisation: weights int8 (signed, per output channel by default),
     activations quantised at run time. MatMul, Gather (embedding) and packed-QKV Attention
@@ -94,12 +96,17 @@ def quantize_int8(
         op_types: Op types to quantise (see :data:`DYNAMIC_INT8_OP_TYPES`).
         nodes_to_exclude: Node names kept in float (see
             :func:`lrt_deploy.export.sensitivity.rank_int8_damage`).
+        weight_grid: ``pair-safe`` (exact on every device class,
+            :mod:`lrt_deploy.quant.rules`) or ``full-range`` ([-127, 127]: saturates on x86
+            AVX2 / AVX-512 without VNNI).
 
     Returns:
         The settings used and which ops changed.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _check_grid(weight_grid)
 
     with quiet_loggers(""):  # ORT's quantisers log hints on the root logger
         quantize_dynamic(
@@ -113,6 +120,7 @@ def quantize_int8(
             # BiasGelu); every float tensor in these graphs is fp32.
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
+    regridded = _regrid(source, target, weight_grid)
     before, after = op_counts(source), op_counts(target)
     result = QuantizationResult(
         mode="dynamic",
@@ -121,10 +129,86 @@ def quantize_int8(
         quantized_ops=_quantized_ops(target),
         changes=count_changes(before, after),
         excluded_nodes=list(nodes_to_exclude),
-        settings={"op_types": list(op_types)},
+        settings={"op_types": list(op_types), "weight_grid": weight_grid,
+                  "pair_safe_weights": regridded},
     )
     logger.info("quantised int8 (per_channel=%s): %s", per_channel, result.quantized_ops)
     return result
+
+
+def _check_grid(weight_grid: str) -> None:
+    from lrt_deploy.quant.rules import INT8_WEIGHT_GRIDS
+
+    if weight_grid not in INT8_WEIGHT_GRIDS:
+        raise ValueError(f"weight_grid must be one of {INT8_WEIGHT_GRIDS}, got {weight_grid!r}")
+
+
+def _regrid(source: str | Path, target: str | Path, weight_grid: str) -> int:
+    """Put ``target``'s integer-kernel weights on the pair-safe grid (``weight_grid``
+    ``pair-safe``), re-rounded from ``source``'s float weights; returns how many."""
+    if weight_grid != "pair-safe":
+        return 0
+    from lrt_deploy.export.external_data import load_model_proto, save_model_proto
+
+    model = load_model_proto(target)
+    count = make_weights_pair_safe(model, load_model_proto(source))
+    if count:
+        save_model_proto(model, target)
+    return count
+
+
+def _integer_weight_slots(model: Any) -> list[tuple[str, str]]:
+    """(int8 weight, its scale) of every node running the uint8 x int8 kernel on a constant
+    weight laid out (K, N): MatMulInteger (the scale is the quantiser's ``<weight>_scale``),
+    QAttention, DynamicQuantizeMatMul, and QDQ weights (a DequantizeLinear into a MatMul)."""
+    from lrt_deploy.quant.kernels import integer_nodes
+
+    producer = {out: node for node in model.graph.node for out in node.output}
+    by_name = {node.name: node for node in model.graph.node}
+    scale_input = {"QAttention": 4, "DynamicQuantizeMatMul": 2, "MatMulIntegerToFloat": 3}
+    slots = []
+    for entry in integer_nodes(model):
+        node = by_name.get(entry.name)
+        if node is None or entry.kernel != "u8s8" or entry.pair_bound is None:
+            continue
+        if node.op_type in scale_input:
+            slots.append((entry.weight, node.input[scale_input[node.op_type]]))
+        elif node.op_type == "MatMulInteger":
+            slots.append((entry.weight, f"{entry.weight.removesuffix('_quantized')}_scale"))
+        elif node.op_type == "MatMul" and (dq := producer.get(node.input[1])) is not None:
+            slots.append((entry.weight, dq.input[1]))
+    return slots
+
+
+def make_weights_pair_safe(model: Any, float_model: Any) -> int:
+    """Re-round every int8 weight of an integer matrix kernel in ``model`` (in place) onto the
+    pair-safe grid (:func:`lrt_deploy.quant.rules.pair_safe_int8`, per channel when its scale
+    is), from the float weight of the same name in ``float_model`` (the quantiser's input;
+    the int8 codes times their scale where it has none). Returns the weights changed.
+
+    Invariant: afterwards :func:`lrt_deploy.quant.kernels.exact_classes` lists every class."""
+    from onnx import numpy_helper
+
+    from lrt_deploy.quant.rules import pair_safe_int8
+
+    floats = {init.name: init for init in float_model.graph.initializer}
+    inits = {init.name: init for init in model.graph.initializer}
+    done: set[str] = set()
+    for weight_name, scale_name in _integer_weight_slots(model):
+        if weight_name in done or weight_name not in inits or scale_name not in inits:
+            continue
+        codes = numpy_helper.to_array(inits[weight_name])
+        scale = numpy_helper.to_array(inits[scale_name])
+        original = floats.get(weight_name.removesuffix("_quantized"))
+        weight = (numpy_helper.to_array(original).astype(np.float32)
+                  if original is not None and tuple(original.dims) == codes.shape
+                  else codes.astype(np.float32) * scale.reshape(1, -1))
+        new_codes, new_scale = pair_safe_int8(weight, k_axis=0, per_channel=scale.size > 1)
+        inits[weight_name].CopyFrom(numpy_helper.from_array(new_codes, weight_name))
+        inits[scale_name].CopyFrom(numpy_helper.from_array(
+            new_scale.reshape(scale.shape).astype(scale.dtype), scale_name))
+        done.add(weight_name)
+    return len(done)
 
 
 def _quantized_ops(path: str | Path) -> dict[str, int]:
@@ -169,6 +253,7 @@ def quantize_static_int8(
     op_types: Sequence[str] = ("MatMul",),
     activation_type: str = "uint8",
     calibrate_method: str = "minmax",
+    weight_grid: str = "pair-safe",
 ) -> QuantizationResult:
     """Static int8 quantisation in QDQ format: activation ranges come from ``calibration``.
 
@@ -189,6 +274,8 @@ def quantize_static_int8(
             or ``int8`` (symmetric; 0.977). Weights are always int8.
         calibrate_method: ``minmax``, ``entropy`` or ``percentile``; the last two build
             histograms and need every calibration batch to have the same shape.
+        weight_grid: ``pair-safe`` or ``full-range``, as for :func:`quantize_int8` (x86
+            onnxruntime runs QDQ MatMuls on the same uint8 x int8 kernel).
 
     Returns:
         Settings used, excluded nodes, and QDQ op counts.
@@ -206,6 +293,7 @@ def quantize_static_int8(
     if calibrate_method not in methods:
         raise ValueError(f"calibrate_method must be one of {sorted(methods)}, got "
                          f"{calibrate_method!r}")
+    _check_grid(weight_grid)
     batches = list(calibration)
     if calibrate_method != "minmax" and len({
         tuple(np.shape(value) for value in batch.values()) for batch in batches
@@ -234,6 +322,7 @@ def quantize_static_int8(
                 "OpTypesToExcludeOutputQuantization": list(op_types),
             },
         )
+    regridded = _regrid(source, target, weight_grid)
     before, after = op_counts(source), op_counts(target)
     result = QuantizationResult(
         mode="static-qdq",
@@ -246,6 +335,8 @@ def quantize_static_int8(
             "activation_type": activation_type,
             "calibrate_method": calibrate_method,
             "op_types": list(op_types),
+            "weight_grid": weight_grid,
+            "pair_safe_weights": regridded,
         },
     )
     logger.info("quantised static QDQ int8 (per_channel=%s, %d excluded): %s", per_channel,

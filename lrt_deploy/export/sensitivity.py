@@ -49,7 +49,8 @@ class NodeDamage:
                 "worst_cosine": self.worst_cosine}
 
 
-def build_probe(model: Any, per_channel: bool = True) -> list[str]:
+def build_probe(model: Any, per_channel: bool = True, weight_grid: str = "pair-safe"
+                ) -> list[str]:
     """Give each MatMul with a constant 2-D weight an int8 twin, in place, selected by the
     boolean input :data:`MASK_INPUT` (one entry per node, in the returned order).
 
@@ -60,6 +61,7 @@ def build_probe(model: Any, per_channel: bool = True) -> list[str]:
 
     from lrt_deploy.export.graph_index import GraphIndex
     from lrt_deploy.export.quantize import symmetric_int8_scale
+    from lrt_deploy.quant.rules import pair_safe_scale
 
     graph = model.graph
     index = GraphIndex(graph)
@@ -77,7 +79,8 @@ def build_probe(model: Any, per_channel: bool = True) -> list[str]:
         output = node.output[0]
         node.output[0] = f"{tag}_float"
         # The quantiser's symmetric scales: per output column (axis 1 of in x out) or one.
-        scale = symmetric_int8_scale(weight.astype(np.float32), 1 if per_channel else None)
+        scale = (pair_safe_scale(weight, 0, per_channel) if weight_grid == "pair-safe" else
+                 symmetric_int8_scale(weight.astype(np.float32), 1 if per_channel else None))
         scale = scale.reshape(-1 if per_channel else ()).astype(np.float32)
         extra_inits += [
             numpy_helper.from_array(scale, f"{tag}_w_scale"),
@@ -119,6 +122,7 @@ def rank_int8_damage(
     calibration: Iterable[Mapping[str, np.ndarray]],
     *,
     per_channel: bool = True,
+    weight_grid: str = "pair-safe",
     max_rows: int = 64,
     progress: Any = None,
 ) -> list[NodeDamage]:
@@ -129,6 +133,7 @@ def rank_int8_damage(
         source: fp32 ONNX file (optimised or not).
         calibration: Named numpy input batches; rows are read until ``max_rows``.
         per_channel: Weight scales per output channel, as the quantiser will use.
+        weight_grid: The quantiser's int8 weight grid (``pair-safe`` or ``full-range``).
         max_rows: Calibration rows each pass runs on.
         progress: ``progress(message)`` for a line every 16 nodes, or None.
 
@@ -140,7 +145,7 @@ def rank_int8_damage(
     from lrt_deploy.export.graph import cpu_session
 
     model = onnx.load(str(source))
-    probed = build_probe(model, per_channel)
+    probed = build_probe(model, per_channel, weight_grid)
     if not probed:
         return []
     with tempfile.TemporaryDirectory(prefix="lrt-int8-probe-") as scratch:
