@@ -7,9 +7,10 @@
 #    constraints.txt) in usr/lib/python3/dist-packages. run_model gives each run a linked view
 #    of it with a /proc/cpuinfo for its qemu CPU model (onnxruntime's cpuinfo aborts on the
 #    host's x86 one), so no bind mount and no root are needed to run.
-# Downloads ~50 MB (qemu-user-static 11 MB installed as 100 MB, the arm64 package indices
-# ~10 MB, 14 arm64 .debs 9.7 MB, the two wheels 36 MB); the sysroot takes ~166 MB. About 40 s
-# on a 2-core VM with a fast mirror, then a few seconds when everything is there.
+# Downloads ~120 MB: qemu-user-static 63 MB (380 MB installed, all of qemu's targets), the arm64
+# package indices ~9 MB, 14 arm64 .debs 9.7 MB, the two aarch64 wheels 37 MB; the sysroot takes
+# 165 MB in .devices/. Measured on a 2-core Zen 3 VM with a fast mirror: ~30 s in all, the
+# sysroot 8 s of it; a few hundredths of a second when everything is there.
 # Idempotent; output goes to .venv/setup-devices.log, shown only on failure. Without apt-get
 # (not Debian/Ubuntu) it skips, and the emulation tests skip and say why.
 set -euo pipefail

@@ -85,6 +85,9 @@ EMULATED: dict[str, Emulator] = {
                  "asimdrdm lrcpc dcpop asimddp ssbs"),
         # qemu 7.2 has no Armv8.6 CPU model without SVE; "max" less SVE and SME has i8mm.
         # Its MIDR is qemu's own (implementer 0, part 'Q'), so no errata table matches it.
+        # Not SME devices: with SME, onnxruntime 1.31 runs DynamicQuantizeMatMul through
+        # another (KleidiAI) kernel that computes differently, and qemu 7.2 emulates it wrong
+        # (docs/devices-emulation.md). SVE alone changes nothing.
         Emulator("arm64-i8mm", "aarch64", "max,sve=off,sme=off", "Armv8.6+ with i8mm "
                  "(SMMLA/UMMLA), SVE and SME off", 0x000F0510,
                  "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid "
