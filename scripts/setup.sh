@@ -42,3 +42,7 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get > /dev/null; then
         exit 1
     fi
 fi
+
+# Emulated device classes (qemu-user-static and an ARM64 sysroot in .devices/) for the int8
+# fidelity checks; log in .venv/setup-devices.log. Skips without apt-get.
+bash scripts/setup_devices.sh

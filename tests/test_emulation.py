@@ -1,0 +1,138 @@
+"""Emulated device classes (lrt_deploy.verify.emulate): qemu's CPU models make onnxruntime pick
+the kernel of the class asked for. A MatMulInteger with full-range int8 weights saturates on
+x86-avx2 only; 7-bit weights are exact everywhere. One emulated launch per class, all feeds in
+it. Skips (saying why) when scripts/setup_devices.sh has not run."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from lrt_deploy.errors import LrtDeployError  # noqa: E402
+from lrt_deploy.runtime.devices import DEVICE_CLASSES, classify_cpu  # noqa: E402
+from lrt_deploy.verify import EMULATED, EmulationError, run_model, unavailable  # noqa: E402
+
+K, N, M = 384, 16, 4
+
+
+def _weights() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    full = rng.integers(-128, 128, size=(K, N), dtype=np.int8)
+    full[:, 0] = -128  # with activations at 255, every pair is -65280: below int16
+    seven = rng.integers(-64, 65, size=(K, N), dtype=np.int8)
+    return full, seven
+
+
+def _feeds() -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    feeds = [{"a": rng.integers(0, 256, size=(M, K), dtype=np.uint8)} for _ in range(2)]
+    feeds.append({"a": np.full((M, K), 255, dtype=np.uint8)})
+    return feeds
+
+
+@pytest.fixture(scope="module")
+def matmul_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    full, seven = _weights()
+    nodes = [helper.make_node("MatMulInteger", ["a", "w_full"], ["y_full"]),
+             helper.make_node("MatMulInteger", ["a", "w_seven"], ["y_seven"])]
+    graph = helper.make_graph(
+        nodes, "u8s8",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, K])],
+        [helper.make_tensor_value_info(n, TensorProto.INT32, [None, N])
+         for n in ("y_full", "y_seven")],
+        [numpy_helper.from_array(full, "w_full"), numpy_helper.from_array(seven, "w_seven")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    path = tmp_path_factory.mktemp("emulate") / "u8s8.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+_runs: dict[str, list] = {}
+
+
+@pytest.fixture(params=sorted(EMULATED))
+def emulated(request: pytest.FixtureRequest, matmul_model: Path) -> tuple[str, list]:
+    name = request.param
+    reason = unavailable(name)
+    if reason is not None:
+        pytest.skip(reason)
+    if name not in _runs:  # one launch per class for the whole file
+        _runs[name] = run_model(name, matmul_model, _feeds(), timeout=300)
+    return name, _runs[name]
+
+
+def _exact(feed: dict[str, np.ndarray], weights: np.ndarray) -> np.ndarray:
+    return feed["a"].astype(np.int64) @ weights.astype(np.int64)
+
+
+def test_full_range_weights_saturate_on_avx2_only(emulated: tuple[str, list]) -> None:
+    name, runs = emulated
+    full, _ = _weights()
+    feeds = _feeds()
+    assert len(runs) == len(feeds)
+    exact = [np.array_equal(out[0], _exact(feed, full))
+             for out, feed in zip(runs, feeds, strict=True)]
+    if DEVICE_CLASSES[name].saturates_u8s8:
+        assert not any(exact), f"{name} computed full-range int8 weights exactly"
+        # column 0 of the all-255 feed: each pair saturates at -32768, 192 pairs
+        assert runs[2][0][0, 0] == -32768 * (K // 2)
+    else:
+        assert all(exact), f"{name} is not exact on full-range int8 weights"
+
+
+def test_seven_bit_weights_exact_everywhere(emulated: tuple[str, list]) -> None:
+    name, runs = emulated
+    _, seven = _weights()
+    for out, feed in zip(runs, _feeds(), strict=True):
+        assert out[1].dtype == np.int32
+        np.testing.assert_array_equal(out[1], _exact(feed, seven), err_msg=name)
+
+
+def test_worker_reports_the_emulated_class(emulated: tuple[str, list]) -> None:
+    name, runs = emulated
+    cpu = runs.cpu
+    assert cpu["machine"] == EMULATED[name].machine
+    assert classify_cpu(cpu["machine"], set(cpu["flags"])) == name
+    assert cpu["onnxruntime"] == ort.__version__
+    if cpu["machine"] == "aarch64":
+        assert not {"sve", "sme"} & set(cpu["flags"])
+
+
+def test_unavailable_says_why_without_launching() -> None:
+    assert "AVX-512" in unavailable("x86-avx512")
+    assert "VNNI" in unavailable("x86-vnni")
+    assert "Node" in unavailable("wasm")
+    assert "unknown device class" in unavailable("x86-mmx")
+    with pytest.raises(EmulationError, match="cannot be emulated"):
+        run_model("x86-vnni", Path("missing.onnx"), [])
+    assert issubclass(EmulationError, LrtDeployError)
+
+
+def test_a_failing_run_raises_with_the_worker_stderr(tmp_path: Path) -> None:
+    name = "x86-sse"
+    reason = unavailable(name)
+    if reason is not None:
+        pytest.skip(reason)
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(EmulationError,
+                       match=r"x86-sse: worker .* exited 1: .*(onnxruntime|ONNX|Protobuf)"):
+        run_model(name, broken, [{"a": np.zeros((1, K), np.uint8)}], timeout=300)
+
+
+def test_a_cpu_model_of_another_class_is_refused(matmul_model: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "x86-avx2"
+    reason = unavailable(name)
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setitem(EMULATED, name, dataclasses.replace(EMULATED[name], cpu="Nehalem"))
+    with pytest.raises(EmulationError, match="which is x86-sse, not x86-avx2"):
+        run_model(name, matmul_model, _feeds()[:1], timeout=300)
