@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "dense model for its int8/int4 form. Use --heal-precision fp32 on a GPU")
     comp.add_argument("--strict", action="store_true",
                       help="with --fidelity-floor: exit with code 3 when a held-out figure "
-                      "(heldout.txt or heldout_domain.txt) is below the floor; the bundle is "
-                      "still written")
+                      "(heldout.txt or heldout_domain.txt, on any device class that ran) is "
+                      "below the floor; the bundle is still written")
     comp.add_argument("--solver", choices=("asvd", "svd"), default="asvd",
                       help="asvd: activation-aware (calibrated) SVD (default); svd: plain SVD")
     comp.add_argument("--calibration", metavar="FILE",
@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="int8 (dynamic or qdq) weight grid: pair-safe (default) is exact on "
                      "every CPU; full-range [-127, 127] computes wrongly on x86 AVX2 without "
                      "VNNI (AMD Zen 1-3, Intel before Ice Lake), and the manifest says so")
+    exp.add_argument("--no-verify-devices", action="store_true",
+                     help="skip running the deployed text model on the other device classes "
+                     "(x86 AVX2/SSE and ARM64 under qemu, WebAssembly in Node; ~1 min); the "
+                     "classes its int8 kernels are exact on are still recorded")
     exp.add_argument("--per-tensor", action="store_true",
                      help="one int8 scale per weight tensor instead of per channel")
     exp.add_argument("--no-fusion", action="store_true",
@@ -292,9 +296,11 @@ def _run(args: argparse.Namespace) -> int:
         heal_batch=args.heal_batch,
         heal_lr=args.heal_lr,
         heal_corpus=args.heal_corpus,
+        verify_on_devices=not args.no_verify_devices,
     )
     print(result.report.to_markdown())
     progress(f"bundle written to {result.out_dir}")
+    _judge_devices(result.devices, args, result.out_dir)
     verdict = result.compression.floor_verdict if result.compression is not None else None
     if verdict is not None and not verdict.met:
         if args.quiet:  # progress showed them otherwise; a miss is never silent
@@ -306,6 +312,23 @@ def _run(args: argparse.Namespace) -> int:
                 "drop --strict"
             )
     return 0
+
+
+def _judge_devices(devices: dict | None, args: argparse.Namespace, out_dir: Path) -> None:
+    """Say (stderr) which device classes miss ``--fidelity-floor``; with ``--strict`` fail."""
+    verification = (devices or {}).get("verification")
+    if not verification or args.fidelity_floor is None:
+        return
+    from lrt_deploy.verify.check import DeviceVerification
+
+    missed = DeviceVerification.from_dict(verification).failures(args.fidelity_floor)
+    if not missed:
+        return
+    print(f"device classes below the floor: {'; '.join(missed)}", file=sys.stderr)
+    if args.strict:
+        raise FidelityFloorMissed(
+            f"fidelity floor {args.fidelity_floor:g} missed on {'; '.join(missed)} (bundle "
+            f"written to {out_dir}): see the report's device table, or drop --strict")
 
 
 def _precision(args: argparse.Namespace) -> Precision | None:

@@ -30,6 +30,7 @@ __all__ = [
     "judge_deployed_floor",
     "measure_variants",
     "reference_outputs",
+    "verify_devices",
 ]
 
 ProgressFn = Callable[[str], None]
@@ -194,3 +195,50 @@ def _figure(fidelity: dict[str, Any] | None) -> dict[str, float]:
     fidelity = fidelity or {}
     return {"mean_cosine": float(fidelity.get("mean_cosine", float("nan"))),
             "worst_cosine": float(fidelity.get("worst_cosine", float("nan")))}
+
+
+def verify_devices(staging: Path, manifest: dict[str, Any], dense: LoadedModel,
+                   loaded: LoadedModel, target: Target, *, run: bool,
+                   progress: ProgressFn) -> dict[str, Any]:
+    """The manifest's ``devices`` section for the staged bundle: the classes its integer
+    kernels are exact on (from the weights), and for a text model the deployed model run on
+    every device class against the dense model (``verification.npz`` written beside it).
+    ``run`` False (``--no-verify-devices``) keeps the first part only."""
+    from lrt_deploy.data import readers
+    from lrt_deploy.export.bundle import add_to_manifest
+    from lrt_deploy.quant.kernels import exact_classes
+    from lrt_deploy.runtime.devices import DEVICE_CLASSES
+    from lrt_deploy.verify.check import REFERENCE_FILE, SAMPLE_SENTENCES, SETS, verify_model
+
+    devices: dict[str, Any] = {
+        "classes": list(DEVICE_CLASSES),
+        "exact_on": exact_classes(staging / manifest["files"]["onnx"]),
+        "session_config": {},
+    }
+    files: dict[str, str] = {}
+    if not loaded.is_text:
+        devices["skipped"] = "not a text model: no held-out sentences to run"
+    elif not run:
+        devices["skipped"] = "--no-verify-devices"
+    else:
+        sets = {}
+        fixed = dict(target.fixed_shape) or None
+        for key, corpus in zip(SETS, (readers.HELDOUT_TEXT, readers.DOMAIN_HELDOUT_TEXT),
+                               strict=True):
+            batch = readers.evaluation_batches(loaded, SAMPLE_SENTENCES,
+                                               {**fixed, "batch": SAMPLE_SENTENCES}
+                                               if fixed else None, corpus=corpus)[0]
+            reference = dense.forward(batch)[loaded.output_names[0]].numpy()
+            sets[key] = ({k: v.numpy() for k, v in batch.items()}, reference)
+        from lrt_deploy.verify.check import write_reference
+
+        write_reference(staging / REFERENCE_FILE, sets)
+        files["verification"] = REFERENCE_FILE
+        progress(f"running the deployed model on every device class ({SAMPLE_SENTENCES} "
+                 "sentences of each held-out set, one per run; qemu for other CPUs)")
+        verification = verify_model(staging / manifest["files"]["model"],
+                                    staging / REFERENCE_FILE, devices["exact_on"],
+                                    progress=progress)
+        devices["verification"] = verification.to_dict()
+    add_to_manifest(staging, manifest, files=files, sections={"devices": devices})
+    return devices

@@ -72,6 +72,7 @@ class BundleResult:
     variants: list[Variant]
     factorization: FactorizationResult | None = None
     compression: CompressionOutcome | None = None
+    devices: dict[str, Any] | None = None
 
 
 def _noop(_: str) -> None:
@@ -128,6 +129,7 @@ def export_bundle(
     heal_batch: int = 32,
     heal_lr: float = 1e-4,
     heal_corpus: str | Path | None = None,
+    verify_on_devices: bool = True,
 ) -> BundleResult:
     """Build a deployment bundle for ``loaded`` and measure it against the dense baseline.
 
@@ -156,6 +158,9 @@ def export_bundle(
             calibrates the factorization, the search and int8 in full; default: the shipped
             corpus). Without it, healing streams ``calibration`` when that is a text file and
             everything else reads its head.
+        verify_on_devices: Run the deployed text model on every device class this machine
+            can reach (emulated CPUs, WebAssembly) against the dense model (the manifest's
+            ``devices``); the classes its integer kernels are exact on are recorded always.
 
     Returns:
         The manifest, report and per-variant measurements.
@@ -172,7 +177,12 @@ def export_bundle(
     from lrt_deploy.export.build import build_by_design_variants, build_variants
     from lrt_deploy.export.bundle import commit, staging_folder, write_bundle
     from lrt_deploy.export.dense_equivalent import by_design_baseline
-    from lrt_deploy.measure import judge_deployed_floor, measure_variants, reference_outputs
+    from lrt_deploy.measure import (
+        judge_deployed_floor,
+        measure_variants,
+        reference_outputs,
+        verify_devices,
+    )
     from lrt_deploy.report.summary import baseline_description
 
     # Checked before any work: a precision the healing loop cannot simulate is one line now.
@@ -309,13 +319,15 @@ def export_bundle(
             benchmark=settings.to_dict(), feeds=feeds,
             threads=settings.threads, lowrank=lowrank,
         )
+        devices = verify_devices(staging, manifest, dense, loaded, target,
+                                 run=verify_on_devices, progress=progress)
         report = _report(loaded, target, variants, settings, outcome, design_layers,
-                         baseline_text, incomparable, feeds, latency_method)
+                         baseline_text, incomparable, feeds, latency_method, devices)
         report.write(staging)
         shutil.rmtree(work)
         commit(staging, out_dir)
     factorization = outcome.factorization if outcome is not None else None
-    return BundleResult(out_dir, manifest, report, variants, factorization, outcome)
+    return BundleResult(out_dir, manifest, report, variants, factorization, outcome, devices)
 
 
 def _report(
@@ -329,6 +341,7 @@ def _report(
     incomparable: list[str] | None = None,
     feeds: dict[str, Any] | None = None,
     latency_method: str | None = None,
+    devices: dict[str, Any] | None = None,
 ) -> Any:
     from lrt_deploy.report.summary import fidelity_description, run_report
 
@@ -353,4 +366,5 @@ def _report(
         baseline=baseline,
         incomparable=incomparable or (),
         latency_method=latency_method,
+        devices=devices,
     )

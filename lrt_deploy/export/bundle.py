@@ -203,6 +203,19 @@ def _tensor_info(values: Iterable[Any]) -> list[dict[str, Any]]:
     return out
 
 
+def add_to_manifest(staging: Path, manifest: dict[str, Any], *,
+                    files: Mapping[str, str] = (), sections: Mapping[str, Any] = ()) -> None:
+    """Add staged ``files`` (key -> name, checksummed) and top-level ``sections`` to
+    ``manifest`` and rewrite ``manifest.json``."""
+    from lrt_deploy.runtime.bundle import file_sha256
+
+    for key, name in dict(files).items():
+        manifest["files"][key] = name
+        manifest["checksums"][name] = file_sha256(staging / name)
+    manifest.update(dict(sections))
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def write_bundle(
     staging: Path,
     *,

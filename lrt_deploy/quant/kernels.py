@@ -318,11 +318,17 @@ def integer_nodes(model) -> list[IntegerNode]:
 
 
 def exact_classes(model) -> list[str]:
-    """Names of the :data:`DEVICE_CLASSES` on which ``model``'s integer kernels are exact: all of
-    them when every integer node is pair-safe (or there is none), else the non-saturating ones."""
-    if all(n.pair_safe for n in integer_nodes(model)):
+    """Names of the :data:`DEVICE_CLASSES` on which ``model``'s integer kernels are exact: every
+    class when the model has none; else the classes running onnxruntime's integer GEMM
+    (not ``own_int8_kernel``), all of them when every node is pair-safe, else the
+    non-saturating ones."""
+    nodes = integer_nodes(model)
+    if not nodes:
         return list(DEVICE_CLASSES)
-    return [name for name, c in DEVICE_CLASSES.items() if not c.saturates_u8s8]
+    gemm = {name: c for name, c in DEVICE_CLASSES.items() if not c.own_int8_kernel}
+    if all(n.pair_safe for n in nodes):
+        return list(gemm)
+    return [name for name, c in gemm.items() if not c.saturates_u8s8]
 
 
 # --------------------------------------------------------------------------------------------

@@ -89,6 +89,38 @@ class VariantResult:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
+def device_table(devices: dict[str, Any]) -> tuple[list[str], list[list[str]], str] | None:
+    """The verification table of a manifest's ``devices`` section, or None without one."""
+    from lrt_deploy.verify.check import DeviceVerification
+
+    verification = devices.get("verification")
+    if not verification:
+        return None
+    return DeviceVerification.from_dict(verification).table()
+
+
+def device_lines(devices: dict[str, Any]) -> list[str]:
+    """Markdown lines: which classes the int8 kernel is exact on, then the verification table."""
+    lines = [exactness_line(devices)]
+    table = device_table(devices)
+    if table is not None:
+        headers, rows, caption = table
+        lines += ["", _markdown_table(headers, rows).rstrip("\n"), "", caption]
+    elif devices.get("skipped"):
+        lines += ["", f"Not run on other device classes: {devices['skipped']}"]
+    return lines
+
+
+def exactness_line(devices: dict[str, Any]) -> str:
+    exact = devices.get("exact_on") or []
+    others = [name for name in devices.get("classes", []) if name not in exact]
+    line = f"Integer kernels exact on: {', '.join(exact) or 'none'}"
+    if others:
+        line += f"; not on: {', '.join(others)}"
+    return line + " (checked from the weights, lrt_deploy.quant.kernels)."
+
+
+@dataclass
 @dataclass
 class ComparisonReport:
     """Size, latency and fidelity of compressed variants against the dense baseline.
@@ -107,6 +139,8 @@ class ComparisonReport:
         optimisation: Variant name -> {op type: count} after graph optimisation.
         quantisation: Quantisation settings used for the int8 variants.
         provider_messages: Provider fallback messages (``Session.provider_report()["message"]``).
+        devices: The deployed model per device class (the manifest's ``devices``: ``exact_on``
+            and, for text models, ``verification``), or None.
     """
 
     model: str
@@ -116,6 +150,7 @@ class ComparisonReport:
     optimisation: dict[str, dict[str, int]] = field(default_factory=dict)
     quantisation: dict[str, Any] = field(default_factory=dict)
     provider_messages: list[str] = field(default_factory=list)
+    devices: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         names = [variant.name for variant in self.variants]
@@ -204,6 +239,7 @@ class ComparisonReport:
                 "layers": self.layers,
                 "optimisation": self.optimisation,
                 "quantisation": self.quantisation,
+                "devices": self.devices,
             }
         )
 
@@ -218,6 +254,7 @@ class ComparisonReport:
             optimisation=data.get("optimisation", {}),
             quantisation=data.get("quantisation", {}),
             provider_messages=data.get("provider_messages", []),
+            devices=data.get("devices"),
         )
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
@@ -258,6 +295,8 @@ class ComparisonReport:
         notes += [f"- {message}" for message in self.provider_messages]
         if notes:
             lines += ["## Notes", "", *notes, ""]
+        if self.devices:
+            lines += ["## Device classes", "", *device_lines(self.devices), ""]
         if self.quantisation:
             lines += ["## Quantisation", ""]
             lines += [

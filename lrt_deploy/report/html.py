@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from html import escape
 from typing import TYPE_CHECKING, Any
 
-from .comparison import format_value, layer_table, variant_table
+from .comparison import device_table, exactness_line, format_value, layer_table, variant_table
 
 if TYPE_CHECKING:
     from .comparison import ComparisonReport
@@ -146,6 +146,11 @@ def to_html(report: ComparisonReport) -> str:
     if notes:
         items = "".join(f"<li>{escape(note)}</li>" for note in notes)
         body.append(f"<h2>Notes</h2><ul>{items}</ul>")
+    if report.devices:
+        body += ["<h2>Device classes</h2>", f"<p>{escape(exactness_line(report.devices))}</p>"]
+        table = device_table(report.devices)
+        if table is not None:
+            body += [_html_table(*table[:2]), f"<p>{escape(table[2])}</p>"]
     if report.quantisation:
         rows = [[str(key), format_value(value)] for key, value in report.quantisation.items()]
         body += ["<h2>Quantisation</h2>", _html_table(["Setting", "Value"], rows)]

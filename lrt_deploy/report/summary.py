@@ -256,6 +256,7 @@ def run_report(
     baseline: str | None = None,
     incomparable: Sequence[str] = (),
     latency_method: str | None = None,
+    devices: Mapping[str, Any] | None = None,
 ) -> ComparisonReport:
     """The comparison report of one run.
 
@@ -270,6 +271,7 @@ def run_report(
         baseline: How the baseline was made, when it is not the user's dense model.
         incomparable: Labels of variants whose fidelity is not comparable (blank, with a note).
         latency_method: How the latency columns were timed (interleaved or one by one).
+        devices: The manifest's ``devices`` section (exact classes, verification table).
     """
     # Notes on how the low-rank model was made are shown once, under its first row.
     first_lrt = next((v for v in variants if v.label.startswith(_LOW_RANK_LABELS)), None)
@@ -313,4 +315,5 @@ def run_report(
         quantisation=_quantisation_section(
             next((v.quantization for v in variants if v.quantization), {}) or {}),
         provider_messages=messages,
+        devices=dict(devices) if devices else None,
     )

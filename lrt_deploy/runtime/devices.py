@@ -31,11 +31,15 @@ class DeviceClass:
         title: Who has it, in a few words.
         saturates_u8s8: True when uint8 x int8 products are added in pairs into int16 and
             saturate (full-range int8 weights are then not exact).
+        own_int8_kernel: True when onnxruntime runs dynamic int8 there through a kernel of
+            its own (KleidiAI's, with SME) that rounds differently from the integer GEMM: no
+            weight check makes it exact, only a run on such a device can tell.
     """
 
     name: str
     title: str
     saturates_u8s8: bool
+    own_int8_kernel: bool = False
 
 
 DEVICE_CLASSES: dict[str, DeviceClass] = {
@@ -52,6 +56,7 @@ DEVICE_CLASSES: dict[str, DeviceClass] = {
         DeviceClass("arm64-i8mm", "ARM64 with int8 matrix multiply (Armv8.6+, Apple M2+)",
                     False),
         DeviceClass("arm64-neon", "ARM64 without dot product", False),
+        DeviceClass("arm64-sme", "ARM64 with SME (Apple M4, Armv9.2 phones)", False, True),
         DeviceClass("wasm", "WebAssembly (onnxruntime-web in a browser or Node)", False),
     )
 }
@@ -80,6 +85,8 @@ def classify_cpu(machine: str, flags: set[str] | frozenset[str]) -> str | None:
             return "x86-avx2"
         return "x86-sse"
     if machine in ("aarch64", "arm64"):
+        if flags & {"sme", "sme2"}:
+            return "arm64-sme"
         if "i8mm" in flags:
             return "arm64-i8mm"
         if "asimddp" in flags:
@@ -103,15 +110,16 @@ def _linux_flags() -> set[str]:
 
 
 def _darwin_flags() -> set[str]:
-    """Apple silicon: every M-series core has dot product; i8mm from M2 on (sysctl)."""
+    """Apple silicon: every M-series core has dot product; i8mm from M2, SME from M4 (sysctl)."""
     flags = {"asimddp"}
-    try:
-        out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_I8MM"], capture_output=True,
-                             text=True, timeout=5, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return flags
-    if out == "1":
-        flags.add("i8mm")
+    for flag, key in (("i8mm", "FEAT_I8MM"), ("sme", "FEAT_SME")):
+        try:
+            out = subprocess.run(["sysctl", "-n", f"hw.optional.arm.{key}"],
+                                 capture_output=True, text=True, timeout=5, check=False)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.stdout.strip() == "1":
+            flags.add(flag)
     return flags
 
 

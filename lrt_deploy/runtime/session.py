@@ -21,6 +21,7 @@ import onnxruntime as ort
 from lrt_deploy.errors import BundleError, LrtDeployError
 
 from .bundle import bundle_file, read_manifest, verify_checksums
+from .devices import DEVICE_CLASSES, host_class
 from .providers import (
     CPU_PROVIDER,
     ProviderResolution,
@@ -120,6 +121,14 @@ def _resolve_model_path(path: Path, verify: bool) -> tuple[Path, dict[str, Any] 
     return model_path, manifest
 
 
+def _full_range_int8(manifest: dict[str, Any]) -> bool:
+    """True for an int8 recipe with integer kernels written before pair-safe weights."""
+    precision = ((manifest.get("target") or {}).get("precision")) or {}
+    return (isinstance(precision, dict)
+            and precision.get("kind") in ("dynamic-int8", "static-int8")
+            and precision.get("weight_grid", "full-range") == "full-range")
+
+
 def _cast(name: str, array: np.ndarray, expected: str) -> np.ndarray:
     """Cast ``array`` to the model's dtype when that is safe, else raise :class:`InputError`."""
     if array.dtype.kind in "biufc" and not array.dtype.isnative:
@@ -201,7 +210,8 @@ class Session:
             options.inter_op_num_threads = 1
         if optimization_level is not None:
             options.graph_optimization_level = self._optimization_level(optimization_level)
-        for key, value in (session_config or {}).items():
+        # Entries the bundle asks for (its int8 recipe may rely on one), then the caller's.
+        for key, value in {**self._manifest_session_config(), **(session_config or {})}.items():
             options.add_session_config_entry(key, value)
 
         try:
@@ -220,6 +230,8 @@ class Session:
         self._inputs = [_spec_from_node(node) for node in self._session.get_inputs()]
         self._outputs = [_spec_from_node(node) for node in self._session.get_outputs()]
         self._check_active_providers()
+        self.device_class: str | None = host_class()
+        self._check_device_class()
         logger.info("opened %s on %s", self.model_path, ", ".join(self.active_providers))
 
     def _requested_providers(
@@ -266,6 +278,49 @@ class Session:
             fell_back=True,
             message=message,
         )
+
+    def _manifest_session_config(self) -> dict[str, str]:
+        config = ((self._manifest or {}).get("devices") or {}).get("session_config") or {}
+        if not isinstance(config, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in config.items()
+        ):
+            raise BundleError("manifest's devices.session_config must map names to strings: "
+                              "re-export the bundle")
+        return config
+
+    def device_report(self) -> dict[str, Any]:
+        """Where this session runs and what the bundle says of that device class.
+
+        Returns:
+            ``class`` (this machine's, or None when unknown), ``exact`` (True/False when the
+            manifest records the classes its integer kernels are exact on, else None),
+            ``verified`` (the manifest's verification row for the class, or None) and
+            ``message`` (a warning line, or None).
+        """
+        devices = (self._manifest or {}).get("devices") or {}
+        exact_on = devices.get("exact_on")
+        name = self.device_class
+        exact = None if not isinstance(exact_on, list) or name is None else name in exact_on
+        rows = (devices.get("verification") or {}).get("classes") or []
+        verified = next((r for r in rows if isinstance(r, dict) and r.get("name") == name
+                         and r.get("verified")), None)
+        message = None
+        if self._manifest is not None and name is not None:
+            if exact is False:
+                message = (f"this CPU is {name} ({DEVICE_CLASSES[name].title}), where the "
+                           "bundle's int8 kernels are not exact: its outputs differ from its "
+                           "report; re-export it with lrt-export --int8-weights pair-safe")
+            elif exact is None and DEVICE_CLASSES[name].saturates_u8s8 and _full_range_int8(
+                    self._manifest):
+                message = (f"this CPU is {name} ({DEVICE_CLASSES[name].title}) and the bundle "
+                           "predates pair-safe int8 weights: onnxruntime's int8 kernel "
+                           "saturates here; re-export it with this lrt-deploy")
+        return {"class": name, "exact": exact, "verified": verified, "message": message}
+
+    def _check_device_class(self) -> None:
+        message = self.device_report()["message"]
+        if message:
+            logger.warning(message)
 
     @property
     def manifest(self) -> dict[str, Any] | None:

@@ -103,6 +103,8 @@ NOT_EMULATED: dict[str, str] = {
                   "avx512f in qemu 7.2): run on an AVX-512 machine without VNNI (Skylake-SP)",
     "x86-vnni": "qemu's TCG emulates neither AVX-512 VNNI nor AVX-VNNI (qemu 7.2 max: "
                 "no avx_vnni): run on a VNNI machine (Ice Lake+, Zen 4+)",
+    "arm64-sme": "Debian's qemu 7.2 executes onnxruntime's SME (KleidiAI) int8 kernel wrongly "
+                 "(cosine ~0; qemu 10 runs it): run on an SME device (Apple M4, Armv9.2 phones)",
     "wasm": "WebAssembly is not a qemu target: run the bundle in Node with onnxruntime-web "
             "(samples/js)",
 }
