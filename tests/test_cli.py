@@ -380,7 +380,8 @@ def test_mobile_bundle_manifest(mobile_bundle, tiny_bert_dir: Path) -> None:
     assert manifest["opset"] == 18
     assert manifest["target"]["name"] == "mobile"
     assert manifest["target"]["precision"] == {"kind": "dynamic-int8", "per_channel": True,
-                                                  "exclude_sensitive": 0, "smooth": True}
+                                                  "exclude_sensitive": 0, "smooth": True,
+                                                  "weight_grid": "pair-safe"}
     assert manifest["files"]["model"] == "model.ort"
     assert manifest["variant"] == "LRT int8"
     smoothing = manifest["quantization"]["smoothing"]  # measured on the shipped corpus

@@ -89,13 +89,35 @@ export function checkManifest(manifest) {
   // A fixed sequence axis (--fixed-shape) means every batch is padded to exactly that length.
   const sequenceAxis = declared.get("input_ids").shape[1];
   const sequenceLength = Number.isInteger(sequenceAxis) && sequenceAxis > 0 ? sequenceAxis : null;
+  // ONNX Runtime session config entries the bundle needs, and where its int8 kernels are exact.
+  const devices = manifest.devices ?? {};
+  const sessionConfig = devices.session_config ?? {};
+  for (const [key, value] of Object.entries(sessionConfig)) {
+    if (typeof value !== "string") {
+      throw new BundleError(`manifest devices.session_config.${key} is not a string; re-export the bundle`);
+    }
+  }
   return {
     modelFile,
     tokenizerFile: files.tokenizer,
     inputs: [...declared.values()],
     output,
     sequenceLength,
+    sessionConfig,
+    exactOn: devices.exact_on ?? null,
   };
+}
+
+/** Session config entries ("session.a.b": "v") as ONNX Runtime JS's nested `extra` option. */
+export function configExtra(sessionConfig) {
+  const extra = {};
+  for (const [key, value] of Object.entries(sessionConfig)) {
+    const parts = key.split(".");
+    let node = extra;
+    for (const part of parts.slice(0, -1)) node = node[part] ??= {};
+    node[parts.at(-1)] = value;
+  }
+  return extra;
 }
 
 /** Step 3: build the tokenizer from tokenizer.json (no network, no tokenizer_config.json). */
@@ -206,7 +228,8 @@ export async function openBundle({ ort, load, sessionOptions = {} }) {
   const manifest = await readManifest(load);
   const checked = checkManifest(manifest);
   const tokenizer = await loadTokenizer(load, checked.tokenizerFile);
-  const session = await createSession(ort, load, checked.modelFile, sessionOptions);
+  const extra = { ...configExtra(checked.sessionConfig), ...(sessionOptions.extra ?? {}) };
+  const session = await createSession(ort, load, checked.modelFile, { ...sessionOptions, extra });
   const openMs = now() - start;
 
   /** Embed a batch of texts; returns one Float32Array per text. */

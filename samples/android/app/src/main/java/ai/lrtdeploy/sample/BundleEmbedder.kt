@@ -27,6 +27,10 @@ data class CheckedManifest(
     val sequenceLength: Int?,
     /** Execution providers the bundle asks for, best first (manifest target.providers). */
     val providers: List<String>,
+    /** ONNX Runtime session config entries the bundle needs (manifest devices.session_config). */
+    val sessionConfig: Map<String, String> = emptyMap(),
+    /** Device classes the bundle's int8 kernels are exact on (manifest devices.exact_on). */
+    val exactOn: List<String> = emptyList(),
 )
 
 /** Token ids of a batch, padded on the right; row-major `[batch, length]`. */
@@ -190,6 +194,9 @@ class BundleEmbedder private constructor(
             // A fixed sequence axis is a JSON number; a dynamic one is a name such as "sequence".
             val sequenceAxis = declared.getValue(BundleContract.INPUT_IDS).getJSONArray("shape").opt(1)
             val providers = manifest.optJSONObject("target")?.optJSONArray("providers")
+            val devices = manifest.optJSONObject("devices")
+            val config = devices?.optJSONObject("session_config")
+            val exactOn = devices?.optJSONArray("exact_on")
             return CheckedManifest(
                 modelFile = modelFile,
                 tokenizerFile = tokenizerFile,
@@ -197,6 +204,8 @@ class BundleEmbedder private constructor(
                 output = output,
                 sequenceLength = (sequenceAxis as? Number)?.toInt()?.takeIf { it > 0 },
                 providers = providers?.let { list -> (0 until list.length()).map { list.getString(it) } } ?: emptyList(),
+                sessionConfig = config?.let { c -> c.keys().asSequence().associateWith { c.getString(it) } } ?: emptyMap(),
+                exactOn = exactOn?.let { list -> (0 until list.length()).map { list.getString(it) } } ?: emptyList(),
             )
         }
 
@@ -231,6 +240,8 @@ class BundleEmbedder private constructor(
         ): Pair<OrtSession, String> {
             val available = OrtEnvironment.getAvailableProviders()
             val options = OrtSession.SessionOptions()
+            // Entries the bundle's int8 recipe relies on, if any (none for pair-safe weights).
+            checked.sessionConfig.forEach { (key, value) -> options.addConfigEntry(key, value) }
             var provider = "CPU"
             for (name in checked.providers) {
                 if (name == "XnnpackExecutionProvider" && OrtProvider.XNNPACK in available) {
