@@ -1,7 +1,10 @@
 """Emulated device classes (lrt_deploy.verify.emulate): qemu's CPU models make onnxruntime pick
 the kernel of the class asked for. A MatMulInteger with full-range int8 weights saturates on
-x86-avx2 only; 7-bit weights are exact everywhere. One emulated launch per class, all feeds in
-it. Skips (saying why) when scripts/setup_devices.sh has not run."""
+x86-avx2 only; 7-bit weights are exact everywhere. A dynamically quantized matmul (what
+onnxruntime fuses into DynamicQuantizeMatMul) computes the integer path's result everywhere but
+on arm64-sme, whose SME kernel (KleidiAI's, under qemu >= 10) rounds otherwise yet stays close
+to the float product. One emulated launch per class, all feeds in it. Skips (saying why) when
+scripts/setup_devices.sh has not run."""
 
 from __future__ import annotations
 
@@ -18,8 +21,10 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from lrt_deploy.errors import LrtDeployError  # noqa: E402
 from lrt_deploy.runtime.devices import DEVICE_CLASSES, classify_cpu  # noqa: E402
 from lrt_deploy.verify import EMULATED, EmulationError, run_model, unavailable  # noqa: E402
+from lrt_deploy.verify.emulate import qemu_binary  # noqa: E402
 
 K, N, M = 384, 16, 4
+N_DQ, W_SCALE = 64, np.float32(0.02)
 
 
 def _weights() -> tuple[np.ndarray, np.ndarray]:
@@ -30,10 +35,17 @@ def _weights() -> tuple[np.ndarray, np.ndarray]:
     return full, seven
 
 
+def _dq_weights() -> np.ndarray:
+    """7-bit, so every class's integer GEMM is exact on them: only SME's kernel differs."""
+    return np.random.default_rng(2).integers(-63, 64, size=(K, N_DQ), dtype=np.int8)
+
+
 def _feeds() -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(1)
     feeds = [{"a": rng.integers(0, 256, size=(M, K), dtype=np.uint8)} for _ in range(2)]
     feeds.append({"a": np.full((M, K), 255, dtype=np.uint8)})
+    for feed in feeds:
+        feed["x"] = rng.standard_normal((M, K)).astype(np.float32)
     return feeds
 
 
@@ -41,13 +53,24 @@ def _feeds() -> list[dict[str, np.ndarray]]:
 def matmul_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     full, seven = _weights()
     nodes = [helper.make_node("MatMulInteger", ["a", "w_full"], ["y_full"]),
-             helper.make_node("MatMulInteger", ["a", "w_seven"], ["y_seven"])]
+             helper.make_node("MatMulInteger", ["a", "w_seven"], ["y_seven"]),
+             # onnxruntime.quantization's dynamic int8 MatMul, fused into DynamicQuantizeMatMul
+             helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("Mul", ["xs", "w_scale"], ["s"]),
+             helper.make_node("MatMulInteger", ["xq", "w_dq", "xz", "w_zero"], ["yi"]),
+             helper.make_node("Cast", ["yi"], ["yf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["yf", "s"], ["y_dq"])]
     graph = helper.make_graph(
         nodes, "u8s8",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, K])],
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, K]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
         [helper.make_tensor_value_info(n, TensorProto.INT32, [None, N])
-         for n in ("y_full", "y_seven")],
-        [numpy_helper.from_array(full, "w_full"), numpy_helper.from_array(seven, "w_seven")])
+         for n in ("y_full", "y_seven")]
+        + [helper.make_tensor_value_info("y_dq", TensorProto.FLOAT, [None, N_DQ])],
+        [numpy_helper.from_array(full, "w_full"), numpy_helper.from_array(seven, "w_seven"),
+         numpy_helper.from_array(_dq_weights(), "w_dq"),
+         numpy_helper.from_array(np.array(W_SCALE), "w_scale"),
+         numpy_helper.from_array(np.array(0, np.int8), "w_zero")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     path = tmp_path_factory.mktemp("emulate") / "u8s8.onnx"
     path.write_bytes(model.SerializeToString())
@@ -102,7 +125,40 @@ def test_worker_reports_the_emulated_class(emulated: tuple[str, list]) -> None:
     assert classify_cpu(cpu["machine"], set(cpu["flags"])) == name
     assert cpu["onnxruntime"] == ort.__version__
     if cpu["machine"] == "aarch64":
-        assert not {"sve", "sme"} & set(cpu["flags"])
+        # SME (HWCAP2 bit 23) with SVE on arm64-sme only: elsewhere it changes the kernel
+        assert ("sme" in cpu["flags"]) == (name == "arm64-sme"), cpu
+        assert ("sve" in cpu["flags"]) == (name == "arm64-sme"), cpu
+        assert (int(cpu["hwcap2"], 16) >> 23 & 1) == (name == "arm64-sme")
+
+
+def _dq_integer_path(x: np.ndarray) -> np.ndarray:
+    """DynamicQuantizeLinear then the exact integer product, scaled: what every integer GEMM
+    computes (ONNX's definition; float32 scale, round half to even)."""
+    x = x.astype(np.float32)
+    low, high = np.float32(min(0.0, x.min())), np.float32(max(0.0, x.max()))
+    scale = np.float32((high - low) / np.float32(255))
+    zero = np.clip(np.rint(-low / scale), 0, 255)
+    q = np.clip(np.rint(x / scale) + zero, 0, 255)
+    acc = (q.astype(np.int64) - int(zero)) @ _dq_weights().astype(np.int64)
+    return acc.astype(np.float32) * np.float32(scale * W_SCALE)
+
+
+def test_dynamic_quantized_matmul_is_close_to_the_float_product(
+        emulated: tuple[str, list]) -> None:
+    name, runs = emulated
+    own_kernel = DEVICE_CLASSES[name].own_int8_kernel
+    for out, feed in zip(runs, _feeds(), strict=True):
+        y = out[2].astype(np.float64)
+        dense = feed["x"].astype(np.float64) @ (_dq_weights() * np.float64(W_SCALE))
+        scale = np.abs(dense).max()
+        # not garbage (qemu 7.2 under SME: ~150%): activation rounding only, ~1% here
+        assert np.abs(y - dense).max() / scale < 0.02, name
+        # integer path: exact but for a rare rounding tie of one activation code
+        apart = np.abs(y - _dq_integer_path(feed["x"])).max() / scale
+        if own_kernel:
+            assert apart > 1e-3, f"{name} computed the integer GEMM's result, not its own"
+        else:
+            assert apart < 1e-4, f"{name} is {apart:.2e} from the integer path"
 
 
 def test_unavailable_says_why_without_launching() -> None:
@@ -113,6 +169,17 @@ def test_unavailable_says_why_without_launching() -> None:
     with pytest.raises(EmulationError, match="cannot be emulated"):
         run_model("x86-vnni", Path("missing.onnx"), [])
     assert issubclass(EmulationError, LrtDeployError)
+
+
+def test_sme_needs_qemu_10(monkeypatch: pytest.MonkeyPatch) -> None:
+    sme = dataclasses.replace(EMULATED["arm64-sme"], binary="missing/qemu-aarch64")
+    if qemu_binary(sme) is not None:
+        pytest.skip(f"the system's qemu is >= 10 ({qemu_binary(sme)})")
+    monkeypatch.setitem(EMULATED, "arm64-sme", sme)
+    reason = unavailable("arm64-sme")
+    assert reason is not None and "qemu >= 10" in reason and "setup_devices.sh" in reason
+    with pytest.raises(EmulationError, match="qemu >= 10"):
+        run_model("arm64-sme", Path("missing.onnx"), [])
 
 
 def test_a_failing_run_raises_with_the_worker_stderr(tmp_path: Path) -> None:

@@ -333,8 +333,8 @@ def verify_model(
                             lambda emulator=emulator: [
                                 r[0] for r in run_model(emulator.name, model, feeds)]))
         else:
-            checks[name].reason = NOT_EMULATED.get(name, reason) if name in NOT_EMULATED \
-                else reason
+            checks[name].reason = reason if name in EMULATED or name not in NOT_EMULATED \
+                else NOT_EMULATED[name]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(lambda item: timed(*item), pending))
 
