@@ -9,9 +9,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from lrt_deploy.errors import LrtDeployError
 
@@ -32,6 +32,14 @@ class FidelityFloorMissed(LrtDeployError):
     exit_code = EXIT_FLOOR_MISSED
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block), exit code 2, like the
+    other commands'."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _rank(text: str) -> int | float:
     try:
         return int(text)
@@ -49,17 +57,37 @@ def _fixed_shape(text: str) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
+        name, value = name.strip(), value.strip()
         if not name or not value.isdigit() or int(value) < 1:
             raise argparse.ArgumentTypeError(
                 f"'{text}' is not a fixed shape: write NAME=SIZE[,NAME=SIZE], e.g. "
                 "batch=1,sequence=128"
             )
-        sizes[name.strip()] = int(value)
+        if name in sizes:
+            raise argparse.ArgumentTypeError(
+                f"'{text}' gives {name} twice ({sizes[name]} and {value}): give each dimension "
+                "once"
+            )
+        sizes[name] = int(value)
     return sizes
 
 
+class _MergeFixedShape(argparse.Action):
+    """``--fixed-shape`` given several times: the sizes are merged, and a dimension given twice
+    is refused instead of the last one silently winning."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        merged = dict(getattr(namespace, self.dest) or {})
+        for name, size in values.items():
+            if name in merged:
+                parser.error(f"argument {option_string}: {name} is given twice ({merged[name]} "
+                             f"and {size}): give each dimension once")
+            merged[name] = size
+        setattr(namespace, self.dest, merged)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lrt-export",
         description=(
             "Export a (low-rank) transformer to an ONNX Runtime deployment bundle and compare it "
@@ -146,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --quantize int4: weights per scale, a power of two >= 16 "
                      "(32 default; 64 is ~10%% smaller)")
     exp.add_argument("--quant-format", choices=("dynamic", "qdq", "weight-only"),
-                     default="dynamic",
+                     default=None,
                      help="int8 as dynamic quantisation (default), static QDQ calibrated on "
                      "the calibration data, or weight-only (activations float: the same "
                      "embeddings in every ONNX Runtime build, WebAssembly included)")
@@ -174,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cuda: keep fp32 weights instead of fp16")
     exp.add_argument("--tensorrt", action="store_true",
                      help="cuda: list TensorRT before CUDA in the provider hints")
-    exp.add_argument("--fixed-shape", type=_fixed_shape, metavar="NAME=SIZE,...",
+    exp.add_argument("--fixed-shape", type=_fixed_shape, action=_MergeFixedShape,
+                     metavar="NAME=SIZE,...",
                      help="fix symbolic dimensions, e.g. batch=1,sequence=128 (NNAPI/CoreML)")
     exp.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     exp.add_argument("--optimization", choices=("basic", "extended"), default="extended",
@@ -344,25 +373,13 @@ def _precision(args: argparse.Namespace) -> Precision | None:
         StaticInt8,
     )
 
-    static = args.quantize == "int8" and args.quant_format == "qdq"
-    if args.exclude_sensitive and (args.quantize != "int8" or args.quant_format == "weight-only"):
-        raise _usage_error(
-            "--exclude-sensitive applies to int8 with quantised activations: add --quantize int8 "
-            "(dynamic, or --quant-format qdq)"
-        )
-    if args.no_smoothing and (args.quantize != "int8" or args.quant_format != "dynamic"):
-        raise _usage_error("--no-smoothing applies to dynamic int8: add --quantize int8 or "
-                           "drop it")
-    if args.int8_weights is not None and (args.quantize != "int8"
-                                          or args.quant_format == "weight-only"):
-        raise _usage_error("--int8-weights applies to int8 with quantised activations: add "
-                           "--quantize int8 (dynamic, or --quant-format qdq) or drop it")
+    quant_format = args.quant_format or "dynamic"
+    _refuse_idle_flags(args)
+    static = args.quantize == "int8" and quant_format == "qdq"
     grid = args.int8_weights or "pair-safe"
-    if args.int4_block != 32 and args.quantize != "int4":
-        raise _usage_error("--int4-block applies to --quantize int4: add it or drop the block")
     if args.quantize == "int4":
         return Int4WeightOnly(block=args.int4_block)
-    if args.quantize == "int8" and args.quant_format == "weight-only":
+    if args.quantize == "int8" and quant_format == "weight-only":
         return Int8WeightOnly()
     if static:
         return StaticInt8(per_channel=not args.per_tensor, exclude_sensitive=args.exclude_sensitive,
@@ -372,6 +389,46 @@ def _precision(args: argparse.Namespace) -> Precision | None:
                            exclude_sensitive=args.exclude_sensitive,
                            smooth=not args.no_smoothing, weight_grid=grid)
     return None
+
+
+def _int8_activations(args: argparse.Namespace) -> bool:
+    return args.quantize == "int8" and args.quant_format in (None, "dynamic", "qdq")
+
+
+#: Every quantisation flag: when it is set, whether it applies, and the one line when it does not.
+#: A flag set where it changes nothing is refused, never ignored (:func:`_refuse_idle_flags`).
+_Check = Callable[[argparse.Namespace], bool]
+_QUANT_FLAGS: tuple[tuple[str, _Check, _Check, str], ...] = (
+    ("--quant-format", lambda a: a.quant_format is not None,
+     lambda a: a.quantize == "int8",
+     "--quant-format chooses how int8 is stored and applies only to --quantize int8 (int4 is "
+     "always weight-only): add --quantize int8 or drop --quant-format"),
+    ("--per-tensor", lambda a: a.per_tensor,
+     lambda a: _int8_activations(a),
+     "--per-tensor applies to int8 with per-channel scales (--quantize int8, dynamic or "
+     "--quant-format qdq): add --quantize int8 or drop --per-tensor"),
+    ("--exclude-sensitive", lambda a: bool(a.exclude_sensitive),
+     lambda a: _int8_activations(a),
+     "--exclude-sensitive applies to int8 with quantised activations: add --quantize int8 "
+     "(dynamic, or --quant-format qdq)"),
+    ("--no-smoothing", lambda a: a.no_smoothing,
+     lambda a: a.quantize == "int8" and a.quant_format in (None, "dynamic"),
+     "--no-smoothing applies to dynamic int8: add --quantize int8 or drop it"),
+    ("--int8-weights", lambda a: a.int8_weights is not None,
+     lambda a: _int8_activations(a),
+     "--int8-weights applies to int8 with quantised activations: add --quantize int8 "
+     "(dynamic, or --quant-format qdq) or drop it"),
+    ("--int4-block", lambda a: a.int4_block != 32,
+     lambda a: a.quantize == "int4",
+     "--int4-block applies to --quantize int4: add it or drop the block"),
+)
+
+
+def _refuse_idle_flags(args: argparse.Namespace) -> None:
+    """Refuse a quantisation flag given where it does nothing (one line, before any loading)."""
+    for _flag, given, applies, message in _QUANT_FLAGS:
+        if given(args) and not applies(args):
+            raise _usage_error(message)
 
 
 def _available_cpus() -> int:

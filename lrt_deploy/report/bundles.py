@@ -8,7 +8,6 @@ figure comes from those files; fidelity is what the export measured against the 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -87,58 +86,129 @@ def load_bundle(
 ) -> BundleSummary:
     """Read a bundle's manifest, report and (optionally) its size by component.
 
+    Every file is opened through the runtime's checked resolver
+    (:func:`~lrt_deploy.runtime.bundle.checked_file`): inside the bundle, checksums matching.
+
     Raises:
-        ReportInputError: If the folder is not a bundle.
-        BundleContractError: If its manifest breaks the bundle contract.
+        ReportInputError: If the folder is not a bundle or a file in it cannot be read.
+        BundleError: If its manifest breaks the bundle contract or a file its checksum.
     """
-    from lrt_deploy.runtime.contract import check_format_version, check_manifest
+    from lrt_deploy.runtime.bundle import MANIFEST_NAME, checked_file, read_manifest
 
     folder = Path(path)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
+    if not (folder / MANIFEST_NAME).is_file():
         raise ReportInputError(
             f"{folder} is not a bundle (no manifest.json); pass folders written by lrt-export"
         )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ReportInputError(f"{manifest_path} is not valid JSON ({error}); re-export") from None
-    check_manifest(manifest, folder)
-    files = manifest["files"]
-    report = None
-    report_path = folder / files.get("report", "report.json")
-    if report_path.is_file():
-        data = json.loads(report_path.read_text(encoding="utf-8"))
-        check_format_version(data.get("format_version"), report_path, "report")
-        report = ComparisonReport.from_dict(data)
-    model_path = folder / files["model"]
+    manifest = read_manifest(folder)
+    report_path = checked_file(folder, manifest, "report")
+    report = read_report(report_path) if report_path is not None else None
+    model_path = checked_file(folder, manifest, "model")
     split = None
-    onnx_name = files.get("onnx")
-    if components and onnx_name and (folder / onnx_name).is_file():
-        split = size_by_component(folder / onnx_name)
+    onnx_path = checked_file(folder, manifest, "onnx") if components else None
+    if onnx_path is not None:
+        try:
+            split = size_by_component(onnx_path)
+        except Exception as error:  # onnx's parse errors have no common LrtDeployError base
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            raise ReportInputError(
+                f"{onnx_path} in bundle {folder} is not a readable ONNX model ({reason}); "
+                "re-export or re-download the bundle"
+            ) from None
     return BundleSummary(
         label=label or folder.resolve().name,
         path=folder,
         manifest=manifest,
         report=report,
-        model_file=files["model"],
+        model_file=manifest["files"]["model"],
         model_bytes=model_path.stat().st_size,
         components=split,
     )
 
 
-def _load_bench(path: str | os.PathLike[str]) -> dict[str, Any]:
-    bench_path = Path(path)
+def read_report(path: Path) -> ComparisonReport:
+    """Parse a bundle's ``report.json``; anything unreadable is one :class:`ReportInputError`."""
+    from lrt_deploy.runtime.bundle import read_json
+    from lrt_deploy.runtime.contract import check_format_version
+
+    data = read_json(path, "report", "re-export the bundle")
+    if not isinstance(data, dict):
+        raise ReportInputError(f"{path} is not a report (a JSON object); re-export the bundle")
+    check_format_version(data.get("format_version"), path, "report")
     try:
-        data = json.loads(bench_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReportInputError(f"{bench_path} does not exist; write it with lrt-bench --json") \
-            from None
-    except json.JSONDecodeError as error:
-        raise ReportInputError(f"{bench_path} is not valid JSON ({error})") from None
-    if not isinstance(data, dict) or data.get("tool") != "lrt-bench" or "results" not in data:
-        raise ReportInputError(f"{bench_path} is not lrt-bench --json output")
+        return ComparisonReport.from_dict(data)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError, RecursionError) as error:
+        raise ReportInputError(
+            f"{path} is not a readable report ({type(error).__name__}: "
+            f"{str(error)[:120]}); re-export the bundle"
+        ) from None
+
+
+_BENCH_FIX = "write it with lrt-bench --json"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _load_bench(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``lrt-bench --json`` output and check every field the comparison uses, so a file
+    that is not one (or was edited) is one :class:`ReportInputError` line, not a KeyError."""
+    from lrt_deploy.runtime.bundle import read_json
+
+    bench_path = Path(path)
+    data = read_json(bench_path, "benchmark file", _BENCH_FIX)
+    problem = _bench_problem(data)
+    if problem:
+        raise ReportInputError(f"{bench_path} is not lrt-bench --json output ({problem}); "
+                               f"{_BENCH_FIX}")
     return data
+
+
+def _bench_problem(data: Any) -> str | None:
+    """What is wrong with a parsed ``lrt-bench --json`` file, or None."""
+    if not isinstance(data, dict) or data.get("tool") != "lrt-bench":
+        return "no \"tool\": \"lrt-bench\""
+    settings = data.get("settings")
+    if not isinstance(settings, dict):
+        return "settings missing"
+    for key in ("batches", "sequences", "threads"):
+        values = settings.get(key)
+        if not isinstance(values, list) or not values or not all(
+            _is_int(v) or (key == "threads" and v is None) for v in values
+        ):
+            return f"settings.{key} is not a list of whole numbers"
+    if not _is_int(settings.get("runs")):
+        return "settings.runs is not a whole number"
+    if not isinstance(data.get("machine") or {}, dict):
+        return "machine is not an object"
+    bundles = data.get("bundles")
+    if not isinstance(bundles, list) or not all(
+        isinstance(b, dict) and isinstance(b.get("label"), str)
+        and isinstance(b.get("path") or "", str) for b in bundles
+    ):
+        return "bundles is not a list of {label, path}"
+    results = data.get("results")
+    if not isinstance(results, list):
+        return "results is not a list"
+    for index, entry in enumerate(results):
+        if not isinstance(entry, dict) or not isinstance(entry.get("bundle"), str):
+            return f"results[{index}] has no bundle name"
+        if not all(_is_int(entry.get(k)) for k in ("batch", "sequence")) or not (
+            entry.get("threads") is None or _is_int(entry.get("threads"))
+        ):
+            return f"results[{index}] has no whole-number batch, sequence and threads"
+        numbers = ("median_ms", "p90_ms", "p99_ms", "throughput_per_s", "ratio_vs_first")
+        missing = [k for k in numbers if not _is_number(entry.get(k))]
+        missing += [k for k in ("ratio_p10", "ratio_p90")
+                    if k in entry and not _is_number(entry[k])]
+        if missing:
+            return f"results[{index}].{missing[0]} is not a number"
+    return None
 
 
 @dataclass

@@ -11,7 +11,6 @@ compares bundles: table, size by component, latency vs sequence length (from ``l
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -20,8 +19,8 @@ from typing import NoReturn
 
 from lrt_deploy.errors import LrtDeployError
 
-from .bundles import BundleComparison, ReportInputError
-from .comparison import ComparisonReport, _write_atomic
+from .bundles import BundleComparison, ReportInputError, read_report
+from .comparison import _write_atomic
 
 __all__ = ["build_parser", "main", "rebuild_report"]
 
@@ -62,35 +61,52 @@ def build_parser() -> argparse.ArgumentParser:
 def rebuild_report(bundle: str | Path, output: str | Path) -> Path:
     """Re-render a bundle's ``report.json`` as Markdown or HTML.
 
+    The report is the file the manifest names under ``files.report``, opened through the
+    runtime's checked resolver: a name outside the bundle is refused, never followed.
+
     Args:
         bundle: Bundle folder.
-        output: Destination; ``.md`` gives Markdown, anything else HTML.
+        output: Destination; ``.md`` (any case) gives Markdown, anything else HTML.
 
     Raises:
-        ReportInputError: If the bundle has no readable ``report.json``.
+        ReportInputError: If the bundle has no readable ``report.json`` or ``output`` cannot
+            be written.
+        BundleError: If the manifest is unreadable or names a file outside the bundle.
     """
-    folder = Path(bundle)
-    path = folder / "report.json"
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        name = json.loads(manifest.read_text(encoding="utf-8")).get("files", {}).get("report")
-        path = folder / name if name else path
-    if not path.is_file():
-        raise ReportInputError(f"{folder} has no report.json; pass a bundle written by lrt-export")
-    from lrt_deploy.runtime.contract import check_format_version
+    from lrt_deploy.runtime.bundle import MANIFEST_NAME, checked_file, read_manifest
 
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        check_format_version(data.get("format_version"), path, "report")
-        report = ComparisonReport.from_dict(data)
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-        raise ReportInputError(f"{path} is not a readable report ({error}); re-export") from None
+    folder = Path(bundle)
+    if not (folder / MANIFEST_NAME).is_file():
+        raise ReportInputError(
+            f"{folder} is not a bundle (no manifest.json); pass a bundle written by lrt-export"
+        )
+    path = checked_file(folder, read_manifest(folder), "report")
+    if path is None:
+        raise ReportInputError(f"{folder} has no report.json; pass a bundle written by lrt-export")
+    report = read_report(path)
     out = Path(output)
-    if out.suffix == ".md":
-        return _write_atomic(out, report.to_markdown())
+    if _is_markdown(out):
+        return write_output(out, report.to_markdown())
     from .html import to_html
 
-    return _write_atomic(out, to_html(report))
+    return write_output(out, to_html(report))
+
+
+def _is_markdown(path: Path) -> bool:
+    return path.suffix.lower() == ".md"
+
+
+def write_output(path: Path, text: str) -> Path:
+    """Write the page atomically; a path that cannot be written is one
+    :class:`ReportInputError` line, and nothing (no temporary file) is left behind."""
+    if path.is_dir():
+        raise ReportInputError(f"{path} is a folder; give -o a file name such as report.html")
+    try:
+        return _write_atomic(path, text)
+    except OSError as error:
+        raise ReportInputError(
+            f"cannot write {path}: {error.strerror or type(error).__name__}; choose another -o"
+        ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,14 +126,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if not output.parent.is_dir():
             raise ReportInputError(f"{output.parent} does not exist; create it first")
+        if output.is_dir():
+            raise ReportInputError(f"{output} is a folder; give -o a file name such as "
+                                   "report.html")
         if len(args.bundles) == 1 and args.bench is None and not args.compare:
             written = rebuild_report(args.bundles[0], output)
         else:
             comparison = BundleComparison.from_paths(
                 args.bundles, labels=args.label, bench=args.bench, metric=args.metric
             )
-            text = comparison.to_markdown() if output.suffix == ".md" else comparison.to_html()
-            written = _write_atomic(output, text)
+            text = comparison.to_markdown() if _is_markdown(output) else comparison.to_html()
+            written = write_output(output, text)
     except LrtDeployError as error:
         print(f"{_PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -49,7 +49,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     import numpy  # noqa: F401  (imported before the baseline so it is not counted as model)
     import onnxruntime  # noqa: F401
 
-    from lrt_deploy.runtime.bench import open_for_benchmark, synthetic_feeds
+    from lrt_deploy.runtime.bench import bundle_feeds, open_for_benchmark
 
     # The tokenizer is imported now too: its library is not the model's memory either.
     try:
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     baseline, _ = _current_rss_mb()
     bundle = open_for_benchmark(path, threads=threads or None)
     after_load, _ = _current_rss_mb()
-    feeds = synthetic_feeds(bundle.inputs, batch, sequence, tokenizer_path=bundle.tokenizer_path)
+    feeds = bundle_feeds(bundle, batch, sequence)
     for _ in range(max(runs, 1)):
         bundle.session.run(None, feeds)
     peak, source = _peak_rss_mb()

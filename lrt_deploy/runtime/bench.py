@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from lrt_deploy.errors import LrtDeployError
 
-from .bundle import bundle_file
+from .bundle import bundle_file, checked_file
 from .session import Session, TensorSpec, _resolve_model_path
 
 __all__ = [
@@ -57,6 +57,8 @@ BENCH_TEXT = (
 )
 # Without a tokenizer, token ids are drawn from this range: valid rows of any BERT-like table.
 _SYNTHETIC_ID_RANGE = (1, 100)
+# Sequence length timed when none is asked for (and the bundles neither fix nor forbid it).
+_DEFAULT_SEQUENCE = 128
 _TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -146,15 +148,28 @@ class BundleUnderTest:
     providers: list[str]
     provider_message: str
     tokenizer_path: Path | None = None
+    checked: Session | None = None
+
+    @property
+    def text_limits(self) -> dict[str, int]:
+        """The manifest's ``text`` section (``vocab_size``, ``max_sequence``), or {}."""
+        return dict((self.manifest or {}).get("text") or {})
+
+    @property
+    def fixed_sequence(self) -> int | None:
+        """The sequence length the model's inputs fix (axis 1), or None when it is free."""
+        for spec in self.inputs:
+            if len(spec.shape) >= 2 and isinstance(spec.shape[1], int) and spec.shape[1] > 0:
+                return spec.shape[1]
+        return None
 
     @property
     def model_bytes(self) -> int:
         """Size of the model file opened, plus external weights beside it."""
         size = self.model_path.stat().st_size
-        data_name = ((self.manifest or {}).get("files") or {}).get("onnx_data")
-        if data_name and self.model_path.suffix == ".onnx":
-            data_path = self.path / data_name
-            size += data_path.stat().st_size if data_path.is_file() else 0
+        if self.manifest is not None and self.model_path.suffix == ".onnx":
+            data_path = bundle_file(self.path, self.manifest, "onnx_data")
+            size += data_path.stat().st_size if data_path is not None else 0
         return size
 
 
@@ -195,7 +210,8 @@ def open_for_benchmark(
                      session_config=_NO_SPINNING)
     load_s = time.perf_counter() - began
     manifest = opened.manifest
-    tokenizer_path = bundle_file(folder, manifest, "tokenizer") if manifest else None
+    # The tokenizer feeds the model too: inside the bundle and matching its checksum.
+    tokenizer_path = checked_file(folder, manifest, "tokenizer") if manifest else None
     report = opened.provider_report()
     return BundleUnderTest(
         label=label or (folder.name if folder.is_dir() else folder.stem),
@@ -208,6 +224,7 @@ def open_for_benchmark(
         providers=list(opened.active_providers),
         provider_message=report["message"],
         tokenizer_path=tokenizer_path,
+        checked=opened,
     )
 
 
@@ -232,13 +249,15 @@ def synthetic_feeds(
     *,
     tokenizer_path: str | os.PathLike[str] | None = None,
     seed: int = 0,
+    vocab_size: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Build feeds of the requested batch and sequence length for a model's inputs.
 
     Text inputs (``input_ids``, ``attention_mask``, ``token_type_ids``) come from the
     bundle's tokenizer when given: a fixed English text repeated and truncated to exactly
     ``sequence`` tokens, no padding, so every position is real. Without a tokenizer, ids are
-    drawn uniformly from 1..99 (valid in any BERT-like vocabulary). Other inputs get seeded
+    drawn uniformly from 1..99 (valid in any BERT-like vocabulary), kept below ``vocab_size``
+    when the bundle states a smaller vocabulary. Other inputs get seeded
     standard-normal floats or zeros; axis 0 is the batch, other dynamic axes take
     ``sequence``.
 
@@ -265,7 +284,7 @@ def synthetic_feeds(
             if ids is not None and ids.shape == shape:
                 feeds[spec.name] = ids.astype(dtype)
             else:
-                feeds[spec.name] = rng.integers(*_SYNTHETIC_ID_RANGE, size=shape).astype(dtype)
+                feeds[spec.name] = rng.integers(*_id_range(vocab_size), size=shape).astype(dtype)
         elif spec.name == "attention_mask":
             feeds[spec.name] = np.ones(shape, dtype=dtype)
         elif spec.name == "token_type_ids" or dtype.kind in "iub":
@@ -273,6 +292,60 @@ def synthetic_feeds(
         else:
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
+
+
+def _id_range(vocab_size: int | None) -> tuple[int, int]:
+    low, high = _SYNTHETIC_ID_RANGE
+    if vocab_size is None or vocab_size >= high:
+        return low, high
+    # A tiny vocabulary: every id it has (id 0 too when it has only one or two).
+    return (low if vocab_size > low + 1 else 0), max(vocab_size, 1)
+
+
+def bundle_feeds(bundle: BundleUnderTest, batch: int, sequence: int) -> dict[str, np.ndarray]:
+    """:func:`synthetic_feeds` for an opened bundle, checked once against its inputs and text
+    limits (the timed runs then skip the checks), with a huge shape a one-line error."""
+    try:
+        feeds = synthetic_feeds(bundle.inputs, batch, sequence,
+                                tokenizer_path=bundle.tokenizer_path,
+                                vocab_size=bundle.text_limits.get("vocab_size"))
+        return bundle.checked.prepare(feeds) if bundle.checked is not None else feeds
+    except LrtDeployError:
+        raise
+    except (MemoryError, ValueError) as error:  # numpy: "array is too big" is a ValueError
+        if isinstance(error, ValueError) and "too big" not in str(error):
+            raise
+        raise BenchInputError(
+            f"batch {batch} x sequence {sequence} does not fit in memory for {bundle.label}: "
+            "benchmark smaller --batch/--sequence values"
+        ) from None
+
+
+def resolve_sequences(
+    bundles: Sequence[BundleUnderTest], sequences: Sequence[int] | None
+) -> list[int]:
+    """The sequence lengths to sweep: those asked for, each checked against every bundle's
+    positions (``text.max_sequence``) and fixed input length; by default the bundles' own
+    fixed length, else 128 capped at the fewest positions of any bundle."""
+    fixed = {b.fixed_sequence for b in bundles} - {None}
+    if sequences is None:
+        if len(fixed) > 1:
+            raise BenchInputError(
+                f"the bundles fix different sequence lengths ({', '.join(map(str, sorted(fixed)))}"
+                "): benchmark them separately, or pass --sequence"
+            )
+        limits = [b.text_limits.get("max_sequence") for b in bundles]
+        default = min([_DEFAULT_SEQUENCE, *(m for m in limits if m)])
+        sequences = [fixed.pop() if fixed else default]
+    for bundle in bundles:
+        most = bundle.text_limits.get("max_sequence")
+        too_long = [s for s in sequences if most and s > most]
+        if too_long:
+            raise BenchInputError(
+                f"--sequence {too_long[0]} is longer than {bundle.label} supports ({most} "
+                f"positions): benchmark it with --sequence {most} or less"
+            )
+    return list(sequences)
 
 
 @dataclass
@@ -320,6 +393,33 @@ def _machine() -> dict[str, Any]:
     return info
 
 
+def _first_run(bundle: BundleUnderTest, feeds: dict[str, np.ndarray], batch: int,
+               sequence: int) -> float:
+    """The first (timed) run; a run that fails (out of memory, inputs the model refuses) is a
+    one-line error before any timing."""
+    try:
+        return _time_once(bundle.session, feeds)
+    except MemoryError:
+        reason = "out of memory"
+    except _ORT_RUN_ERRORS as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    if "memory" in reason or "alloc" in reason.lower():
+        fix = "benchmark smaller --batch/--sequence values"
+    else:
+        fix = ("its manifest does not state the limits of its inputs (text.vocab_size, "
+               "text.max_sequence): re-export the bundle, or benchmark other --sequence values")
+    raise BenchInputError(
+        f"{bundle.label} cannot run batch {batch} x sequence {sequence} ({reason}); {fix}"
+    )
+
+
+_ORT_RUN_ERRORS = tuple(
+    getattr(ort.capi.onnxruntime_pybind11_state, name)
+    for name in ("Fail", "RuntimeException", "InvalidArgument")
+    if hasattr(ort.capi.onnxruntime_pybind11_state, name)
+)
+
+
 def _time_once(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> float:
     begin = time.perf_counter()
     session.run(None, feeds)
@@ -330,7 +430,7 @@ def benchmark_bundles(
     paths: Sequence[str | os.PathLike[str]],
     *,
     batches: Sequence[int] = (1,),
-    sequences: Sequence[int] = (128,),
+    sequences: Sequence[int] | None = None,
     threads: Sequence[int | None] = (None,),
     warmup: int = 5,
     runs: int = 30,
@@ -353,7 +453,8 @@ def benchmark_bundles(
     Args:
         paths: Bundle folders (or model files); the first is the reference for ratios.
         batches: Batch sizes to sweep.
-        sequences: Sequence lengths to sweep (used by text and other sequence inputs).
+        sequences: Sequence lengths to sweep (used by text and other sequence inputs); None:
+            the length the bundles fix, else 128 or the fewest positions a bundle has.
         threads: Intra-op thread counts to sweep; None keeps onnxruntime's default.
         warmup: Untimed runs per bundle and configuration; at least one is always made, and
             the first of a fresh session is reported as its first-run time.
@@ -375,37 +476,37 @@ def benchmark_bundles(
         raise BenchInputError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     if labels is not None and len(labels) != len(paths):
         raise BenchInputError(f"got {len(labels)} labels for {len(paths)} bundles")
-    for value in [*batches, *sequences]:
+    for value in [*batches, *(sequences or ())]:
         if value < 1:
             raise BenchInputError(f"batch and sequence sizes must be >= 1, got {value}")
     report = progress or (lambda _: None)
     names = _unique_labels(paths, labels)
     bundle_info: list[dict[str, Any]] = [{"label": name} for name in names]
     results: list[dict[str, Any]] = []
-    configs = [(b, s) for b in batches for s in sequences]
-    total = len(threads) * len(configs)
     step = 0
+    configs: list[tuple[int, int]] | None = None
     for thread_count in threads:
         thread_key = str(thread_count or "default")
         opened = [
             open_for_benchmark(path, threads=thread_count, label=name)
             for path, name in zip(paths, names, strict=True)
         ]
+        if configs is None:  # known once the bundles are open (their fixed shapes, positions)
+            sequences = resolve_sequences(opened, sequences)
+            configs = [(b, s) for b in batches for s in sequences]
+            total = len(threads) * len(configs)
         for info, bundle in zip(bundle_info, opened, strict=True):
             _describe(info, bundle)
             info.setdefault("load_s", {})[thread_key] = bundle.load_s
         for batch, sequence in configs:
             step += 1
             prefix = f"[{step}/{total}] threads {thread_key}, batch {batch}, sequence {sequence}"
-            feeds = [
-                synthetic_feeds(b.inputs, batch, sequence, tokenizer_path=b.tokenizer_path)
-                for b in opened
-            ]
+            feeds = [bundle_feeds(b, batch, sequence) for b in opened]
             for info, bundle, feed in zip(bundle_info, opened, feeds, strict=True):
                 report(f"{prefix}: warming up {bundle.label}")
                 # The very first run of a fresh session pays for lazy initialisation: what an
                 # app's first request costs, kept apart from the steady-state figures.
-                first = _time_once(bundle.session, feed)
+                first = _first_run(bundle, feed, batch, sequence)
                 info.setdefault("first_run_ms", {}).setdefault(thread_key, first)
                 for _ in range(max(warmup - 1, 0)):
                     bundle.session.run(None, feed)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -56,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bundle folders (or .onnx/.ort files); the first is the reference")
     parser.add_argument("--batch", type=_int_list, default=[1], metavar="N[,N...]",
                         help="batch sizes to sweep (default 1)")
-    parser.add_argument("--sequence", type=_int_list, default=[128], metavar="N[,N...]",
-                        help="sequence lengths to sweep (default 128)")
+    parser.add_argument("--sequence", type=_int_list, default=None, metavar="N[,N...]",
+                        help="sequence lengths to sweep (default: the length the bundles fix, "
+                        "else 128, or fewer when a bundle has fewer positions)")
     parser.add_argument("--threads", type=_int_list, default=None, metavar="N[,N...]",
                         help="intra-op thread counts to sweep (default: onnxruntime's, one per "
                         "core)")
@@ -186,6 +189,38 @@ def _progress(quiet: bool) -> Callable[[str], None] | None:
     return show
 
 
+def _json_problem(path: Path) -> str | None:
+    """Why ``--json PATH`` cannot be written (checked before the benchmark runs), or None."""
+    if path.is_dir():
+        return f"--json {path} is a folder; give a file name such as bench.json"
+    if not path.parent.is_dir():
+        return f"--json {path}: folder {path.parent} does not exist; create it first"
+    try:  # the real test (permissions, read-only mounts, /proc): create a file there
+        handle, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        return (f"--json {path} cannot be written ({error.strerror or type(error).__name__}); "
+                "choose another file")
+    return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and rename it into place: no half-written file, and no
+    temporary one left when the write fails."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lrt-bench``; returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -197,6 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"{_PROG}: error: {missing[0]} does not exist; pass a bundle folder written by "
               "lrt-export", file=sys.stderr)
+        return EXIT_USAGE
+    problem = _json_problem(args.json) if args.json is not None else None
+    if problem:
+        print(f"{_PROG}: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     progress = _progress(args.quiet)
     try:
@@ -223,8 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if progress is not None and sys.stderr.isatty():
         sys.stderr.write("\r\033[K")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+        try:
+            _write_atomic(args.json, json.dumps(result.to_dict(), indent=2, allow_nan=False))
+        except (OSError, ValueError) as error:
+            reason = getattr(error, "strerror", None) or str(error)
+            print(f"{_PROG}: error: cannot write {args.json}: {reason}; choose another --json",
+                  file=sys.stderr)
+            return EXIT_USAGE
     print(format_tables(result), end="")
     return 0
 

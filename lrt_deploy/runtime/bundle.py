@@ -2,9 +2,19 @@
 
 A bundle is a folder an app may have downloaded, so nothing in its ``manifest.json`` is taken on
 trust: every file it names must resolve (symbolic links followed) to a file inside the bundle
-folder, and, when the manifest records SHA-256 checksums (``checksums``: relative path -> hex
-digest), the bytes must match before a model is opened. Any
-problem is a :class:`~lrt_deploy.errors.BundleError` with one line saying what is wrong.
+folder, and the manifest's SHA-256 checksums (``checksums``: relative path -> hex digest) must
+match the bytes before a file is used. Every command (``Session``, ``TextEncoder``,
+``lrt-bench``, ``lrt-report``, ``lrt-verify``) opens bundle files through :func:`checked_file`,
+which does both. Any problem is a :class:`~lrt_deploy.errors.BundleError` with one line saying
+what is wrong.
+
+Which bundles must carry checksums: every lrt-export that wrote the manifest's ``text`` section
+(the same release that introduced checksums) or its later ``runtimes``, ``devices`` or
+``files.verification`` entries also wrote ``checksums``. A manifest with any of those and no
+checksums has had them removed, and is refused; only a manifest with none of them (written
+before checksums existed) opens unverified, with a warning. Checksums catch damaged, truncated
+or swapped files; they do not stop someone who can rewrite ``manifest.json`` too (the digests
+live in it), so a bundle from an untrusted source needs a trusted copy of its manifest.
 """
 
 from __future__ import annotations
@@ -20,9 +30,14 @@ from lrt_deploy.errors import BundleError
 from .contract import check_manifest
 
 __all__ = [
+    "CHECKSUM_MARKERS",
     "MANIFEST_NAME",
+    "UNCHECKSUMMED_KEYS",
     "bundle_file",
+    "checked_file",
+    "external_data_names",
     "file_sha256",
+    "read_json",
     "read_manifest",
     "verify_checksums",
 ]
@@ -30,6 +45,40 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+
+#: Manifest keys that every lrt-export writing them also wrote ``checksums`` with (``text`` came
+#: in the same release as checksums, the others later): a manifest that has one of them and no
+#: checksums has had its checksums removed.
+CHECKSUM_MARKERS = ("text", "runtimes", "devices")
+#: ``files`` keys lrt-export does not checksum: ``report.json`` is written after the manifest
+#: (it describes the finished export) and only feeds ``lrt-report``, never a model.
+UNCHECKSUMMED_KEYS = frozenset({"report"})
+
+
+def read_json(path: Path, what: str, fix: str = "re-export the bundle") -> Any:
+    """Parse a JSON file; any reason it cannot be read (missing, a folder, not UTF-8, not JSON,
+    nested too deeply) is one :class:`BundleError` line naming ``what`` and ``fix``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise BundleError(f"{what} '{path}' is a folder, not a file: {fix}") from None
+    except OSError as exc:
+        raise BundleError(
+            f"cannot read {what} '{path}': {exc.strerror or type(exc).__name__}; {fix}"
+        ) from None
+    except UnicodeDecodeError:
+        raise BundleError(f"{what} '{path}' is not readable JSON (not UTF-8 text): {fix}") \
+            from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise BundleError(f"{what} '{path}' is not readable JSON (nested too deeply): {fix}") \
+            from None
+    except ValueError as exc:
+        raise BundleError(
+            f"{what} '{path}' is not readable JSON ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:120]}): {fix}"
+        ) from None
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -42,14 +91,17 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             f"'{folder}' has no {MANIFEST_NAME}: pass a bundle folder written by lrt-export, or "
             "the .onnx/.ort file itself"
         )
+    manifest = read_json(path, "manifest")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        # Format version, files inside the bundle, inputs/outputs, providers: the contract.
+        check_manifest(manifest, folder)
+    except BundleError:
+        raise
+    except (TypeError, AttributeError, IndexError, KeyError, ValueError, RecursionError) as exc:
+        # Whatever shape a hand-edited manifest takes, the caller gets one error type.
         raise BundleError(
-            f"'{path}' is not readable JSON ({type(exc).__name__}): re-export the bundle"
+            f"'{path}' is malformed ({type(exc).__name__}): re-export the bundle"
         ) from None
-    # Format version, files inside the bundle, inputs/outputs, providers: the contract.
-    check_manifest(manifest, folder)
     text = manifest.get("text") or {}
     if not isinstance(text, dict) or not all(
         isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in text.values()
@@ -70,10 +122,16 @@ def bundle_file(folder: Path, manifest: dict[str, Any], *keys: str) -> Path | No
     absolute, climbs out of the bundle (``..``, a symbolic link elsewhere) or the file is missing.
     """
     files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise BundleError(f"manifest of '{folder}' has no 'files' object: re-export the bundle")
     key = next((k for k in keys if files.get(k)), None)
     if key is None:
         return None
     name = files[key]
+    if not isinstance(name, str):
+        raise BundleError(
+            f"manifest of '{folder}' names {key}={name!r}, not a file name: re-export the bundle"
+        )
     root = folder.resolve()
     candidate = Path(name)
     resolved = (root / candidate).resolve()
@@ -90,6 +148,86 @@ def bundle_file(folder: Path, manifest: dict[str, Any], *keys: str) -> Path | No
     return resolved
 
 
+def checked_file(
+    folder: Path, manifest: dict[str, Any], *keys: str, verify: bool = True
+) -> Path | None:
+    """:func:`bundle_file`, then (``verify``) its SHA-256 checked against the manifest.
+
+    The one way commands open a file of a bundle. Files lrt-export does not checksum
+    (:data:`UNCHECKSUMMED_KEYS`: ``report.json``) are only kept inside the bundle. An ``.onnx``
+    model's external-data files are checked too, whether or not ``files`` lists them.
+    """
+    path = bundle_file(folder, manifest, *keys)
+    if path is None or not verify:
+        return path
+    key = next(k for k in keys if manifest["files"].get(k))
+    if key in UNCHECKSUMMED_KEYS:
+        return path
+    covered = [path]
+    if path.suffix == ".onnx":
+        covered += _external_data_files(folder, path)
+    verify_checksums(folder, manifest, covered)
+    return path
+
+
+_LOCATION = b"\x0a\x08location\x12"  # StringStringEntryProto: key="location", then value
+
+
+def external_data_names(model: Path) -> list[str]:
+    """The ``location`` of every external-data entry in an ``.onnx`` file, read from the
+    protobuf bytes (the runtime has no ``onnx`` package): the files onnxruntime will open."""
+    names: list[str] = []
+    overlap = len(_LOCATION) + 10 + 4096  # marker, length varint, a name of up to 4 KiB
+    tail = b""
+    with open(model, "rb") as handle:
+        while True:
+            block = handle.read(1 << 22)
+            data = tail + block
+            # Markers near the end are parsed with the next block (unless this is the last).
+            limit = len(data) if not block else max(len(data) - overlap, 0)
+            at = data.find(_LOCATION)
+            while 0 <= at < limit:
+                value = _length_delimited(data, at + len(_LOCATION))
+                if value is not None:
+                    names.append(value.decode("utf-8", "replace"))
+                at = data.find(_LOCATION, at + 1)
+            if not block:
+                break
+            tail = data[limit:]
+    return list(dict.fromkeys(names))
+
+
+def _length_delimited(data: bytes, at: int) -> bytes | None:
+    length, shift = 0, 0
+    while at < len(data):
+        byte = data[at]
+        at += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return data[at:at + length] if at + length <= len(data) else None
+        shift += 7
+    return None
+
+
+def _external_data_files(folder: Path, model: Path) -> list[Path]:
+    root = folder.resolve()
+    paths = []
+    for name in external_data_names(model):
+        path = (model.parent / name).resolve()
+        if Path(name).is_absolute() or not path.is_relative_to(root):
+            raise BundleError(
+                f"'{model.name}' in bundle '{folder}' loads weights from {name!r}, outside the "
+                "bundle: re-export the bundle"
+            )
+        if not path.is_file():
+            raise BundleError(
+                f"'{model.name}' in bundle '{folder}' needs its weights file {name!r}, which is "
+                "missing: copy the whole bundle folder"
+            )
+        paths.append(path)
+    return paths
+
+
 def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
@@ -102,11 +240,21 @@ def file_sha256(path: Path) -> str:
 def verify_checksums(folder: Path, manifest: dict[str, Any], paths: list[Path]) -> None:
     """Check each of ``paths`` (files inside ``folder``) against the manifest's checksums.
 
-    A bundle written before checksums existed is opened with a warning; a file whose bytes do not
-    match, or that a checksummed manifest does not cover, is a :class:`BundleError`.
+    A bundle written before checksums existed is opened with a warning; one of the current
+    format (:data:`CHECKSUM_MARKERS`) without checksums, a file whose bytes do not match, or one
+    the manifest does not cover, is a :class:`BundleError`.
     """
     checksums: dict[str, str] = manifest.get("checksums") or {}
     if not checksums:
+        current = [key for key in CHECKSUM_MARKERS if key in manifest]
+        if "verification" in (manifest.get("files") or {}):
+            current.append("files.verification")
+        if current:
+            raise BundleError(
+                f"manifest of '{folder}' has no checksums although its format always records "
+                f"them (it has {', '.join(map(repr, current))}): they were removed or the "
+                "manifest edited; re-export the bundle with lrt-export, or re-download it"
+            )
         logger.warning(
             "bundle '%s' records no checksums (written before lrt-deploy recorded them): its "
             "files are not verified; re-export it to get them", folder,

@@ -28,7 +28,8 @@ __all__ = [
 #: The newest ``manifest.json`` / ``report.json`` ``format_version`` this lrt-deploy reads.
 SUPPORTED_FORMAT_VERSION = 1
 
-_FILE_KEYS = ("model", "onnx", "onnx_data", "ort", "tokenizer", "report", "required_operators")
+_FILE_KEYS = ("model", "onnx", "onnx_data", "ort", "tokenizer", "report", "required_operators",
+              "verification")
 _TENSOR_DTYPES = frozenset(
     {
         "float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64",
@@ -119,6 +120,11 @@ def _check_files(files: Any, folder: Path, where: Path) -> None:
         if not isinstance(name, str) or not name:
             raise BundleContractError(f"{where}: files.{key} must be a file name, got {name!r}")
         path = PurePosixPath(name.replace("\\", "/"))
+        if not path.parts or name.endswith(("/", "\\")):
+            raise BundleContractError(
+                f"{where}: files.{key} is {name!r}, which names a folder, not a file; "
+                "re-export the bundle"
+            )
         # A manifest must not send the runtime to files outside its own folder.
         if path.is_absolute() or ".." in path.parts or ":" in path.parts[0]:
             raise BundleContractError(

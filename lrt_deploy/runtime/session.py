@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from lrt_deploy.errors import BundleError, LrtDeployError
 
-from .bundle import bundle_file, read_manifest, verify_checksums
+from .bundle import checked_file, read_manifest
 from .devices import DEVICE_CLASSES, host_class
 from .providers import (
     CPU_PROVIDER,
@@ -112,12 +112,10 @@ def _resolve_model_path(path: Path, verify: bool) -> tuple[Path, dict[str, Any] 
     if not path.is_dir():
         raise BundleError(f"'{path}' does not exist: pass a bundle folder or a .onnx/.ort file")
     manifest = read_manifest(path)
-    model_path = bundle_file(path, manifest, "model", "onnx")
+    # Inside the bundle, and its bytes (with any external weights it loads) as the manifest says.
+    model_path = checked_file(path, manifest, "model", "onnx", verify=verify)
     if model_path is None:
         raise BundleError(f"manifest of '{path}' names no model under files.model: re-export it")
-    if verify:
-        data = bundle_file(path, manifest, "onnx_data") if model_path.suffix == ".onnx" else None
-        verify_checksums(path, manifest, [p for p in (model_path, data) if p is not None])
     return model_path, manifest
 
 

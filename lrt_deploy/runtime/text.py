@@ -16,7 +16,7 @@ import numpy as np
 
 from lrt_deploy.errors import BundleError
 
-from .bundle import bundle_file, read_manifest, verify_checksums
+from .bundle import checked_file, read_manifest
 
 __all__ = ["TextEncoder"]
 
@@ -85,11 +85,9 @@ class TextEncoder:
         """
         folder = Path(bundle)
         manifest = read_manifest(folder)
-        path = bundle_file(folder, manifest, "tokenizer")
+        path = checked_file(folder, manifest, "tokenizer", verify=verify)
         if path is None:
             raise BundleError(f"bundle '{folder}' has no tokenizer file: it is not a text model")
-        if verify:
-            verify_checksums(folder, manifest, [path])
         return cls(path, max_length=max_length, pad_to=pad_to)
 
     def _pad_token(self) -> tuple[int, str]:

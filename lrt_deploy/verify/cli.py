@@ -56,9 +56,9 @@ def _exact_on(folder: Path, manifest: dict, model: Path) -> list[str]:
     if isinstance(recorded, list):
         return [str(name) for name in recorded]
     from lrt_deploy.quant.kernels import exact_classes
-    from lrt_deploy.runtime.bundle import bundle_file
+    from lrt_deploy.runtime.bundle import checked_file
 
-    onnx_file = bundle_file(folder, manifest, "onnx") or model
+    onnx_file = checked_file(folder, manifest, "onnx") or model
     return exact_classes(onnx_file)
 
 
@@ -66,23 +66,22 @@ def verify_bundle(folder: Path, *, classes: Sequence[str] | None = None, sample:
                   jobs: int = 2, progress=lambda _line: None):
     """The :class:`~lrt_deploy.verify.check.DeviceVerification` of the bundle at ``folder``
     (its files checked against the manifest's checksums first)."""
-    from lrt_deploy.runtime.bundle import bundle_file, read_manifest, verify_checksums
+    from lrt_deploy.runtime.bundle import checked_file, read_manifest
     from lrt_deploy.verify.check import verify_model
 
     if not folder.is_dir():
         raise BundleError(f"{folder} is not a folder: pass a bundle folder written by lrt-export")
     manifest = read_manifest(folder)
-    model = bundle_file(folder, manifest, "model", "onnx")
+    model = checked_file(folder, manifest, "model", "onnx")
     if model is None:
         raise BundleError(f"manifest of '{folder}' names no model: re-export it")
-    reference = bundle_file(folder, manifest, "verification")
+    reference = checked_file(folder, manifest, "verification")
     if reference is None:
         skipped = (manifest.get("devices") or {}).get("skipped")
         raise BundleError(
             f"'{folder}' has no held-out reference (verification.npz)"
             + (f": {skipped}" if skipped else ": exported before device verification")
             + "; re-export the text model with lrt-export (without --no-verify-devices)")
-    verify_checksums(folder, manifest, [model, reference])
     return verify_model(model, reference, _exact_on(folder, manifest, model), classes=classes,
                         sample=sample, jobs=jobs, progress=progress)
 
