@@ -208,7 +208,14 @@ def verify_devices(staging: Path, manifest: dict[str, Any], dense: LoadedModel,
     from lrt_deploy.export.bundle import add_to_manifest
     from lrt_deploy.quant.kernels import exact_classes
     from lrt_deploy.runtime.devices import DEVICE_CLASSES
-    from lrt_deploy.verify.check import REFERENCE_FILE, SAMPLE_SENTENCES, SETS, verify_model
+    from lrt_deploy.verify.check import (
+        REFERENCE_FILE,
+        REFERENCE_SENTENCES,
+        SAMPLE_SENTENCES,
+        SETS,
+        verify_model,
+        write_reference,
+    )
 
     devices: dict[str, Any] = {
         "classes": list(DEVICE_CLASSES),
@@ -225,13 +232,11 @@ def verify_devices(staging: Path, manifest: dict[str, Any], dense: LoadedModel,
         fixed = dict(target.fixed_shape) or None
         for key, corpus in zip(SETS, (readers.HELDOUT_TEXT, readers.DOMAIN_HELDOUT_TEXT),
                                strict=True):
-            batch = readers.evaluation_batches(loaded, SAMPLE_SENTENCES,
-                                               {**fixed, "batch": SAMPLE_SENTENCES}
+            batch = readers.evaluation_batches(loaded, REFERENCE_SENTENCES,
+                                               {**fixed, "batch": REFERENCE_SENTENCES}
                                                if fixed else None, corpus=corpus)[0]
             reference = dense.forward(batch)[loaded.output_names[0]].numpy()
             sets[key] = ({k: v.numpy() for k, v in batch.items()}, reference)
-        from lrt_deploy.verify.check import write_reference
-
         write_reference(staging / REFERENCE_FILE, sets)
         files["verification"] = REFERENCE_FILE
         progress(f"running the deployed model on every device class ({SAMPLE_SENTENCES} "

@@ -30,6 +30,7 @@ from lrt_deploy.verify.wasm import run_wasm, wasm_unavailable
 
 __all__ = [
     "REFERENCE_FILE",
+    "REFERENCE_SENTENCES",
     "SAMPLE_SENTENCES",
     "SETS",
     "CLASSES_ENV",
@@ -46,6 +47,9 @@ REFERENCE_FILE = "verification.npz"
 #: Sentences of each held-out set run on every class (one per run): under emulation a run
 #: costs ~1 s of the ~15 s a class takes, most of it qemu starting Python and onnxruntime.
 SAMPLE_SENTENCES = 8
+#: Sentences of each held-out set stored in ``verification.npz`` (``lrt-verify --sample`` can
+#: run up to this many; ~0.3 MB per bundle).
+REFERENCE_SENTENCES = 64
 #: The held-out sets, by key: the shipped files they come from.
 SETS = {"heldout": "heldout.txt", "domain": "heldout_domain.txt"}
 
