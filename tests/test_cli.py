@@ -956,3 +956,36 @@ def test_fidelity_floor_missed_after_int8_warns_without_strict(
     assert sorted(floor["missed_on"]) == ["heldout.txt", "heldout_domain.txt"]
     assert "warning: the fidelity floor 0.99999 was not kept" in err
     assert "MISSED on heldout_domain.txt" in out and "(deployed)" in out
+
+
+def test_force_never_rewrites_the_old_bundle_in_place(capsys, tmp_path: Path,
+                                                      models: Path) -> None:
+    # An app may have the old bundle open (onnxruntime maps external weights: rewriting them
+    # in place is a SIGBUS): --force must write a new folder and swap, leaving the old files'
+    # inodes untouched (issue 21, item 5).
+    import mmap
+
+    out_dir = tmp_path / "bundle"
+    argv = [models / "mlp_weights.pt", "--factory", "tiny_models:make_tiny_mlp",
+            "--input-shape", "x=2,16", "-q", *RUNS, "-o", out_dir]
+    assert _cli(argv, capsys)[0] == 0
+    handles = {name: open(out_dir / name, "rb") for name in ("model.onnx", "manifest.json")}
+    try:
+        before = {name: (os.fstat(h.fileno()), h.read()) for name, h in handles.items()}
+        mapped = mmap.mmap(handles["model.onnx"].fileno(), 0, access=mmap.ACCESS_READ)
+        code, _, err = _cli([*argv, "--force"], capsys)
+        assert code == 0, err
+        for name, handle in handles.items():
+            old_stat, old_bytes = before[name]
+            now = os.fstat(handle.fileno())
+            assert now.st_nlink == 0, f"old {name} still linked: rewritten in place?"
+            assert (now.st_mtime_ns, now.st_size) == (old_stat.st_mtime_ns, old_stat.st_size)
+            handle.seek(0)
+            assert handle.read() == old_bytes
+            assert (out_dir / name).stat().st_ino != old_stat.st_ino
+        assert mapped[:] == before["model.onnx"][1]
+        mapped.close()
+    finally:
+        for handle in handles.values():
+            handle.close()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lrt-")]

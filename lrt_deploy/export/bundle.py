@@ -151,7 +151,12 @@ def staging_folder(out_dir: Path, force: bool, source: Path | None = None) -> It
 
 
 def commit(staging: Path, out_dir: Path) -> None:
-    """Move the finished bundle into place; an existing one (with --force) is replaced whole."""
+    """Move the finished bundle into place; an existing one (with --force) is replaced whole.
+
+    The old folder is renamed aside and deleted, never written into: a Session that has it
+    open (onnxruntime maps external weights; rewriting a mapped file is a SIGBUS) keeps
+    reading the old inodes until it closes them.
+    """
     # mkdtemp/mkstemp create private (0700/0600) entries; a bundle is shared like any output.
     umask = os.umask(0)
     os.umask(umask)

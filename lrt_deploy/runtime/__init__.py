@@ -23,6 +23,7 @@ from .contract import (
     UnsupportedFormatVersionError,
     check_manifest,
 )
+from .limits import ResourceLimitError
 from .providers import (
     ProviderResolution,
     UnknownTargetError,
@@ -30,7 +31,7 @@ from .providers import (
     resolve_providers,
 )
 from .session import InputError, Session, TensorSpec
-from .text import TextEncoder
+from .text import TextEncoder, TextInputError
 
 __all__ = [
     "SUPPORTED_FORMAT_VERSION",
@@ -41,9 +42,11 @@ __all__ = [
     "LatencyStats",
     "ModelMeasurement",
     "ProviderResolution",
+    "ResourceLimitError",
     "Session",
     "TensorSpec",
     "TextEncoder",
+    "TextInputError",
     "RunStats",
     "UnknownTargetError",
     "UnsupportedFormatVersionError",

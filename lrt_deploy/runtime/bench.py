@@ -28,6 +28,7 @@ import onnxruntime as ort
 from lrt_deploy.errors import LrtDeployError
 
 from .bundle import bundle_file, checked_file
+from .limits import BYTES_PER_TOKENIZED_TOKEN, check_threads
 from .session import Session, TensorSpec, _resolve_model_path
 
 __all__ = [
@@ -201,8 +202,7 @@ def open_for_benchmark(
             or does not match its checksums.
     """
     folder = Path(path)
-    if threads is not None and threads < 1:
-        raise BenchInputError(f"threads must be >= 1, got {threads}")
+    check_threads(threads)
     # Checked (contract, files inside the bundle, SHA-256) before the clock starts.
     _resolve_model_path(folder, verify=True)
     began = time.perf_counter()
@@ -302,9 +302,26 @@ def _id_range(vocab_size: int | None) -> tuple[int, int]:
     return (low if vocab_size > low + 1 else 0), max(vocab_size, 1)
 
 
+def check_fits(bundle: BundleUnderTest, batch: int, sequence: int) -> None:
+    """Refuse a batch x sequence whose feeds (tokenized, when the bundle has a tokenizer) and
+    outputs alone exceed the memory left, before building anything.
+
+    Raises:
+        ResourceLimitError: With the bytes needed and available.
+    """
+    tokenized = bundle.tokenizer_path is not None and any(
+        spec.name == "input_ids" for spec in bundle.inputs)
+    bundle.checked.check_run_size(
+        batch, sequence,
+        extra_bytes=batch * sequence * BYTES_PER_TOKENIZED_TOKEN if tokenized else 0,
+        fix=f"benchmark {bundle.label} with smaller --batch/--sequence values",
+    )
+
+
 def bundle_feeds(bundle: BundleUnderTest, batch: int, sequence: int) -> dict[str, np.ndarray]:
     """:func:`synthetic_feeds` for an opened bundle, checked once against its inputs and text
     limits (the timed runs then skip the checks), with a huge shape a one-line error."""
+    check_fits(bundle, batch, sequence)
     try:
         feeds = synthetic_feeds(bundle.inputs, batch, sequence,
                                 tokenizer_path=bundle.tokenizer_path,
@@ -479,6 +496,8 @@ def benchmark_bundles(
     for value in [*batches, *(sequences or ())]:
         if value < 1:
             raise BenchInputError(f"batch and sequence sizes must be >= 1, got {value}")
+    for thread_count in threads:  # every setting before the first one runs
+        check_threads(thread_count)
     report = progress or (lambda _: None)
     names = _unique_labels(paths, labels)
     bundle_info: list[dict[str, Any]] = [{"label": name} for name in names]
@@ -495,6 +514,9 @@ def benchmark_bundles(
             sequences = resolve_sequences(opened, sequences)
             configs = [(b, s) for b in batches for s in sequences]
             total = len(threads) * len(configs)
+            for bundle in opened:  # every shape before the first one is built or timed
+                for batch, sequence in configs:
+                    check_fits(bundle, batch, sequence)
         for info, bundle in zip(bundle_info, opened, strict=True):
             _describe(info, bundle)
             info.setdefault("load_s", {})[thread_key] = bundle.load_s

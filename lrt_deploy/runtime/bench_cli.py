@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from lrt_deploy.errors import LrtDeployError
 
 from .bench import BenchResult, benchmark_bundles
+from .limits import check_threads
 
 __all__ = ["build_parser", "format_tables", "main"]
 
@@ -232,6 +233,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"{_PROG}: error: {missing[0]} does not exist; pass a bundle folder written by "
               "lrt-export", file=sys.stderr)
+        return EXIT_USAGE
+    try:  # the machine's limits, before any bundle is opened
+        for thread_count in args.threads or ():
+            check_threads(thread_count, name="--threads")
+    except LrtDeployError as error:
+        print(f"{_PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     problem = _json_problem(args.json) if args.json is not None else None
     if problem:

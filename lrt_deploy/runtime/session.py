@@ -22,6 +22,7 @@ from lrt_deploy.errors import BundleError, LrtDeployError
 
 from .bundle import checked_file, read_manifest
 from .devices import DEVICE_CLASSES, host_class
+from .limits import check_memory, check_threads, run_bytes
 from .providers import (
     CPU_PROVIDER,
     ProviderResolution,
@@ -54,6 +55,9 @@ _ORT_TYPES = {
     "tensor(bool)": "bool",
     "tensor(string)": "str",
 }
+
+_ITEMSIZE_OF = {name: np.dtype(name).itemsize for name in set(_ORT_TYPES.values())
+                 if name not in ("str", "bfloat16")} | {"bfloat16": 2}
 
 _OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -173,6 +177,8 @@ class Session:
         target: Deployment target (``"cpu"``, ``"cuda"``, ``"mobile"``) to pick providers for.
         providers: Explicit provider names in priority order; overrides ``target``.
         threads: Intra-op thread count (inter-op is then fixed at 1). None keeps ORT's default.
+            At most 4 per usable CPU (1024 in all), fewer under ``ulimit -u``/``ulimit -v``
+            (:func:`lrt_deploy.runtime.limits.thread_limit`); more is a ``ResourceLimitError``.
         optimization_level: ``"disable"``, ``"basic"``, ``"extended"``, ``"all"`` or an
             ``onnxruntime.GraphOptimizationLevel``. None keeps ORT's default.
         verify: Check the bundle's files against the SHA-256 checksums in its manifest before
@@ -196,14 +202,15 @@ class Session:
         verify: bool = True,
         session_config: Mapping[str, str] | None = None,
     ) -> None:
+        # Bounded before anything is read: a thread count past the machine's limits segfaults
+        # or hangs inside onnxruntime.
+        check_threads(threads)
         self.model_path, self._manifest = _resolve_model_path(Path(path), verify)
         requested = self._requested_providers(target, providers)
         self._resolution: ProviderResolution = resolve_providers(requested)
 
         options = ort.SessionOptions()
         if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         if optimization_level is not None:
@@ -407,7 +414,34 @@ class Session:
         for spec in self._inputs:
             self._check_shape(spec, arrays[spec.name].shape, named_dims)
         self._check_text_limits(arrays)
+        self._check_output_memory(named_dims)
         return {spec.name: arrays[spec.name] for spec in self._inputs}
+
+    def check_run_size(self, batch: int, sequence: int, *, extra_bytes: int = 0,
+                       fix: str = "run smaller batches or shorter sequences") -> None:
+        """Refuse a run at ``batch`` x ``sequence`` whose feeds and outputs alone (a lower
+        bound of its memory, plus ``extra_bytes``) exceed the memory this process has left.
+
+        Raises:
+            ResourceLimitError: With the bytes needed and available, and ``fix``.
+        """
+        tensors = [(spec.shape, spec.dtype) for spec in [*self._inputs, *self._outputs]]
+        check_memory(run_bytes(tensors, batch, sequence) + extra_bytes,
+                     f"a run of batch {batch} x sequence {sequence}", fix)
+
+    def _check_output_memory(self, named_dims: dict[str, tuple[int, str]]) -> None:
+        """The outputs of a run at the feeds' named sizes must fit in memory (onnxruntime
+        aborts the process on some failed allocations)."""
+        sizes = {name: size for name, (size, _) in named_dims.items()}
+        needed = 0
+        for spec in self._outputs:
+            size = _ITEMSIZE_OF.get(spec.dtype, 1)
+            for dim in spec.shape:
+                size *= dim if isinstance(dim, int) and dim > 0 else sizes.get(dim, 1)
+            needed += size
+        if needed > 2**28:  # reading /proc only for large runs
+            check_memory(needed, "the outputs of this run",
+                         "run smaller batches or shorter sequences")
 
     def _check_text_limits(self, arrays: dict[str, np.ndarray]) -> None:
         """Token ids inside the vocabulary and sequences within the positions the model has,
