@@ -12,11 +12,12 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from lrt_deploy.runtime.files import write_atomic
 
 __all__ = [
     "ComparisonReport",
@@ -492,19 +493,5 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` next to ``path`` and rename it into place, so readers never see half."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text if text.endswith("\n") else text + "\n")
-        # mkstemp creates the file owner-only (0600); a report is for sharing, so give it the
-        # permissions any new file gets here.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+#: The report's files and lrt-report's outputs are written whole or not at all.
+_write_atomic = write_atomic

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from lrt_deploy.errors import LrtDeployError
 
 from .bench import BenchResult, benchmark_bundles
+from .files import write_atomic
 from .limits import check_threads
 
 __all__ = ["build_parser", "format_tables", "main"]
@@ -206,22 +207,6 @@ def _json_problem(path: Path) -> str | None:
     return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` beside ``path`` and rename it into place: no half-written file, and no
-    temporary one left when the write fails."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lrt-bench``; returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -270,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("\r\033[K")
     if args.json is not None:
         try:
-            _write_atomic(args.json, json.dumps(result.to_dict(), indent=2, allow_nan=False))
+            write_atomic(args.json, json.dumps(result.to_dict(), indent=2, allow_nan=False))
         except (OSError, ValueError) as error:
             reason = getattr(error, "strerror", None) or str(error)
             print(f"{_PROG}: error: cannot write {args.json}: {reason}; choose another --json",
