@@ -95,6 +95,19 @@ def _exact(feed: dict[str, np.ndarray], weights: np.ndarray) -> np.ndarray:
     return feed["a"].astype(np.int64) @ weights.astype(np.int64)
 
 
+def test_numpy_reference_predicts_each_class_bit_for_bit(emulated: tuple[str, list]) -> None:
+    """lrt_deploy.quant.kernels predicts what each class computes, without emulation."""
+    from lrt_deploy.quant.kernels import matmul_integer
+
+    name, runs = emulated
+    full, seven = _weights()
+    saturating = DEVICE_CLASSES[name].saturates_u8s8
+    for out, feed in zip(runs, _feeds(), strict=True):
+        for got, weights in ((out[0], full), (out[1], seven)):
+            np.testing.assert_array_equal(
+                got, matmul_integer(feed["a"], weights, saturating=saturating))
+
+
 def test_full_range_weights_saturate_on_avx2_only(emulated: tuple[str, list]) -> None:
     name, runs = emulated
     full, _ = _weights()
