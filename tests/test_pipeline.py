@@ -90,7 +90,8 @@ def test_compressed_int8_export_has_four_measured_variants(
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["variant"] == "LRT int8"
     assert manifest["target"]["precision"] == {"kind": "dynamic-int8", "per_channel": True,
-                                                  "exclude_sensitive": 0, "smooth": True}
+                                                  "exclude_sensitive": 0, "smooth": True,
+                                                  "weight_grid": "pair-safe"}
     assert manifest["quantization"]["mode"] == "dynamic"
     assert manifest["quantization"]["quantized_ops"]["MatMulInteger"] > 0
     assert manifest["lowrank"]["origin"] == "post-training factorization"

@@ -256,7 +256,8 @@ def test_dynamic_int8_calibrates_only_to_exclude() -> None:
 
 def test_manifests_from_before_smoothing_read_as_plain_int8() -> None:
     old = {"kind": "dynamic-int8", "per_channel": True, "exclude_sensitive": 0}
-    assert precision_from_dict(old) == DynamicInt8(smooth=False)
+    # and before pair-safe weights: their int8 weights span [-127, 127]
+    assert precision_from_dict(old) == DynamicInt8(smooth=False, weight_grid="full-range")
 
 
 def test_heal_quantized_simulates_the_int8_recipe_it_deploys() -> None:
