@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional
 
 from lrt_deploy.compress.outliers import CALIBRATION_ROWS, channel_peak, outlier_scales
+from lrt_deploy.quant.rules import INT8_WEIGHT_GRIDS
 
 __all__ = [
     "QUANTIZATIONS",
@@ -75,8 +76,8 @@ class FakeQuantization:
         if not isinstance(self.smooth, bool) or (self.smooth and self.kind != "int8"):
             raise ValueError(f"smooth must be a bool and goes with int8, got {self.smooth!r} "
                              f"with {self.kind!r}")
-        if self.weight_grid not in ("pair-safe", "full-range"):
-            raise ValueError(f"weight_grid must be pair-safe or full-range, got "
+        if self.weight_grid not in INT8_WEIGHT_GRIDS:
+            raise ValueError(f"weight_grid must be one of {INT8_WEIGHT_GRIDS}, got "
                              f"{self.weight_grid!r}")
 
     def describe(self) -> str:

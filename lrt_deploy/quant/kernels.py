@@ -32,6 +32,7 @@ __all__ = [
     "is_pair_safe",
     "matmul_integer",
     "pair_bound",
+    "pair_peaks",
     "saturation_by_node",
 ]
 
@@ -65,8 +66,9 @@ def _b_zero_point(zb: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _pairs(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Even and odd slices of ``x`` along ``axis`` as int32, an odd length padded with a zero."""
-    x = x.astype(np.int32)
+    """Even and odd slices of ``x`` along ``axis`` (integers as int32, floats kept), an odd
+    length padded with a zero."""
+    x = x.astype(np.int32) if x.dtype.kind in "iub" else x
     if x.shape[axis] % 2:
         pad = [(0, 0)] * x.ndim
         pad[axis] = (0, 1)
@@ -81,6 +83,13 @@ def _pair_sums(w0: np.ndarray, w1: np.ndarray) -> np.ndarray:
     pos = np.maximum(w0, 0) + np.maximum(w1, 0)
     neg = np.maximum(-w0, 0) + np.maximum(-w1, 0)
     return np.maximum(pos, neg)
+
+
+def pair_peaks(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Per adjacent pair ``(2j, 2j+1)`` along ``axis`` (an odd length padded with 0), the larger
+    of its positive-part sum and negative-part magnitude sum (int32 for integers, else the
+    values' float type): what a pair can put into the int16 accumulator, per unit activation."""
+    return _pair_sums(*_pairs(np.asarray(values), axis))
 
 
 def _saturation_excess(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -143,8 +152,7 @@ def pair_bound(weight_int8: np.ndarray, axis: int = 0) -> int:
         raise TypeError(f"pair_bound takes int8 weights, got {w.dtype}")
     if w.size == 0:
         return 0
-    w0, w1 = _pairs(w, axis)
-    return int(_pair_sums(w0, w1).max())
+    return int(pair_peaks(w, axis).max())
 
 
 def is_pair_safe(weight_int8: np.ndarray, axis: int = 0) -> bool:

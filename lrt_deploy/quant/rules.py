@@ -14,25 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from lrt_deploy.quant.kernels import SAFE_PAIR_BOUND
+from lrt_deploy.quant.kernels import SAFE_PAIR_BOUND, pair_peaks
 
 __all__ = ["INT8_WEIGHT_GRIDS", "pair_safe_int8", "pair_safe_scale"]
 
 #: The weight grids dynamic and static int8 can use: ``pair-safe`` (exact on every device
 #: class) and ``full-range`` (``[-127, 127]``, exact only where the kernel does not saturate).
 INT8_WEIGHT_GRIDS = ("pair-safe", "full-range")
-
-
-def _pair_peaks(weight: np.ndarray, k_axis: int) -> np.ndarray:
-    """Per pair along ``k_axis`` (an odd length padded with 0), the larger of the positive-part
-    and negative-part magnitude sums."""
-    w = np.moveaxis(np.asarray(weight, np.float64), k_axis, 0)
-    if w.shape[0] % 2:
-        w = np.concatenate([w, np.zeros((1, *w.shape[1:]))])
-    even, odd = w[0::2], w[1::2]
-    positive = np.maximum(even, 0) + np.maximum(odd, 0)
-    negative = np.maximum(-even, 0) + np.maximum(-odd, 0)
-    return np.moveaxis(np.maximum(positive, negative), 0, k_axis)
 
 
 def pair_safe_scale(weight: np.ndarray, k_axis: int = 0, per_channel: bool = True) -> np.ndarray:
@@ -44,7 +32,7 @@ def pair_safe_scale(weight: np.ndarray, k_axis: int = 0, per_channel: bool = Tru
     w = np.asarray(weight, np.float64)
     reduce = (k_axis % w.ndim,) if per_channel else None
     peak = np.abs(w).max(axis=reduce, keepdims=True) / 127.0
-    pairs = _pair_peaks(w, k_axis).max(axis=reduce, keepdims=True) / SAFE_PAIR_BOUND
+    pairs = pair_peaks(w, k_axis).max(axis=reduce, keepdims=True) / SAFE_PAIR_BOUND
     scale = np.maximum(peak, pairs)
     return np.where(scale == 0, 1.0, scale)
 
@@ -58,7 +46,7 @@ def pair_safe_int8(weight: np.ndarray, k_axis: int = 0, per_channel: bool = True
     # Float division can put a pair whose exact sum is 128 a hair over it: step the pair's
     # larger code towards zero until it fits (the invariant holds for any scale).
     moved = np.moveaxis(codes, k_axis, 0).copy()
-    while (over := np.argwhere(_pair_peaks(moved, 0) > SAFE_PAIR_BOUND)).size:
+    while (over := np.argwhere(pair_peaks(moved, 0) > SAFE_PAIR_BOUND)).size:
         for index in over:
             first, rest = 2 * index[0], tuple(index[1:])
             pair = [(k, *rest) for k in (first, first + 1) if k < moved.shape[0]]

@@ -13,6 +13,7 @@ where it runs.
 
 from __future__ import annotations
 
+import functools
 import platform
 import subprocess
 import sys
@@ -123,9 +124,11 @@ def _darwin_flags() -> set[str]:
     return flags
 
 
+@functools.cache
 def host_class() -> str | None:
     """This machine's device class, or None when it cannot be told (Windows on x86, an
-    unknown architecture): callers then say "unknown" rather than guess."""
+    unknown architecture): callers then say "unknown" rather than guess. Read once per process
+    (every Session asks)."""
     machine = platform.machine()
     if sys.platform.startswith("linux"):
         return classify_cpu(machine, _linux_flags())

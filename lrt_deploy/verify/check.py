@@ -236,27 +236,18 @@ def _sample_feeds(sets: Mapping[str, tuple[dict[str, np.ndarray], np.ndarray]], 
     return feeds, references, counts
 
 
-def _host_run(model: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
+def _host_session(model: Path) -> Any:
+    """The model in this host's onnxruntime: default options, one thread (as emulated classes)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    return [session.run(None, dict(feed))[0] for feed in feeds]
-
-
-def _model_inputs(model: Path) -> dict[str, list[Any]]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad files
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise BundleError(f"cannot open {model.name}: {reason}; re-export the bundle") from None
-    return {i.name: list(i.shape) for i in session.get_inputs()}
 
 
 def verify_model(
@@ -291,8 +282,10 @@ def verify_model(
     if sample < 1:
         raise BundleError(f"sample must be at least 1 sentence per set, got {sample}")
     model = Path(model)
-    feeds, references, counts = _sample_feeds(read_reference(reference), sample,
-                                              _model_inputs(model))
+    session = _host_session(model)
+    feeds, references, counts = _sample_feeds(
+        read_reference(reference), sample,
+        {i.name: list(i.shape) for i in session.get_inputs()})
     host = host_class()
     outputs: dict[str, list[np.ndarray]] = {}
     names = [n for n in names if n in DEVICE_CLASSES]  # "host": added below as the anchor
@@ -317,7 +310,7 @@ def verify_model(
                                       "this machine (class not known)", "-",
                                       host_key in exact_on, False)
         names.append(host_key)
-    timed(host_key, "native", lambda: _host_run(model, feeds))
+    timed(host_key, "native", lambda: [session.run(None, dict(f))[0] for f in feeds])
     pending = []
     for name in names:
         if name == host:

@@ -62,12 +62,13 @@ def _exact_on(folder: Path, manifest: dict, model: Path) -> list[str]:
     return exact_classes(onnx_file)
 
 
-def verify_bundle(folder: Path, *, classes: Sequence[str] | None = None, sample: int = 8,
-                  jobs: int = 2, progress=lambda _line: None):
+def verify_bundle(folder: Path, *, classes: Sequence[str] | None = None,
+                  sample: int | None = None, jobs: int = 2, progress=lambda _line: None):
     """The :class:`~lrt_deploy.verify.check.DeviceVerification` of the bundle at ``folder``
-    (its files checked against the manifest's checksums first)."""
+    (its files checked against the manifest's checksums first); ``sample`` defaults to
+    :data:`~lrt_deploy.verify.check.SAMPLE_SENTENCES`."""
     from lrt_deploy.runtime.bundle import checked_file, read_manifest
-    from lrt_deploy.verify.check import verify_model
+    from lrt_deploy.verify.check import SAMPLE_SENTENCES, verify_model
 
     if not folder.is_dir():
         raise BundleError(f"{folder} is not a folder: pass a bundle folder written by lrt-export")
@@ -83,7 +84,8 @@ def verify_bundle(folder: Path, *, classes: Sequence[str] | None = None, sample:
             + (f": {skipped}" if skipped else ": exported before device verification")
             + "; re-export the text model with lrt-export (without --no-verify-devices)")
     return verify_model(model, reference, _exact_on(folder, manifest, model), classes=classes,
-                        sample=sample, jobs=jobs, progress=progress)
+                        sample=SAMPLE_SENTENCES if sample is None else sample, jobs=jobs,
+                        progress=progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
