@@ -132,10 +132,8 @@ def bundle_file(folder: Path, manifest: dict[str, Any], *keys: str) -> Path | No
         raise BundleError(
             f"manifest of '{folder}' names {key}={name!r}, not a file name: re-export the bundle"
         )
-    root = folder.resolve()
-    candidate = Path(name)
-    resolved = (root / candidate).resolve()
-    if candidate.is_absolute() or not resolved.is_relative_to(root):
+    resolved = _inside(folder, folder, name)
+    if resolved is None:
         raise BundleError(
             f"manifest of '{folder}' names {key}={name!r}, outside the bundle: a bundle may only "
             "refer to its own files; re-export it"
@@ -209,12 +207,20 @@ def _length_delimited(data: bytes, at: int) -> bytes | None:
     return None
 
 
+def _inside(folder: Path, base: Path, name: str) -> Path | None:
+    """``name`` resolved against ``base`` (symbolic links followed), or None when it is
+    absolute or lands outside the bundle ``folder``."""
+    resolved = (base.resolve() / name).resolve()
+    if Path(name).is_absolute() or not resolved.is_relative_to(folder.resolve()):
+        return None
+    return resolved
+
+
 def _external_data_files(folder: Path, model: Path) -> list[Path]:
-    root = folder.resolve()
     paths = []
     for name in external_data_names(model):
-        path = (model.parent / name).resolve()
-        if Path(name).is_absolute() or not path.is_relative_to(root):
+        path = _inside(folder, model.parent, name)
+        if path is None:
             raise BundleError(
                 f"'{model.name}' in bundle '{folder}' loads weights from {name!r}, outside the "
                 "bundle: re-export the bundle"
