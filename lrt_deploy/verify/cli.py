@@ -101,10 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LrtDeployError as error:
         print(f"{_PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    from lrt_deploy.runtime.files import write_atomic
+
     print("\n".join(result.markdown()))
     if args.json is not None:
         try:
-            args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+            write_atomic(args.json, json.dumps(result.to_dict(), indent=2))
         except OSError as error:
             print(f"{_PROG}: error: cannot write {args.json}: {error.strerror}", file=sys.stderr)
             return EXIT_USAGE
