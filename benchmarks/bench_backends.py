@@ -58,7 +58,7 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from healed import export_int8, heldout_scorer
 
-    from lrt_deploy.export.graph import model_bytes
+    from lrt_deploy.graph.ops import model_bytes
     from lrt_deploy.load import load_model
 
     dense = load_model(args.model_dir)
@@ -285,7 +285,7 @@ def _layer_probe(work: Path, seq: int, ranks: list[int], runs: int, wasm_runs: i
     from interleave import interleaved_latency
     from onnx import TensorProto, helper, numpy_helper
 
-    from lrt_deploy.export.quantize import quantize_int8
+    from lrt_deploy.quant.passes.quantize import quantize_int8
 
     rng = np.random.default_rng(0)
     rows = []

@@ -61,9 +61,9 @@ def main() -> int:
         return 0
 
     from lrt_deploy.compress import LowRankConfig
-    from lrt_deploy.export.precision import DynamicInt8
     from lrt_deploy.export.targets import Target
     from lrt_deploy.pipeline import BenchmarkSettings
+    from lrt_deploy.quant.recipes import DynamicInt8
 
     settings = BenchmarkSettings(runs=args.runs, threads=args.threads)
     rows = []

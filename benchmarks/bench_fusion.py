@@ -36,9 +36,9 @@ def main() -> int:
     import lrt_deploy.data
     from lrt_deploy.compress import LowRankConfig, factorize_
     from lrt_deploy.export.fusion import fuse_transformer, max_output_difference
-    from lrt_deploy.export.graph import op_counts
     from lrt_deploy.export.onnx_export import export_onnx
     from lrt_deploy.export.optimize import optimize_graph
+    from lrt_deploy.graph.ops import op_counts
     from lrt_deploy.load import load_model
 
     text = (Path(lrt_deploy.data.__file__).parent / "heldout.txt").read_text()

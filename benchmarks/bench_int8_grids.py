@@ -59,7 +59,7 @@ def _quantize(source: Path, target: Path, grid: str) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from lrt_deploy._logs import quiet_loggers
-    from lrt_deploy.export.quantize import quantize_int8
+    from lrt_deploy.quant.passes.quantize import quantize_int8
 
     if grid in ("full-range", "pair-safe"):
         quantize_int8(source, target, weight_grid=grid)
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     from lrt_deploy.data import readers
-    from lrt_deploy.export.smoothing import smooth_outlier_channels
+    from lrt_deploy.quant.passes.smoothing import smooth_outlier_channels
     from lrt_deploy.runtime.devices import host_class
 
     with tempfile.TemporaryDirectory(prefix="bench-grids-") as scratch:

@@ -76,7 +76,7 @@ def _olive_like(loaded: Any, folder: Path) -> Path:
 def _ours(loaded: Any, folder: Path, tag: str, check: dict[str, np.ndarray]) -> tuple[Path, Path]:
     from lrt_deploy.export.fusion import fuse_transformer
     from lrt_deploy.export.onnx_export import export_onnx
-    from lrt_deploy.export.quantize import quantize_int8
+    from lrt_deploy.quant.passes.quantize import quantize_int8
 
     raw = export_onnx(loaded, folder / f"{tag}.raw.onnx")
     heads, hidden = loaded.attention_shape
@@ -103,7 +103,7 @@ def _cosines(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float
 
 
 def _ops(path: Path) -> str:
-    from lrt_deploy.export.graph import op_counts
+    from lrt_deploy.graph.ops import op_counts
 
     counts = op_counts(path)
     shown = ("QAttention", "Attention", "MultiHeadAttention", "QEmbedLayerNormalization",

@@ -169,8 +169,8 @@ def export_variant(name: str, layers: int, length: int, folder: Path) -> dict[st
     import torch
 
     from lrt_deploy.export.fusion import fuse_transformer
-    from lrt_deploy.export.graph import model_bytes
     from lrt_deploy.export.onnx_export import export_onnx
+    from lrt_deploy.graph.ops import model_bytes
     from lrt_deploy.load import LoadedModel
 
     _, k = _variant_spec(name)

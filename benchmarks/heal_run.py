@@ -100,7 +100,6 @@ def main() -> int:
     from lrt_deploy.compress import LowRankConfig, heal_
     from lrt_deploy.compress.factor_shards import save_lowrank_factors
     from lrt_deploy.compress.heal import select_device
-    from lrt_deploy.compress.quant_aware import FakeQuantization, quantization_aware
     from lrt_deploy.data.readers import DOMAIN_HELDOUT_TEXT as DOMAIN_HELDOUT
     from lrt_deploy.data.readers import HELDOUT_TEXT as HELDOUT
     from lrt_deploy.data.stream import (
@@ -110,6 +109,7 @@ def main() -> int:
         shipped_lines,
     )
     from lrt_deploy.load import load_model
+    from lrt_deploy.quant.simulate import FakeQuantization, quantization_aware
 
     device = select_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 QAT: 10-bit mantissa is ample

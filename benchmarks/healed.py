@@ -73,9 +73,9 @@ def export_int8(model: Any, work: Path, key: str) -> tuple[Path, Path]:
     ``--heal-quantized`` deploys it; without it the CLI smooths outlier channels first)."""
     from lrt_deploy.export.fusion import fuse_transformer
     from lrt_deploy.export.onnx_export import export_onnx
-    from lrt_deploy.export.precision import DynamicInt8
-    from lrt_deploy.export.quantize import quantize_int8
     from lrt_deploy.export.targets import Target
+    from lrt_deploy.quant.passes.quantize import quantize_int8
+    from lrt_deploy.quant.recipes import DynamicInt8
 
     target = Target.from_name("cpu", precision=DynamicInt8())
     raw = export_onnx(model, work / f"{key}.raw.onnx", opset=target.opset)
@@ -93,9 +93,9 @@ def export_int4(model: Any, work: Path, key: str, block_size: int = 32) -> Path:
     (not packed into ``Attention``), then every MatMul weight and the embedding tables to 4-bit
     blocks (``MatMulNBits``, ``GatherBlockQuantized``). Reuses ``export_int8``'s raw graph."""
     from lrt_deploy.export.fusion import fuse_transformer
-    from lrt_deploy.export.precision import Int4WeightOnly
-    from lrt_deploy.export.quantize import quantize_weights_4bit
     from lrt_deploy.export.targets import Target
+    from lrt_deploy.quant.passes.quantize import quantize_weights_4bit
+    from lrt_deploy.quant.recipes import Int4WeightOnly
 
     target = Target.from_name("cpu", precision=Int4WeightOnly(block=block_size))
     unpacked = work / f"{key}.fp32-unpacked.onnx"
@@ -139,7 +139,7 @@ def run_healed(specs: list[str], corpus: Path | None, out: Path, runs: int, thre
                block_size: int = 32) -> list[dict[str, Any]]:
     import numpy as np
 
-    from lrt_deploy.export.graph import model_bytes
+    from lrt_deploy.graph.ops import model_bytes
     from lrt_deploy.load import load_model
     from lrt_deploy.runtime import Session, measure_latency
 

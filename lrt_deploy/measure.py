@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lrt_deploy._logs import quiet_loggers
-from lrt_deploy.export.graph import model_bytes
+from lrt_deploy.graph.ops import model_bytes
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -163,7 +163,7 @@ def matmul_flops(model: nn.Module, length: int) -> int:
 
 def compare(pair: dict[str, nn.Module], length: int, heads: int | None,
             hidden: int) -> list[dict]:
-    from lrt_deploy.export.graph import model_bytes
+    from lrt_deploy.graph.ops import model_bytes
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

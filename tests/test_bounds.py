@@ -25,6 +25,7 @@ pytest.importorskip("onnx")
 from test_bundle_integrity import _bench, _one_line_error, _run  # noqa: E402
 from test_runtime_hardening import _bundle  # noqa: E402
 
+from lrt_deploy.cli.bench import main as bench_main  # noqa: E402
 from lrt_deploy.errors import LrtDeployError  # noqa: E402
 from lrt_deploy.runtime import (  # noqa: E402
     ResourceLimitError,
@@ -32,7 +33,6 @@ from lrt_deploy.runtime import (  # noqa: E402
     TextEncoder,
     limits,  # noqa: E402
 )
-from lrt_deploy.runtime.bench_cli import main as bench_main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 2**30

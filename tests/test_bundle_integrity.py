@@ -24,10 +24,10 @@ onnx = pytest.importorskip("onnx")
 from test_report import make_report  # noqa: E402
 from test_runtime_hardening import _bundle, _rewrite_manifest, _sha  # noqa: E402
 
+from lrt_deploy.cli.bench import main as bench_main  # noqa: E402
+from lrt_deploy.cli.report import main as report_main  # noqa: E402
 from lrt_deploy.errors import BundleError  # noqa: E402
-from lrt_deploy.report.cli import main as report_main  # noqa: E402
 from lrt_deploy.runtime import Session, TextEncoder  # noqa: E402
-from lrt_deploy.runtime.bench_cli import main as bench_main  # noqa: E402
 from lrt_deploy.runtime.bundle import external_data_names  # noqa: E402
 
 NESTED = "[" * 100_000 + "]" * 100_000
@@ -237,7 +237,7 @@ def test_bench_verifies_the_tokenizer(tmp_path: Path, tiny_bert_dir: Path) -> No
 
 
 def test_verification_file_is_resolved_and_checksummed(tmp_path: Path) -> None:
-    from lrt_deploy.verify.cli import verify_bundle
+    from lrt_deploy.cli.verify import verify_bundle
 
     bundle = _bundle(tmp_path / "bundle")
     np.savez(bundle / "verification.npz", ids=np.zeros(3))

@@ -25,9 +25,10 @@ pytest.importorskip("transformers")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from lrt_deploy.cli import main as export_main  # noqa: E402
+from lrt_deploy.cli.bench import main as bench_main  # noqa: E402
+from lrt_deploy.cli.export import main as export_main  # noqa: E402
+from lrt_deploy.cli.report import main as report_main  # noqa: E402
 from lrt_deploy.report.bundles import BundleComparison  # noqa: E402
-from lrt_deploy.report.cli import main as report_main  # noqa: E402
 from lrt_deploy.report.components import size_by_component  # noqa: E402
 from lrt_deploy.report.html import pareto_front  # noqa: E402
 from lrt_deploy.runtime.bench import (  # noqa: E402
@@ -37,7 +38,6 @@ from lrt_deploy.runtime.bench import (  # noqa: E402
     run_stats,
     synthetic_feeds,
 )
-from lrt_deploy.runtime.bench_cli import main as bench_main  # noqa: E402
 from lrt_deploy.runtime.contract import (  # noqa: E402
     SUPPORTED_FORMAT_VERSION,
     BundleContractError,
@@ -517,7 +517,7 @@ def test_comparison_page_in_headless_chromium(bundles, bench_json, tmp_path: Pat
 
 def test_bench_runs_in_a_fresh_interpreter_via_python_m(bundles: dict[str, Path]) -> None:
     completed = subprocess.run(
-        [sys.executable, "-m", "lrt_deploy.runtime.bench_cli", str(bundles["dense-int8"]),
+        [sys.executable, "-m", "lrt_deploy.cli.bench", str(bundles["dense-int8"]),
          "--runs", "2", "--warmup", "1", "--sequence", "8", "--no-memory", "-q"],
         capture_output=True, text=True, timeout=300, check=False,
     )

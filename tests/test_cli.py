@@ -29,7 +29,7 @@ from tiny_models import (  # noqa: E402
     make_tiny_mlp,
 )
 
-from lrt_deploy.cli import main  # noqa: E402
+from lrt_deploy.cli.export import main  # noqa: E402
 
 TESTS_DIR = Path(__file__).parent
 RUNS = ["--runs", "3"]
@@ -500,7 +500,7 @@ def test_fixed_shape_bundle(capsys, tmp_path: Path, tiny_bert_dir: Path) -> None
 
 
 def _ops(path: Path) -> dict[str, int]:
-    from lrt_deploy.export.graph import op_counts
+    from lrt_deploy.graph.ops import op_counts
 
     return dict(op_counts(path))
 
@@ -897,7 +897,7 @@ def test_strict_needs_a_fidelity_floor(capsys, tmp_path: Path, tiny_bert_dir: Pa
 def test_fidelity_floor_missed_on_the_other_domain_fails_strict(
     capsys, monkeypatch, tmp_path: Path, tiny_bert_dir: Path
 ) -> None:
-    from lrt_deploy.cli import EXIT_FLOOR_MISSED
+    from lrt_deploy.cli.export import EXIT_FLOOR_MISSED
     from lrt_deploy.runtime import benchmark
 
     real = benchmark.measure_model

@@ -18,8 +18,8 @@ from lrt_deploy.export.dense_equivalent import (  # noqa: E402
     dense_equivalent_onnx,
     fold_lowrank_pairs,
 )
-from lrt_deploy.export.graph import op_counts  # noqa: E402
 from lrt_deploy.export.onnx_export import export_onnx  # noqa: E402
+from lrt_deploy.graph.ops import op_counts  # noqa: E402
 from lrt_deploy.load import load_model, parse_input_spec  # noqa: E402
 from lrt_deploy.nn import (  # noqa: E402
     LinformerSelfAttention,
@@ -406,10 +406,10 @@ def test_by_design_baseline_plans(tmp_path: Path) -> None:
 def test_report_rows_for_a_pt2_lrt_model(tmp_path: Path) -> None:
     """The wiring the pipeline does: the LRT export folded into its dense equivalent, both
     optimised and int8-quantised the same way, four rows, fidelity ~1.0 between the twins."""
-    from lrt_deploy.export.graph import model_bytes
     from lrt_deploy.export.optimize import optimize_graph
-    from lrt_deploy.export.quantize import quantize_int8
+    from lrt_deploy.graph.ops import model_bytes
     from lrt_deploy.nn.equivalents import DENSE_EQUIVALENT_NOTE
+    from lrt_deploy.quant.passes.quantize import quantize_int8
     from lrt_deploy.report import ComparisonReport, VariantResult
     from lrt_deploy.runtime import Session, measure_latency
 

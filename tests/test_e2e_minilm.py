@@ -57,9 +57,9 @@ def test_activation_aware_svd_beats_plain_svd_on_minilm(minilm):
 
 def test_minilm_mobile_bundle_end_to_end(minilm, tmp_path):
     from lrt_deploy.compress import LowRankConfig
-    from lrt_deploy.export.precision import DynamicInt8
     from lrt_deploy.export.targets import Target
     from lrt_deploy.pipeline import BenchmarkSettings, export_bundle
+    from lrt_deploy.quant.recipes import DynamicInt8
     from lrt_deploy.runtime import Session, TextEncoder
 
     out = tmp_path / "bundle"

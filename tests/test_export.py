@@ -22,15 +22,15 @@ from tiny_models import (  # noqa: E402
 
 from lrt_deploy.errors import ExportValidationError, LrtDeployError  # noqa: E402
 from lrt_deploy.export import mobile  # noqa: E402
-from lrt_deploy.export.graph import count_changes, model_bytes, op_counts  # noqa: E402
 from lrt_deploy.export.onnx_export import export_onnx  # noqa: E402
 from lrt_deploy.export.optimize import optimize_graph  # noqa: E402
-from lrt_deploy.export.precision import DynamicInt8  # noqa: E402
-from lrt_deploy.export.quantize import quantize_int8  # noqa: E402
 from lrt_deploy.export.targets import TARGET_NAMES, Target, UnknownTargetError  # noqa: E402
 from lrt_deploy.export.validate import validate_onnx  # noqa: E402
+from lrt_deploy.graph.ops import count_changes, model_bytes, op_counts  # noqa: E402
 from lrt_deploy.load import load_model, parse_input_spec  # noqa: E402
 from lrt_deploy.nn import LowRankLinear  # noqa: E402
+from lrt_deploy.quant.passes.quantize import quantize_int8  # noqa: E402
+from lrt_deploy.quant.recipes import DynamicInt8  # noqa: E402
 
 SENTENCES = [
     "the cat sat on the mat",

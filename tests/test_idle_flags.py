@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from lrt_deploy import cli  # noqa: E402
+from lrt_deploy.cli import export as cli  # noqa: E402
 
 IDLE = [
     (["--quant-format", "qdq"], "--quant-format"),

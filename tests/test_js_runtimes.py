@@ -57,7 +57,7 @@ def node_modules() -> Path:
 
 
 def _export(args: list[str], out: Path) -> Path:
-    from lrt_deploy.cli import main
+    from lrt_deploy.cli.export import main
 
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):

@@ -129,8 +129,8 @@ def test_shared_projection_exports_as_fused_attention(tmp_path, share: str, fuse
     shared projection keys and values are projected before the head split; onnxscript's SDPA
     rule also fuses per-head projections (share="none"), which our old pass did not."""
     from lrt_deploy.export.fusion import fuse_transformer
-    from lrt_deploy.export.graph import op_counts
     from lrt_deploy.export.onnx_export import export_onnx
+    from lrt_deploy.graph.ops import op_counts
     from lrt_deploy.load import LoadedModel
 
     attention = _attention(share)

@@ -13,9 +13,6 @@ onnx = pytest.importorskip("onnx")
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from lrt_deploy.compress.quant_aware import pair_safe_row_scale  # noqa: E402
-from lrt_deploy.export.precision import DynamicInt8, StaticInt8, precision_from_dict  # noqa: E402
-from lrt_deploy.export.quantize import quantize_int8, quantize_static_int8  # noqa: E402
 from lrt_deploy.quant import rules  # noqa: E402
 from lrt_deploy.quant.kernels import (  # noqa: E402
     SAFE_PAIR_BOUND,
@@ -24,6 +21,9 @@ from lrt_deploy.quant.kernels import (  # noqa: E402
     matmul_integer,
     pair_bound,
 )
+from lrt_deploy.quant.passes.quantize import quantize_int8, quantize_static_int8  # noqa: E402
+from lrt_deploy.quant.recipes import DynamicInt8, StaticInt8, precision_from_dict  # noqa: E402
+from lrt_deploy.quant.simulate import pair_safe_row_scale  # noqa: E402
 from lrt_deploy.runtime.devices import DEVICE_CLASSES  # noqa: E402
 
 

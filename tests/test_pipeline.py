@@ -15,10 +15,10 @@ from tiny_models import NoisyEncoder, TinyLowRankMLP, make_tiny_encoder  # noqa:
 import lrt_deploy  # noqa: E402
 from lrt_deploy.compress import LowRankConfig  # noqa: E402
 from lrt_deploy.errors import BundleExistsError, ExportValidationError  # noqa: E402
-from lrt_deploy.export.precision import DynamicInt8  # noqa: E402
 from lrt_deploy.export.targets import Target  # noqa: E402
 from lrt_deploy.load import load_model, parse_input_spec  # noqa: E402
 from lrt_deploy.pipeline import BenchmarkSettings, export_bundle  # noqa: E402
+from lrt_deploy.quant.recipes import DynamicInt8  # noqa: E402
 
 FAST = BenchmarkSettings(runs=3, warmup=1)
 

@@ -17,8 +17,10 @@ from torch import nn
 from lrt_deploy.compress import LowRankConfig, factorize_, heal_
 from lrt_deploy.compress.factor_shards import load_lowrank_factors, save_lowrank_factors
 from lrt_deploy.compress.fidelity import cosine_per_row
-from lrt_deploy.compress.outliers import outlier_scales
-from lrt_deploy.compress.quant_aware import (
+from lrt_deploy.quant.outliers import outlier_scales
+from lrt_deploy.quant.passes.quantize import quantize_int8, quantize_weights_4bit
+from lrt_deploy.quant.passes.smoothing import smooth_outlier_channels
+from lrt_deploy.quant.simulate import (
     FakeQuantization,
     fake_int4_blocks,
     fake_int8_per_channel,
@@ -26,8 +28,6 @@ from lrt_deploy.compress.quant_aware import (
     quantization_aware,
     smoothing_scales,
 )
-from lrt_deploy.export.quantize import quantize_int8, quantize_weights_4bit
-from lrt_deploy.export.smoothing import smooth_outlier_channels
 
 
 def _matmul_graph(weight: torch.Tensor, rows: int, path: Path) -> None:

@@ -12,8 +12,8 @@ onnx = pytest.importorskip("onnx")
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from lrt_deploy.export.graph import model_bytes, op_counts  # noqa: E402
-from lrt_deploy.export.quantize import (  # noqa: E402
+from lrt_deploy.graph.ops import model_bytes, op_counts  # noqa: E402
+from lrt_deploy.quant.passes.quantize import (  # noqa: E402
     find_sensitive_nodes,
     quantize_int8,
     quantize_static_int8,

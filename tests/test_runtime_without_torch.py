@@ -52,7 +52,7 @@ CHILD = textwrap.dedent(
 
     import numpy as np
     from lrt_deploy.runtime import Session, measure_latency
-    from lrt_deploy.runtime.bench_cli import main as bench_main
+    from lrt_deploy.cli.bench import main as bench_main
     from lrt_deploy.runtime.contract import check_manifest
 
     session = Session(sys.argv[1], target="cpu", threads=1)

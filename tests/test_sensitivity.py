@@ -12,8 +12,8 @@ onnx = pytest.importorskip("onnx")
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from lrt_deploy.export.quantize import find_sensitive_nodes, quantize_int8  # noqa: E402
-from lrt_deploy.export.sensitivity import (  # noqa: E402
+from lrt_deploy.quant.passes.quantize import find_sensitive_nodes, quantize_int8  # noqa: E402
+from lrt_deploy.quant.passes.sensitivity import (  # noqa: E402
     MASK_INPUT,
     build_probe,
     rank_int8_damage,

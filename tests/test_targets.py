@@ -15,15 +15,18 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from tiny_models import make_tiny_encoder  # noqa: E402
 
 from lrt_deploy.errors import LrtDeployError  # noqa: E402
-from lrt_deploy.export.external_data import (  # noqa: E402
+from lrt_deploy.export.onnx_export import export_onnx  # noqa: E402
+from lrt_deploy.export.reproducibility import normalize_for_reproducibility  # noqa: E402
+from lrt_deploy.export.targets import Target  # noqa: E402
+from lrt_deploy.graph.external_data import (  # noqa: E402
     initializer_bytes,
     load_model_proto,
     save_model_proto,
 )
-from lrt_deploy.export.float16 import convert_float16  # noqa: E402
-from lrt_deploy.export.graph import model_bytes, op_counts  # noqa: E402
-from lrt_deploy.export.onnx_export import export_onnx  # noqa: E402
-from lrt_deploy.export.precision import (  # noqa: E402
+from lrt_deploy.graph.ops import model_bytes, op_counts  # noqa: E402
+from lrt_deploy.load import load_model  # noqa: E402
+from lrt_deploy.quant.passes.float16 import convert_float16  # noqa: E402
+from lrt_deploy.quant.recipes import (  # noqa: E402
     DynamicInt8,
     Float16,
     Int4WeightOnly,
@@ -31,9 +34,6 @@ from lrt_deploy.export.precision import (  # noqa: E402
     StaticInt8,
     precision_from_dict,
 )
-from lrt_deploy.export.reproducibility import normalize_for_reproducibility  # noqa: E402
-from lrt_deploy.export.targets import Target  # noqa: E402
-from lrt_deploy.load import load_model  # noqa: E402
 
 
 def _run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -261,8 +261,8 @@ def test_manifests_from_before_smoothing_read_as_plain_int8() -> None:
 
 
 def test_heal_quantized_simulates_the_int8_recipe_it_deploys() -> None:
-    from lrt_deploy.compress.quant_aware import FakeQuantization
     from lrt_deploy.compress.recipe import simulated_quantization
+    from lrt_deploy.quant.simulate import FakeQuantization
 
     assert simulated_quantization(DynamicInt8()) == FakeQuantization("int8", smooth=True)
     assert simulated_quantization(DynamicInt8(smooth=False)) == FakeQuantization("int8")

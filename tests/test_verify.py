@@ -13,11 +13,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from lrt_deploy.cli import main as export_main  # noqa: E402
+from lrt_deploy.cli.export import main as export_main  # noqa: E402
+from lrt_deploy.cli.verify import main as verify_main  # noqa: E402
 from lrt_deploy.runtime import Session  # noqa: E402
 from lrt_deploy.runtime.devices import DEVICE_CLASSES, classify_cpu, host_class  # noqa: E402
 from lrt_deploy.verify.check import REFERENCE_FILE, DeviceVerification  # noqa: E402
-from lrt_deploy.verify.cli import main as verify_main  # noqa: E402
 from lrt_deploy.verify.wasm import wasm_unavailable  # noqa: E402
 
 HOST = host_class()

@@ -25,14 +25,14 @@ from tqdm.auto import tqdm
 
 from lrt_deploy.compress.calibration import primary_output
 from lrt_deploy.compress.fidelity import cosine_per_row
-from lrt_deploy.compress.quant_aware import (
+from lrt_deploy.errors import LrtDeployError
+from lrt_deploy.nn.lowrank import LowRankEmbedding, is_lowrank_pair
+from lrt_deploy.quant.simulate import (
     FakeQuantization,
     quantization_aware,
     smoothing_scales,
     snap_to_grid_,
 )
-from lrt_deploy.errors import LrtDeployError
-from lrt_deploy.nn.lowrank import LowRankEmbedding, is_lowrank_pair
 
 __all__ = [
     "PRECISIONS",
@@ -329,10 +329,10 @@ def heal_(
         warmup_steps: Linear warm-up steps; default ``min(100, steps // 10)``.
         final_lr_fraction: Learning rate at the last step, as a fraction of ``lr``.
         quantization: Simulate the deployed precision in the loop (``"int8"``, ``"int4"`` or
-            a :class:`~lrt_deploy.compress.quant_aware.FakeQuantization`): the student's
+            a :class:`~lrt_deploy.quant.simulate.FakeQuantization`): the student's
             layers compute on fake-quantised values while training and while being judged, so
             the step kept is the best one after rounding, and its trained weights are
-            returned snapped to the export's grid (:func:`~lrt_deploy.compress.quant_aware.
+            returned snapped to the export's grid (:func:`~lrt_deploy.quant.simulate.
             snap_to_grid_`). Use fp32 ``precision`` with it (bf16's 8-bit mantissa is as
             coarse as the int8 grid).
         smoothing_batches: With a smoothed int8 ``quantization``: the export's calibration

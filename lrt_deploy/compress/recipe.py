@@ -260,7 +260,7 @@ def compress_model(
             margin (e.g. the shipped different-domain held-out set).
         probe_data: Name of the probe data, for the manifest and the report.
         heal_quantization: Heal quantisation-aware: a
-            :class:`~lrt_deploy.compress.quant_aware.FakeQuantization` (see
+            :class:`~lrt_deploy.quant.simulate.FakeQuantization` (see
             :func:`simulated_quantization`) the student computes under while healing; every
             weight but the embedding tables then trains (``trainable="layers"``).
         heal_lr: Peak learning rate of healing.
@@ -326,15 +326,15 @@ def compress_model(
 
 def simulated_quantization(precision: Any) -> Any:
     """The healing loop's simulation of a target precision recipe
-    (:mod:`lrt_deploy.export.precision`): dynamic int8 per channel (outlier smoothing
+    (:mod:`lrt_deploy.quant.recipes`): dynamic int8 per channel (outlier smoothing
     included, when the recipe smooths) and 4-bit weight-only with embedding tables are
     simulated exactly (tested against ONNX Runtime).
 
     Raises:
         LrtDeployError: No precision (fp32), or a recipe the simulation does not mirror.
     """
-    from lrt_deploy.compress.quant_aware import FakeQuantization
-    from lrt_deploy.export.precision import DynamicInt8, Int4WeightOnly
+    from lrt_deploy.quant.recipes import DynamicInt8, Int4WeightOnly
+    from lrt_deploy.quant.simulate import FakeQuantization
 
     if isinstance(precision, DynamicInt8) and precision.per_channel:
         return FakeQuantization("int8", smooth=precision.smooth,

@@ -14,7 +14,8 @@ atomic write).
 
 from __future__ import annotations
 
-from lrt_deploy.export.precision import (
+from lrt_deploy.export.targets import TARGET_NAMES, Target, UnknownTargetError
+from lrt_deploy.quant.recipes import (
     DynamicInt8,
     Float16,
     Int4WeightOnly,
@@ -23,7 +24,6 @@ from lrt_deploy.export.precision import (
     StaticInt8,
     precision_from_dict,
 )
-from lrt_deploy.export.targets import TARGET_NAMES, Target, UnknownTargetError
 
 __all__ = [
     "TARGET_NAMES",

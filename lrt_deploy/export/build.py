@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lrt_deploy.export.precision import PrecisionContext, apply_precision
 from lrt_deploy.export.targets import Target
+from lrt_deploy.quant.recipes import PrecisionContext, apply_precision
 
 if TYPE_CHECKING:
     from lrt_deploy.export.dense_equivalent import ByDesignBaseline, FoldResult
@@ -162,7 +162,7 @@ def _fused_after_precision(optimization: dict[str, Any], path: Path) -> dict[str
     if "fused" not in optimization:
         return optimization
     from lrt_deploy.export.fusion import FUSED_OP_TYPES
-    from lrt_deploy.export.graph import op_counts
+    from lrt_deploy.graph.ops import op_counts
 
     after = op_counts(path)
     fused = {op: after[op] for op in (*FUSED_OP_TYPES, "QAttention") if after.get(op)}

@@ -23,8 +23,8 @@ import numpy as np
 from lrt_deploy import __version__
 from lrt_deploy.errors import BundleExistsError, LrtDeployError
 from lrt_deploy.export.build import Variant
-from lrt_deploy.export.graph import default_opset, model_bytes
 from lrt_deploy.export.targets import Target
+from lrt_deploy.graph.ops import default_opset, model_bytes
 from lrt_deploy.runtime.contract import SUPPORTED_FORMAT_VERSION
 
 __all__ = [
@@ -255,8 +255,8 @@ def write_bundle(
     Returns:
         The manifest written.
     """
-    from lrt_deploy.export.external_data import load_model_proto, save_model_proto
     from lrt_deploy.export.runtimes import supported_runtimes
+    from lrt_deploy.graph.external_data import load_model_proto, save_model_proto
 
     files: dict[str, str] = {"onnx": "model.onnx"}
     model = load_model_proto(deployed.onnx_path)

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lrt_deploy.export.external_data import load_model_proto, save_model_proto
-from lrt_deploy.export.graph import count_changes, op_counts
-from lrt_deploy.export.graph_index import GraphIndex
+from lrt_deploy.graph.external_data import load_model_proto, save_model_proto
+from lrt_deploy.graph.index import GraphIndex
+from lrt_deploy.graph.ops import count_changes, op_counts
 
 if TYPE_CHECKING:
     from lrt_deploy.load import LoadedModel

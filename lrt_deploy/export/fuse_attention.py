@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lrt_deploy.export.graph_index import GraphIndex
+from lrt_deploy.graph.index import GraphIndex
 
 if TYPE_CHECKING:
     import onnx

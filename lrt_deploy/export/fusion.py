@@ -37,13 +37,13 @@ from typing import Any
 import numpy as np
 
 from lrt_deploy.errors import ExportValidationError
-from lrt_deploy.export.external_data import (
+from lrt_deploy.export.fuse_attention import attention_mask_to_index
+from lrt_deploy.export.optimize import optimize_graph
+from lrt_deploy.graph.external_data import (
     EXTERNAL_DATA_THRESHOLD,
     save_model_proto,
 )
-from lrt_deploy.export.fuse_attention import attention_mask_to_index
-from lrt_deploy.export.graph import count_changes, op_counts
-from lrt_deploy.export.optimize import optimize_graph
+from lrt_deploy.graph.ops import count_changes, op_counts
 
 __all__ = ["FUSED_OP_TYPES", "FusionResult", "fuse_transformer", "max_output_difference"]
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from lrt_deploy._logs import quiet_loggers
 from lrt_deploy.errors import LrtDeployError
-from lrt_deploy.export.graph import default_opset
+from lrt_deploy.graph.ops import default_opset
 
 if TYPE_CHECKING:
     from lrt_deploy.load import LoadedModel

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lrt_deploy.export.graph import count_changes, op_counts
+from lrt_deploy.graph.ops import count_changes, op_counts
 
 __all__ = ["OptimizationResult", "optimize_graph"]
 

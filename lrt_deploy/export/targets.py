@@ -2,7 +2,7 @@
 
 Target names and their execution providers come from one table,
 :data:`lrt_deploy.runtime.providers.TARGET_PROVIDERS`, which the runtime uses too. The numeric
-precision of the deployed graph is one typed recipe (:mod:`lrt_deploy.export.precision`).
+precision of the deployed graph is one typed recipe (:mod:`lrt_deploy.quant.recipes`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from lrt_deploy.errors import LrtDeployError, UnknownTargetError
-from lrt_deploy.export.precision import Float16, Precision
+from lrt_deploy.quant.recipes import Float16, Precision
 from lrt_deploy.runtime.providers import (
     TARGET_PROVIDERS,
     TARGETS,

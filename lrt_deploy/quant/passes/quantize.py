@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from lrt_deploy._logs import quiet_loggers
-from lrt_deploy.export.graph import count_changes, op_counts
+from lrt_deploy.graph.ops import count_changes, op_counts
 
 __all__ = [
     "DYNAMIC_INT8_OP_TYPES",
@@ -95,7 +95,7 @@ def quantize_int8(
         per_channel: One scale per output channel (per-tensor costs MiniLM ~0.04 cosine).
         op_types: Op types to quantise (see :data:`DYNAMIC_INT8_OP_TYPES`).
         nodes_to_exclude: Node names kept in float (see
-            :func:`lrt_deploy.export.sensitivity.rank_int8_damage`).
+            :func:`lrt_deploy.quant.passes.sensitivity.rank_int8_damage`).
         weight_grid: ``pair-safe`` (exact on every device class,
             :mod:`lrt_deploy.quant.rules`) or ``full-range`` ([-127, 127]: saturates on x86
             AVX2 / AVX-512 without VNNI).
@@ -148,7 +148,7 @@ def _regrid(source: str | Path, target: str | Path, weight_grid: str) -> int:
     ``pair-safe``), re-rounded from ``source``'s float weights; returns how many."""
     if weight_grid != "pair-safe":
         return 0
-    from lrt_deploy.export.external_data import load_model_proto, save_model_proto
+    from lrt_deploy.graph.external_data import load_model_proto, save_model_proto
 
     model = load_model_proto(target)
     count = make_weights_pair_safe(model, load_model_proto(source))
@@ -407,7 +407,7 @@ def find_sensitive_nodes(
     import onnx
     import onnxruntime as ort
 
-    from lrt_deploy.export.graph_index import GraphIndex
+    from lrt_deploy.graph.index import GraphIndex
 
     model = onnx.load(str(source))
     index = GraphIndex(model.graph)
@@ -511,7 +511,7 @@ def quantize_weights_4bit(
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from lrt_deploy.export.graph_index import GraphIndex
+    from lrt_deploy.graph.index import GraphIndex
 
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of 2 of at least 16, got {block_size}")
@@ -607,7 +607,7 @@ def quantize_weights_int8(
     from onnx import helper, numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from lrt_deploy.export.graph_index import GraphIndex
+    from lrt_deploy.graph.index import GraphIndex
 
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of 2 of at least 16, got {block_size}")

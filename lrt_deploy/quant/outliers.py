@@ -1,8 +1,8 @@
 """Which input channels of a matrix product are outliers, and by how much to scale them.
 
 One rule, used twice: by the export's smoothing pass before dynamic int8
-(:mod:`lrt_deploy.export.smoothing`, on the ONNX graph) and by the healing loop's simulation
-of that export (:mod:`lrt_deploy.compress.quant_aware`, on the PyTorch model), so healing
+(:mod:`lrt_deploy.quant.passes.smoothing`, on the ONNX graph) and by the healing loop's simulation
+of that export (:mod:`lrt_deploy.quant.simulate`, on the PyTorch model), so healing
 trains for the rounding the bundle will do. Imports numpy only.
 
 A channel whose peak ``|x|`` on calibration data is above ``ratio`` times the median channel's

@@ -246,7 +246,7 @@ def apply_precision(
     if handler is None:
         raise LrtDeployError(
             f"no precision pass is registered for {type(precision).__name__}: register one "
-            "with lrt_deploy.export.precision.register_precision"
+            "with lrt_deploy.quant.recipes.register_precision"
         )
     return handler(precision, Path(source), Path(target), context)
 
@@ -298,7 +298,7 @@ def precision_from_dict(data: Mapping[str, Any] | None) -> Precision | None:
 
 @register_precision(Float16)
 def _float16(recipe: Float16, source: Path, target: Path, context: PrecisionContext) -> dict:
-    from lrt_deploy.export.float16 import convert_float16
+    from lrt_deploy.quant.passes.float16 import convert_float16
 
     context.progress(f"converting {context.label} to fp16 (LayerNorm/Softmax kept fp32)")
     return convert_float16(source, target).to_dict()
@@ -310,9 +310,9 @@ def _dynamic_int8(
 ) -> dict:
     import tempfile
 
-    from lrt_deploy.export.quantize import quantize_int8
-    from lrt_deploy.export.sensitivity import rank_int8_damage
-    from lrt_deploy.export.smoothing import SmoothingResult, smooth_outlier_channels
+    from lrt_deploy.quant.passes.quantize import quantize_int8
+    from lrt_deploy.quant.passes.sensitivity import rank_int8_damage
+    from lrt_deploy.quant.passes.smoothing import SmoothingResult, smooth_outlier_channels
 
     with tempfile.TemporaryDirectory(prefix="lrt-int8-", dir=target.parent) as scratch:
         smoothing = None
@@ -355,7 +355,7 @@ def _dynamic_int8(
 def _static_int8(
     recipe: StaticInt8, source: Path, target: Path, context: PrecisionContext
 ) -> dict:
-    from lrt_deploy.export.quantize import find_sensitive_nodes, quantize_static_int8
+    from lrt_deploy.quant.passes.quantize import find_sensitive_nodes, quantize_static_int8
 
     context.progress(f"quantising {context.label} to static int8 QDQ (calibrated)")
     calibration = list(context.calibration)
@@ -376,7 +376,7 @@ def _static_int8(
 def _int8_weight_only(
     recipe: Int8WeightOnly, source: Path, target: Path, context: PrecisionContext
 ) -> dict:
-    from lrt_deploy.export.quantize import quantize_weights_int8
+    from lrt_deploy.quant.passes.quantize import quantize_weights_int8
 
     context.progress(f"quantising {context.label} weights to int8 (weight-only)")
     return quantize_weights_int8(source, target).to_dict()
@@ -386,7 +386,7 @@ def _int8_weight_only(
 def _int4_weight_only(
     recipe: Int4WeightOnly, source: Path, target: Path, context: PrecisionContext
 ) -> dict:
-    from lrt_deploy.export.quantize import quantize_weights_4bit
+    from lrt_deploy.quant.passes.quantize import quantize_weights_4bit
 
     context.progress(f"quantising {context.label} to {recipe.describe()}")
     return quantize_weights_4bit(source, target, block_size=recipe.block,

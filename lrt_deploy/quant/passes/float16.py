@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lrt_deploy.export.graph import count_changes, op_counts
+from lrt_deploy.graph.ops import count_changes, op_counts
 
 __all__ = ["FP32_OPS", "Float16Result", "convert_float16"]
 

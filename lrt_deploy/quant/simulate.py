@@ -6,13 +6,13 @@ runs on fake-quantised values: rounded to the integer grid ONNX Runtime's quanti
 scaled back to float, with a straight-through gradient (the rounding's gradient taken as 1), so
 Adam still moves the float weights the export will round.
 
-``"int8"`` mirrors :func:`lrt_deploy.export.quantize.quantize_int8` (dynamic, per channel):
+``"int8"`` mirrors :func:`lrt_deploy.quant.passes.quantize.quantize_int8` (dynamic, per channel):
 weights int8 symmetric per output channel on the export's grid (``pair-safe``, see
 :mod:`lrt_deploy.quant.rules`, or ``full-range`` ``[-127, 127]``), each MatMul's input uint8 with a
 scale and zero point taken from that tensor's own range at run time (``DynamicQuantizeLinear``),
 embedding tables int8 symmetric per tensor; with ``smooth`` it mirrors the export's outlier
-smoothing too (:mod:`lrt_deploy.export.smoothing`): outlier input channels, found on the
-export's calibration rows by the same rule (:func:`lrt_deploy.compress.outliers.outlier_scales`),
+smoothing too (:mod:`lrt_deploy.quant.passes.smoothing`): outlier input channels, found on the
+export's calibration rows by the same rule (:func:`lrt_deploy.quant.outliers.outlier_scales`),
 are divided by a power of two before the input is rounded, and the weight columns reading
 them multiplied by it before the weight is. ``"int4"`` mirrors 4-bit weight-only
 ``MatMulNBits`` / ``GatherBlockQuantized`` (symmetric blocks of ``block`` values along the input
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from lrt_deploy.compress.outliers import CALIBRATION_ROWS, channel_peak, outlier_scales
+from lrt_deploy.quant.outliers import CALIBRATION_ROWS, channel_peak, outlier_scales
 from lrt_deploy.quant.rules import INT8_WEIGHT_GRIDS
 
 __all__ = [
@@ -260,7 +260,7 @@ def smoothing_scales(
     """The outlier-smoothing scales the export will use, per ``nn.Linear``: each input
     channel's peak ``|x|`` on the first ``max_rows`` rows of ``batches`` (padded tokens left
     out), measured in float as the export measures its fp32 graph, through the export's rule
-    (:func:`lrt_deploy.compress.outliers.outlier_scales`).
+    (:func:`lrt_deploy.quant.outliers.outlier_scales`).
 
     Args:
         module: The model (float; a simulation in force is paused while measuring).

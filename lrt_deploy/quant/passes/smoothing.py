@@ -13,7 +13,7 @@ peaks above ``ratio`` times the median channel's peak on calibration data, ``x_j
 by ``s_j`` (one ``Mul`` per input tensor, shared by the MatMuls reading it) and row ``j`` of
 each weight reading it is multiplied by ``s_j``, so the float product is unchanged and the
 channel now peaks near ``target`` times the median (``s_j`` is a power of two: the rule,
-:func:`lrt_deploy.compress.outliers.outlier_scales`, is shared with the healing loop's
+:func:`lrt_deploy.quant.outliers.outlier_scales`, is shared with the healing loop's
 simulation of this export). Only outlier channels move (``s`` is 1 elsewhere), so the weights'
 per-column int8 scales barely change. ORT's own SmoothQuant is
 for static QDQ only and needs Intel's neural-compressor; this is the dynamic-int8 form.
@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from lrt_deploy.compress.outliers import (
+from lrt_deploy.graph.ops import INLINE_LIMIT
+from lrt_deploy.quant.outliers import (
     CALIBRATION_ROWS,
     OUTLIER_RATIO,
     TARGET_RATIO,
@@ -41,7 +42,6 @@ from lrt_deploy.compress.outliers import (
     check_thresholds,
     outlier_scales,
 )
-from lrt_deploy.export.graph import INLINE_LIMIT
 
 __all__ = [
     "OUTLIER_RATIO", "TARGET_RATIO", "SmoothingResult", "input_channel_peaks",
@@ -86,7 +86,7 @@ class SmoothingResult:
 
 
 def _weighted_nodes(model: Any) -> list[tuple[Any, np.ndarray]]:
-    from lrt_deploy.export.graph_index import GraphIndex
+    from lrt_deploy.graph.index import GraphIndex
 
     index = GraphIndex(model.graph)
     found = []
@@ -136,7 +136,7 @@ def input_channel_peaks(
     import onnx
     from onnx import TensorProto, helper
 
-    from lrt_deploy.export.graph import cpu_session
+    from lrt_deploy.graph.ops import cpu_session
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

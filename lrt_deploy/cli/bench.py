@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lrt_deploy.errors import LrtDeployError
-
-from .bench import BenchResult, benchmark_bundles
-from .files import write_atomic
-from .limits import check_threads
+from lrt_deploy.runtime.bench import BenchResult, benchmark_bundles
+from lrt_deploy.runtime.files import write_atomic
+from lrt_deploy.runtime.limits import check_threads
 
 __all__ = ["build_parser", "format_tables", "main"]
 

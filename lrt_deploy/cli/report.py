@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from lrt_deploy.errors import LrtDeployError
-
-from .bundles import BundleComparison, ReportInputError, read_report
-from .comparison import _write_atomic
+from lrt_deploy.report.bundles import BundleComparison, ReportInputError, read_report
+from lrt_deploy.report.comparison import _write_atomic
 
 __all__ = ["build_parser", "main", "rebuild_report"]
 
@@ -87,7 +86,7 @@ def rebuild_report(bundle: str | Path, output: str | Path) -> Path:
     out = Path(output)
     if _is_markdown(out):
         return write_output(out, report.to_markdown())
-    from .html import to_html
+    from lrt_deploy.report.html import to_html
 
     return write_output(out, to_html(report))
 

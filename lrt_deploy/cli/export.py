@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NoReturn
 from lrt_deploy.errors import LrtDeployError
 
 if TYPE_CHECKING:
-    from lrt_deploy.export.precision import Precision
+    from lrt_deploy.quant.recipes import Precision
 
 __all__ = ["EXIT_FLOOR_MISSED", "EXIT_USAGE", "FidelityFloorMissed", "main", "build_parser"]
 
@@ -366,7 +366,7 @@ def _precision(args: argparse.Namespace) -> Precision | None:
     Raises:
         LrtDeployError: ``--exclude-sensitive`` without int8 activations.
     """
-    from lrt_deploy.export.precision import (
+    from lrt_deploy.quant.recipes import (
         DynamicInt8,
         Int4WeightOnly,
         Int8WeightOnly,

@@ -1,6 +1,6 @@
 """Which MatMuls dynamic int8 hurts most, measured on the model's output.
 
-:func:`lrt_deploy.export.quantize.find_sensitive_nodes` ranks MatMuls by the noise int8 adds
+:func:`lrt_deploy.quant.passes.quantize.find_sensitive_nodes` ranks MatMuls by the noise int8 adds
 to each one's own output. That local measure can miss badly: on all-MiniLM's larger sibling
 all-mpnet-base-v2, dynamic int8 per channel drops the sentence embeddings to ~0.88 mean
 cosine, nearly all of it from the FFN down-projections of blocks 6-10, yet none of those is
@@ -59,8 +59,8 @@ def build_probe(model: Any, per_channel: bool = True, weight_grid: str = "pair-s
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    from lrt_deploy.export.graph_index import GraphIndex
-    from lrt_deploy.export.quantize import symmetric_int8_scale
+    from lrt_deploy.graph.index import GraphIndex
+    from lrt_deploy.quant.passes.quantize import symmetric_int8_scale
     from lrt_deploy.quant.rules import pair_safe_scale
 
     graph = model.graph
@@ -142,7 +142,7 @@ def rank_int8_damage(
     """
     import onnx
 
-    from lrt_deploy.export.graph import cpu_session
+    from lrt_deploy.graph.ops import cpu_session
 
     model = onnx.load(str(source))
     probed = build_probe(model, per_channel, weight_grid)
