@@ -50,13 +50,13 @@ _VERIFIED = frozenset({(_STANDARD, op) for op in _STANDARD_OPS}) | frozenset(
 VERIFIED_OPERATORS: dict[str, dict[str, Any]] = {
     "onnxruntime-node": {
         "package": "onnxruntime-node 1.30.0 (npm)",
-        "how": "lrt-export graphs run by samples/js (tests/test_js_runtimes.py)",
+        "how": "lrt-export graphs run by samples/js (tests/samples/test_js_runtimes.py)",
         "operators": _VERIFIED,
         "max_ir_version": 13,
     },
     "onnxruntime-web-wasm": {
         "package": "onnxruntime-web 1.30.0 (npm), WebAssembly backend, headless Chromium",
-        "how": "lrt-export graphs run by samples/js/web (tests/test_js_runtimes.py)",
+        "how": "lrt-export graphs run by samples/js/web (tests/samples/test_js_runtimes.py)",
         "operators": _VERIFIED,
         "max_ir_version": 13,
     },

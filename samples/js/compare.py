@@ -7,7 +7,7 @@ cosine to Python and the timings compare like with like::
 
     python samples/js/compare.py out/all-MiniLM-L6-v2-mobile [--threads 2] [--runs 20]
 
-tests/test_js_runtimes.py uses the same functions.
+tests/samples/test_js_runtimes.py uses the same functions.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def test_max_abs_diff() -> None:
 def test_fidelity_does_not_import_torch() -> None:
     # The runtime install has numpy and onnxruntime only; scoring must not need torch.
     code = "import sys, lrt_deploy.compress.fidelity; sys.exit('torch' in sys.modules)"
-    repo_root = Path(__file__).resolve().parents[1]
+    repo_root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, check=False)
     assert result.returncode == 0
 

@@ -21,7 +21,7 @@ import pytest
 
 onnx = pytest.importorskip("onnx")
 
-from test_report import make_report  # noqa: E402
+from fake_reports import make_report  # noqa: E402
 from test_runtime_hardening import _bundle, _rewrite_manifest, _sha  # noqa: E402
 
 from lrt_deploy.cli.bench import main as bench_main  # noqa: E402

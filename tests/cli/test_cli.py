@@ -31,7 +31,7 @@ from tiny_models import (  # noqa: E402
 
 from lrt_deploy.cli.export import main  # noqa: E402
 
-TESTS_DIR = Path(__file__).parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 RUNS = ["--runs", "3"]
 
 

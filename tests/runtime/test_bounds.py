@@ -34,7 +34,7 @@ from lrt_deploy.runtime import (  # noqa: E402
     limits,  # noqa: E402
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GiB = 2**30
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 JS_DIR = SAMPLES / "js"
 CONTRACT_PATH = SAMPLES / "bundle-contract.json"
 KOTLIN_CONTRACT = (

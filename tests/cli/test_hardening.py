@@ -32,7 +32,7 @@ from tiny_models import make_tiny_encoder, make_tiny_mlp  # noqa: E402
 
 from lrt_deploy.load import load_model, resolve_model_path  # noqa: E402
 
-TESTS_DIR = Path(__file__).parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 QUICK = ["-q", "--runs", "2"]
 
 

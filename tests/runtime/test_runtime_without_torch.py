@@ -16,7 +16,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Runs in a fresh interpreter. The finder refuses the top-level packages torch, onnx and
 # transformers and all their submodules; "onnxruntime" has a different top-level name, so it
