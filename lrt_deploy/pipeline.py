@@ -174,7 +174,7 @@ def export_bundle(
         text_healing_data,
     )
     from lrt_deploy.data import readers
-    from lrt_deploy.export.build import build_by_design_variants, build_variants
+    from lrt_deploy.export.build import ModelKind, build_by_design_variants, build_variants
     from lrt_deploy.export.bundle import commit, staging_folder, write_bundle
     from lrt_deploy.export.dense_equivalent import by_design_baseline
     from lrt_deploy.measure import (
@@ -255,11 +255,11 @@ def export_bundle(
         # (or Linformer) by design with its dense equivalent, built here.
         design_layers = lowrank_by_design(loaded.module) if not compressing else []
         by_design = by_design_baseline(loaded) if not compressing else None
-        plan = [] if design_layers else [("dense", "dense", dense)]
+        plan = [] if design_layers else [(ModelKind.DENSE, dense)]
         if compress is None and compressing:
-            plan.append(("healed", "healed", loaded))  # the dense model, healed for its int
+            plan.append((ModelKind.HEALED, loaded))  # the dense model, healed for its int
         elif compress is not None or design_layers:
-            plan.append(("lrt", "LRT", loaded))
+            plan.append((ModelKind.LRT, loaded))
         feeds = readers.latency_inputs(
             loaded, settings.batch, settings.sequence
         )
@@ -273,10 +273,10 @@ def export_bundle(
                 check_feeds=feeds, calibration_feeds=calibration_feeds, progress=progress,
             )
             plan = []  # built above
-        for key, label, model in plan:
+        for kind, model in plan:
             variants.extend(build_variants(
-                key, label, model, target=target, work=work,
-                is_baseline=key == "dense" or len(plan) == 1,
+                kind, model, target=target, work=work,
+                is_baseline=kind is ModelKind.DENSE or len(plan) == 1,
                 validation_batches=readers.validation_batches(model, evaluation),
                 check_feeds=feeds, calibration_feeds=calibration_feeds, progress=progress,
             ))

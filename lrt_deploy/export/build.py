@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,10 +23,32 @@ if TYPE_CHECKING:
     from lrt_deploy.load import LoadedModel
 
 __all__ = [
-    "Variant", "build_by_design_variants", "build_variants", "count_params", "raw_path",
+    "ModelKind", "Variant", "build_by_design_variants", "build_variants", "count_params",
+    "raw_path",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class ModelKind(Enum):
+    """Which model of a run a variant was built from; ``key`` names files, ``label`` displays."""
+
+    DENSE = ("dense", "dense")
+    LRT = ("lrt", "LRT")
+    LINFORMER = ("lrt", "Linformer")
+    HEALED = ("healed", "healed")
+
+    @property
+    def key(self) -> str:
+        return self.value[0]
+
+    @property
+    def label(self) -> str:
+        return self.value[1]
+
+    @property
+    def low_rank(self) -> bool:
+        return self in (ModelKind.LRT, ModelKind.LINFORMER)
 
 
 @dataclass
@@ -34,8 +57,10 @@ class Variant:
 
     Attributes:
         key: File-name stem, e.g. ``dense-fp32``, ``lrt-int8``.
-        label: Display name, e.g. ``LRT int8``.
+        label: Display name, e.g. ``LRT int8`` (rendered from ``model`` and ``precision``).
         onnx_path: The graph (in the run's work folder).
+        model: The model it was built from.
+        precision: ``fp32`` or the precision recipe's suffix (``int8``, ``fp16``, ``int4``).
         is_baseline: The variant every other is compared with.
         deployed: The variant written to the bundle.
         validation: Per validation batch, the check against PyTorch.
@@ -51,6 +76,8 @@ class Variant:
     key: str
     label: str
     onnx_path: Path
+    model: ModelKind = ModelKind.DENSE
+    precision: str = "fp32"
     is_baseline: bool = False
     deployed: bool = False
     validation: list[dict[str, Any]] = field(default_factory=list)
@@ -73,8 +100,7 @@ def count_params(module: Any) -> int | None:
 
 
 def build_variants(
-    key: str,
-    label: str,
+    kind: ModelKind,
     model: LoadedModel,
     *,
     target: Target,
@@ -90,8 +116,7 @@ def build_variants(
     target's precision recipe when it has one.
 
     Args:
-        key: File-name stem and variant key prefix (``dense``, ``lrt``).
-        label: Display prefix (``dense``, ``LRT``).
+        kind: Which model of the run this is (names its files and variants).
         model: The model to export.
         target: Opset, optimisation level, fusion, fixed shape and precision to build.
         work: Folder for the intermediate graphs.
@@ -110,6 +135,7 @@ def build_variants(
     from lrt_deploy.export.reproducibility import normalize_for_reproducibility
     from lrt_deploy.export.validate import validate_onnx
 
+    key, label = kind.key, kind.label
     if raw is None:
         progress(f"exporting {label} to ONNX (opset {target.opset})")
         raw = export_onnx(model, raw_path(work, key), opset=target.opset)
@@ -137,7 +163,8 @@ def build_variants(
     fp32 = _maybe_fix_shapes(fp32, target.fixed_shape)
     params = count_params(model.module)
     variants = [Variant(
-        key=f"{key}-fp32", label=f"{label} fp32", onnx_path=fp32, is_baseline=is_baseline,
+        key=f"{key}-fp32", label=f"{label} fp32", onnx_path=fp32, model=kind,
+        is_baseline=is_baseline,
         validation=checks, optimization=optimization, params=params,
     )]
     precision = target.precision
@@ -149,9 +176,9 @@ def build_variants(
         )
         details = apply_precision(precision, fp32, path, context)
         variants.append(Variant(
-            key=f"{key}-{suffix}", label=f"{label} {suffix}", onnx_path=path,
-            optimization=_fused_after_precision(optimization, path), quantization=details,
-            params=params,
+            key=f"{key}-{suffix}", label=f"{label} {suffix}", onnx_path=path, model=kind,
+            precision=suffix, optimization=_fused_after_precision(optimization, path),
+            quantization=details, params=params,
         ))
     return variants
 
@@ -210,25 +237,25 @@ def build_by_design_variants(
     """
     from lrt_deploy.export.dense_equivalent import dense_equivalent_onnx
 
-    label = "Linformer" if baseline.kind == "standard-attention" else "LRT"
+    kind = ModelKind.LINFORMER if baseline.kind == "standard-attention" else ModelKind.LRT
     common: dict[str, Any] = {
         "target": target, "work": work, "check_feeds": check_feeds,
         "calibration_feeds": calibration_feeds, "progress": progress,
     }
     if baseline.loaded is not None:
         dense = build_variants(
-            "dense", "dense", baseline.loaded, is_baseline=True,
+            ModelKind.DENSE, baseline.loaded, is_baseline=True,
             validation_batches=validation_batches(baseline.loaded), **common,
         )
         lowrank = build_variants(
-            "lrt", label, model, is_baseline=False,
+            kind, model, is_baseline=False,
             validation_batches=validation_batches(model), **common,
         )
         return dense + lowrank, None
     # Graph path: the module classes are gone, so the LRT export is folded instead.
     checks = validation_batches(model)
     lowrank = build_variants(
-        "lrt", label, model, is_baseline=False, validation_batches=checks, **common
+        kind, model, is_baseline=False, validation_batches=checks, **common
     )
     progress("multiplying out the low-rank pairs of the exported graph (dense equivalent)")
     fold = dense_equivalent_onnx(raw_path(work, "lrt"), raw_path(work, "dense"))
@@ -238,7 +265,7 @@ def build_by_design_variants(
         lowrank[0].is_baseline = True
         return lowrank, fold
     dense = build_variants(
-        "dense", "dense", model, is_baseline=True, validation_batches=checks,
+        ModelKind.DENSE, model, is_baseline=True, validation_batches=checks,
         raw=raw_path(work, "dense"), **common,
     )
     for variant in dense:
