@@ -243,6 +243,7 @@ def verify_devices(staging: Path, manifest: dict[str, Any], dense: LoadedModel,
                  "sentences of each held-out set, one per run; qemu for other CPUs)")
         verification = verify_model(staging / manifest["files"]["model"],
                                     staging / REFERENCE_FILE, devices["exact_on"],
+                                    session_config=devices["session_config"],
                                     progress=progress)
         devices["verification"] = verification.to_dict()
     add_to_manifest(staging, manifest, files=files, sections={"devices": devices})

@@ -67,7 +67,7 @@ def verify_bundle(folder: Path, *, classes: Sequence[str] | None = None,
     """The :class:`~lrt_deploy.verify.check.DeviceVerification` of the bundle at ``folder``
     (its files checked against the manifest's checksums first); ``sample`` defaults to
     :data:`~lrt_deploy.verify.check.SAMPLE_SENTENCES`."""
-    from lrt_deploy.runtime.bundle import checked_file, read_manifest
+    from lrt_deploy.runtime.bundle import checked_file, read_manifest, session_config
     from lrt_deploy.verify.check import SAMPLE_SENTENCES, verify_model
 
     if not folder.is_dir():
@@ -85,7 +85,7 @@ def verify_bundle(folder: Path, *, classes: Sequence[str] | None = None,
             + "; re-export the text model with lrt-export (without --no-verify-devices)")
     return verify_model(model, reference, _exact_on(folder, manifest, model), classes=classes,
                         sample=SAMPLE_SENTENCES if sample is None else sample, jobs=jobs,
-                        progress=progress)
+                        session_config=session_config(manifest), progress=progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

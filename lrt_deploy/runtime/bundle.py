@@ -39,6 +39,7 @@ __all__ = [
     "file_sha256",
     "read_json",
     "read_manifest",
+    "session_config",
     "verify_checksums",
 ]
 
@@ -113,6 +114,18 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     ):
         raise BundleError(f"'{path}' has a malformed 'checksums' section: re-export the bundle")
     return manifest
+
+
+def session_config(manifest: dict[str, Any] | None) -> dict[str, str]:
+    """The session config entries the bundle asks for (``devices.session_config``), names to
+    strings; :class:`BundleError` when malformed."""
+    config = ((manifest or {}).get("devices") or {}).get("session_config") or {}
+    if not isinstance(config, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in config.items()
+    ):
+        raise BundleError("manifest's devices.session_config must map names to strings: "
+                          "re-export the bundle")
+    return config
 
 
 def bundle_file(folder: Path, manifest: dict[str, Any], *keys: str) -> Path | None:

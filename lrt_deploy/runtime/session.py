@@ -21,6 +21,7 @@ import onnxruntime as ort
 from lrt_deploy.errors import BundleError, LrtDeployError
 
 from .bundle import checked_file, read_manifest
+from .bundle import session_config as session_config_of
 from .devices import DEVICE_CLASSES, host_class
 from .limits import check_memory, check_threads, run_bytes
 from .providers import (
@@ -216,7 +217,7 @@ class Session:
         if optimization_level is not None:
             options.graph_optimization_level = self._optimization_level(optimization_level)
         # Entries the bundle asks for (its int8 recipe may rely on one), then the caller's.
-        for key, value in {**self._manifest_session_config(), **(session_config or {})}.items():
+        for key, value in {**session_config_of(self._manifest), **(session_config or {})}.items():
             options.add_session_config_entry(key, value)
 
         try:
@@ -283,15 +284,6 @@ class Session:
             fell_back=True,
             message=message,
         )
-
-    def _manifest_session_config(self) -> dict[str, str]:
-        config = ((self._manifest or {}).get("devices") or {}).get("session_config") or {}
-        if not isinstance(config, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in config.items()
-        ):
-            raise BundleError("manifest's devices.session_config must map names to strings: "
-                              "re-export the bundle")
-        return config
 
     def device_report(self) -> dict[str, Any]:
         """Where this session runs and what the bundle says of that device class.

@@ -1,15 +1,8 @@
-"""What a bundle computes on each device class, against the dense model and between classes.
+"""Run a bundle on every device class reachable here and score it against the dense model.
 
-A text bundle carries ``verification.npz``: held-out sentences (token ids, padded rows) and the
-dense fp32 PyTorch model's outputs on them. :func:`verify_model` runs the deployed model on a
-sample of those sentences, one sentence per run, on every device class it can reach — this host
-natively, other CPU classes under qemu (:mod:`lrt_deploy.verify.emulate`), WebAssembly in Node
-(:mod:`lrt_deploy.verify.wasm`) — with onnxruntime's default session options and one thread, and
-scores each class against the dense outputs and against every other class. A class that cannot
-run here is listed with the reason; :func:`lrt_deploy.quant.kernels.exact_classes` says which
-classes the weights make exact without running.
-
-Standard library, numpy and onnxruntime only: ``lrt-verify`` runs without torch.
+Each class runs sentences of ``verification.npz`` one per run, with onnxruntime's default
+session options, one thread and the bundle's session config entries. Standard library, numpy and
+onnxruntime only: ``lrt-verify`` runs without torch.
 """
 
 from __future__ import annotations
@@ -44,18 +37,16 @@ __all__ = [
 
 #: The bundle file holding the held-out token ids and the dense model's outputs on them.
 REFERENCE_FILE = "verification.npz"
-#: Sentences of each held-out set run on every class (one per run): under emulation a run
-#: costs ~1 s of the ~15 s a class takes, most of it qemu starting Python and onnxruntime.
+#: Sentences of each held-out set run on every class, one per run.
 SAMPLE_SENTENCES = 8
-#: Sentences of each held-out set stored in ``verification.npz`` (``lrt-verify --sample`` can
-#: run up to this many; ~0.3 MB per bundle).
+#: Sentences of each held-out set stored in ``verification.npz``: the most a run can sample.
 REFERENCE_SENTENCES = 64
 #: The held-out sets, by key: the shipped files they come from.
 SETS = {"heldout": "heldout.txt", "domain": "heldout_domain.txt"}
 
 ProgressFn = Callable[[str], None]
 #: Environment variable limiting the classes run when none are named: a comma list, or
-#: ``host`` for this machine's class alone (the test suite sets it: emulation is slow).
+#: ``host`` for this machine's class alone.
 CLASSES_ENV = "LRT_VERIFY_CLASSES"
 
 
@@ -73,8 +64,8 @@ def default_classes() -> list[str]:
 
 def write_reference(path: Path, sets: Mapping[str, tuple[Mapping[str, np.ndarray], np.ndarray]]
                     ) -> None:
-    """Write ``verification.npz``: per set, the padded input rows (``<set>/<input>``, int64,
-    ``attention_mask`` among them) and the dense outputs (``<set>/reference``, float32)."""
+    """Write ``verification.npz``: per set, ``<set>/<input>`` int64 rows (``attention_mask``
+    among them) and ``<set>/reference``, the dense float32 outputs."""
     arrays: dict[str, np.ndarray] = {}
     for name, (feeds, reference) in sets.items():
         for key, value in feeds.items():
@@ -109,19 +100,8 @@ def read_reference(path: Path) -> dict[str, tuple[dict[str, np.ndarray], np.ndar
 
 @dataclass
 class ClassCheck:
-    """One device class: how it was run, its fidelity per set, its agreement with the host.
-
-    Attributes:
-        name: Device class (:data:`DEVICE_CLASSES`).
-        title: Who has it.
-        how: ``native``, ``qemu -cpu Haswell``, ``onnxruntime-web in Node``... or ``-``.
-        exact_kernel: The weight check proves its int8 kernel exact (``exact_classes``).
-        verified: It ran here.
-        reason: Why not, when it did not.
-        figures: Per set, ``mean`` and ``worst`` cosine to the dense model.
-        agreement: Worst cosine of its outputs to the host's, per sentence.
-        seconds: Wall time of its runs.
-    """
+    """One device class: how it ran (or why not), its cosines to the dense model per set
+    (``mean``, ``worst``) and its worst per-sentence agreement with the host."""
 
     name: str
     title: str
@@ -159,8 +139,8 @@ class DeviceVerification:
         return next((c for c in self.classes if c.name == name), None)
 
     def failures(self, floor: float | None, strict: bool = False) -> list[str]:
-        """What misses: a class that ran with a mean cosine under ``floor`` on a set; with
-        ``strict``, also a class that did not run and that the weight check does not prove."""
+        """Classes that ran with a mean cosine under ``floor`` on a set; with ``strict``, also
+        those that did not run and that the weight check does not prove exact."""
         missed = []
         for c in self.classes:
             if c.verified and floor is not None:
@@ -215,8 +195,8 @@ def _cosines(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray:
 def _sample_feeds(sets: Mapping[str, tuple[dict[str, np.ndarray], np.ndarray]], sample: int,
                   inputs: Mapping[str, list[Any]]) -> tuple[list[dict[str, np.ndarray]],
                                                            list[np.ndarray], dict[str, int]]:
-    """One feed per sentence (trimmed to its length unless the graph fixes the sequence axis),
-    its dense reference row (likewise trimmed), and the count per set."""
+    """One feed and dense reference row per sentence, trimmed to its length unless the graph
+    fixes the sequence axis, and the count per set."""
     feeds, references, counts = [], [], {}
     for name, (rows, reference) in sets.items():
         count = min(sample, reference.shape[0])
@@ -236,18 +216,133 @@ def _sample_feeds(sets: Mapping[str, tuple[dict[str, np.ndarray], np.ndarray]], 
     return feeds, references, counts
 
 
-def _host_session(model: Path) -> Any:
-    """The model in this host's onnxruntime: default options, one thread (as emulated classes)."""
+
+def _host_session(model: Path, session_config: Mapping[str, str]) -> Any:
+    """The model in this host's onnxruntime: default options, one thread, the bundle's entries."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
+    for key, value in session_config.items():
+        options.add_session_config_entry(key, value)
     try:
         return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad files
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise BundleError(f"cannot open {model.name}: {reason}; re-export the bundle") from None
+
+
+def _checked_classes(classes: Sequence[str] | None, sample: int) -> list[str]:
+    """The class names to list (``host`` allowed); BundleError for an unknown one or no sample."""
+    names = list(classes) if classes is not None else default_classes()
+    unknown = [n for n in names if n not in DEVICE_CLASSES and n != "host"]
+    if unknown:
+        raise BundleError(f"unknown device class {unknown[0]!r}: one of "
+                          f"{', '.join(DEVICE_CLASSES)}")
+    if sample < 1:
+        raise BundleError(f"sample must be at least 1 sentence per set, got {sample}")
+    return names
+
+
+def _class_checks(names: list[str], host: str | None, exact_on: Sequence[str]
+                  ) -> tuple[list[str], dict[str, ClassCheck]]:
+    """An empty check per known class, plus this host's: it anchors the agreement column."""
+    names = [n for n in names if n in DEVICE_CLASSES]
+    checks = {n: ClassCheck(n, DEVICE_CLASSES[n].title, "-", n in exact_on, False)
+              for n in names}
+    host_key = host if host is not None else "host"
+    if host_key not in checks:
+        title = DEVICE_CLASSES[host].title if host else "this machine (class not known)"
+        checks[host_key] = ClassCheck(host_key, title, "-", host_key in exact_on, False)
+        names.append(host_key)
+    return names, checks
+
+
+@dataclass
+class _Runs:
+    """Each class's outputs, filled in as its run finishes; a run that cannot start says why."""
+
+    checks: dict[str, ClassCheck]
+    sentences: int
+    progress: ProgressFn
+    outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def run(self, name: str, how: str, run: Callable[[], list[np.ndarray]]) -> None:
+        check = self.checks[name]
+        begin = time.perf_counter()
+        try:
+            self.outputs[name] = run()
+        except EmulationError as exc:
+            check.reason = str(exc)
+            self.progress(f"device {name}: not verified ({exc})")
+            return
+        check.how, check.verified = how, True
+        check.seconds = round(time.perf_counter() - begin, 1)
+        self.progress(f"device {name}: {how}, {self.sentences} sentences in {check.seconds} s")
+
+
+def _other_runs(names: list[str], host: str | None, checks: dict[str, ClassCheck], model: Path,
+                feeds: list[dict[str, np.ndarray]], session_config: Mapping[str, str]
+                ) -> list[tuple[str, str, Callable[[], list[np.ndarray]]]]:
+    """``(class, how, run)`` for each class other than the host's that can run here; the others'
+    checks get the reason they cannot."""
+    pending: list[tuple[str, str, Callable[[], list[np.ndarray]]]] = []
+    for name in names:
+        if name == host:
+            continue
+        if name == "wasm":
+            reason = wasm_unavailable()
+            if reason is None and session_config:
+                # wasm-bench.js opens the model with onnxruntime-web's defaults only.
+                reason = ("onnxruntime-web is run without session config entries, and the "
+                          f"bundle sets {', '.join(session_config)}")
+            if reason is None:
+                pending.append((name, "onnxruntime-web in Node", lambda: run_wasm(model, feeds)))
+            else:
+                checks[name].reason = reason
+            continue
+        reason = unavailable(name)
+        if reason is None:
+            emulator = EMULATED[name]
+            pending.append((name, f"qemu -cpu {emulator.cpu}",
+                            lambda emulator=emulator: [
+                                r[0] for r in run_model(emulator.name, model, feeds,
+                                                        session_config=session_config)]))
+        elif name in EMULATED or name not in NOT_EMULATED:
+            checks[name].reason = reason
+        else:
+            checks[name].reason = NOT_EMULATED[name]
+    return pending
+
+
+def _score(checks: dict[str, ClassCheck], outputs: Mapping[str, list[np.ndarray]],
+           references: list[np.ndarray], counts: Mapping[str, int], anchor: str) -> None:
+    """Fill each run class's figures per set and its worst agreement with the ``anchor``'s."""
+    host_outputs = outputs.get(anchor)
+    for name, check in checks.items():
+        if name not in outputs:
+            continue
+        start = 0
+        for key, count in counts.items():
+            cos = _cosines(outputs[name][start:start + count], references[start:start + count])
+            check.figures[key] = {"mean": round(float(cos.mean()), 6),
+                                  "worst": round(float(cos.min()), 6)}
+            start += count
+        if host_outputs is not None:
+            check.agreement = round(float(_cosines(outputs[name], host_outputs).min()), 6)
+
+
+def _worst_pair(outputs: Mapping[str, list[np.ndarray]]) -> tuple[float | None, list[str]]:
+    """The lowest per-sentence cosine between any two classes that ran, and that pair."""
+    ran = list(outputs)
+    worst, pair = None, []
+    for i, a in enumerate(ran):
+        for b in ran[i + 1:]:
+            value = float(_cosines(outputs[a], outputs[b]).min())
+            if worst is None or value < worst:
+                worst, pair = round(value, 6), [a, b]
+    return worst, pair
 
 
 def verify_model(
@@ -258,104 +353,38 @@ def verify_model(
     classes: Sequence[str] | None = None,
     sample: int = SAMPLE_SENTENCES,
     jobs: int = 2,
+    session_config: Mapping[str, str] | None = None,
     progress: ProgressFn = lambda _line: None,
 ) -> DeviceVerification:
-    """Run ``model`` on ``sample`` sentences of each set of ``reference`` on every class in
-    ``classes`` (default: all) that can run here, ``jobs`` emulated classes at a time.
+    """Run ``model`` on ``sample`` sentences per set of ``reference`` on every class in
+    ``classes`` that can run here (``jobs`` emulated at a time) and score each.
 
     Args:
-        model: The bundle's model file (``.onnx`` or ``.ort``).
-        reference: Its ``verification.npz``.
         exact_on: The classes the weight check proves exact (``exact_classes``).
-        classes: Device classes to list (default :func:`default_classes`); unknown names
-            raise ``BundleError``.
-        sample: Sentences per set.
-        jobs: Emulated classes run at once (each is one process).
-        progress: Called with a line as each class finishes.
+        classes: Device classes to list (default :func:`default_classes`); ``host`` is this
+            machine's.
+        session_config: The bundle's ``devices.session_config``, applied on every class as
+            :class:`lrt_deploy.runtime.Session` applies it.
     """
     started = time.perf_counter()
-    names = list(classes) if classes is not None else default_classes()
-    unknown = [n for n in names if n not in DEVICE_CLASSES and n != "host"]
-    if unknown:
-        raise BundleError(f"unknown device class {unknown[0]!r}: one of "
-                          f"{', '.join(DEVICE_CLASSES)}")
-    if sample < 1:
-        raise BundleError(f"sample must be at least 1 sentence per set, got {sample}")
+    names = _checked_classes(classes, sample)
     model = Path(model)
-    session = _host_session(model)
+    config = dict(session_config or {})
+    session = _host_session(model, config)
     feeds, references, counts = _sample_feeds(
         read_reference(reference), sample,
         {i.name: list(i.shape) for i in session.get_inputs()})
     host = host_class()
-    outputs: dict[str, list[np.ndarray]] = {}
-    names = [n for n in names if n in DEVICE_CLASSES]  # "host": added below as the anchor
-    checks = {n: ClassCheck(n, DEVICE_CLASSES[n].title, "-", n in exact_on, False)
-              for n in names}
-
-    def timed(name: str, how: str, run: Callable[[], list[np.ndarray]]) -> None:
-        begin = time.perf_counter()
-        try:
-            outputs[name] = run()
-        except EmulationError as exc:
-            checks[name].reason = str(exc)
-            progress(f"device {name}: not verified ({exc})")
-            return
-        checks[name].how, checks[name].verified = how, True
-        checks[name].seconds = round(time.perf_counter() - begin, 1)
-        progress(f"device {name}: {how}, {len(feeds)} sentences in {checks[name].seconds} s")
-
+    names, checks = _class_checks(names, host, exact_on)
+    runs = _Runs(checks, len(feeds), progress)
     host_key = host if host is not None else "host"
-    if host_key not in checks:  # the host anchors the agreement column, listed or not
-        checks[host_key] = ClassCheck(host_key, DEVICE_CLASSES[host].title if host else
-                                      "this machine (class not known)", "-",
-                                      host_key in exact_on, False)
-        names.append(host_key)
-    timed(host_key, "native", lambda: [session.run(None, dict(f))[0] for f in feeds])
-    pending = []
-    for name in names:
-        if name == host:
-            continue
-        if name == "wasm":
-            reason = wasm_unavailable()
-            if reason is None:
-                pending.append((name, "onnxruntime-web in Node",
-                                lambda: run_wasm(model, feeds)))
-            else:
-                checks[name].reason = reason
-            continue
-        reason = unavailable(name)
-        if reason is None:
-            emulator = EMULATED[name]
-            pending.append((name, f"qemu -cpu {emulator.cpu}",
-                            lambda emulator=emulator: [
-                                r[0] for r in run_model(emulator.name, model, feeds)]))
-        else:
-            checks[name].reason = reason if name in EMULATED or name not in NOT_EMULATED \
-                else NOT_EMULATED[name]
+    runs.run(host_key, "native", lambda: [session.run(None, dict(f))[0] for f in feeds])
+    pending = _other_runs(names, host, checks, model, feeds, config)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(lambda item: timed(*item), pending))
-
-    anchor = outputs.get(host_key)
-    for name, check in checks.items():
-        if name not in outputs:
-            continue
-        start = 0
-        for key, count in counts.items():
-            cos = _cosines(outputs[name][start:start + count], references[start:start + count])
-            check.figures[key] = {"mean": round(float(cos.mean()), 6),
-                                  "worst": round(float(cos.min()), 6)}
-            start += count
-        if anchor is not None:
-            check.agreement = round(float(_cosines(outputs[name], anchor).min()), 6)
-    ran = list(outputs)
-    worst, pair = None, []
-    for i, a in enumerate(ran):
-        for b in ran[i + 1:]:
-            value = float(_cosines(outputs[a], outputs[b]).min())
-            if worst is None or value < worst:
-                worst, pair = round(value, 6), [a, b]
+        list(pool.map(lambda item: runs.run(*item), pending))
+    _score(checks, runs.outputs, references, counts, host_key)
+    worst, pair = _worst_pair(runs.outputs)
     return DeviceVerification(
-        host=host, model=model.name, sample=counts,
-        classes=[checks[n] for n in names],
+        host=host, model=model.name, sample=counts, classes=[checks[n] for n in names],
         worst_agreement=worst, worst_pair=pair,
         seconds=round(time.perf_counter() - started, 1))

@@ -1,24 +1,9 @@
-"""Run an ONNX model as another device class computes it, under qemu user emulation.
+"""Run an ONNX model as another CPU device class computes it, under qemu user emulation.
 
-onnxruntime picks its int8 kernel by the CPU features it reads at run time (CPUID on x86, the
-kernel's HWCAP words on ARM64), and qemu's user mode emulates those for the CPU model it is
-given. So the host's own Python under ``qemu-x86_64-static -cpu Haswell`` runs the AVX2 kernel
-(which saturates), and an ARM64 Python with onnxruntime for aarch64 (the sysroot that
-``scripts/setup_devices.sh`` builds under ``.devices/arm64``) under ``qemu-aarch64-static -cpu
-neoverse-n1`` runs the dot-product kernel. ``arm64-sme`` needs qemu >= 10 (Debian stable's 7.2
-executes onnxruntime's SME kernel wrongly): the ``qemu-aarch64`` binary that
-``setup_devices.sh`` unpacks from Debian's backports into ``.devices/qemu10``, or the system's
-``qemu-aarch64-static`` where that is already 10 or later. The caller runs the host's own class
-natively.
-
-Each :func:`run_model` call starts one emulated process (:mod:`lrt_deploy.verify.worker`, run
-by file path with ``python -I``) that loads the model with onnxruntime's default session
-options (one intra-op thread) and runs every feed; arrays travel as ``.npz`` files in a
-temporary folder. The worker also reports the CPU features it saw; a run whose features do
-not classify as the class asked for raises :class:`EmulationError`, so a wrong qemu CPU model
-cannot pass for the class.
-
-Standard library and numpy only (:mod:`lrt_deploy.runtime.devices` for the classifier).
+onnxruntime picks its int8 kernel from the CPU features it reads at run time (CPUID on x86,
+HWCAP on ARM64), and qemu's user mode emulates those for the CPU model it is given; each run
+checks that the worker saw the class asked for, so a wrong CPU model cannot pass for it.
+Standard library and numpy only.
 """
 
 from __future__ import annotations
@@ -54,21 +39,16 @@ class EmulationError(LrtDeployError):
 
 @dataclass(frozen=True)
 class Emulator:
-    """How one device class is emulated.
+    """How one device class is emulated: guest ``machine``, qemu ``-cpu`` value and binary.
 
     Attributes:
-        name: The device class (``lrt_deploy.runtime.devices``).
-        machine: ``x86_64`` or ``aarch64``: the guest architecture.
-        cpu: qemu's ``-cpu`` value.
-        note: What the CPU model stands for, in a few words.
-        midr: ARM64: the CPU model's MIDR_EL1, for the guest's /proc/cpuinfo. onnxruntime's
-            cpuinfo takes the ISA from HWCAP but also trusts the part number (it turns dot
-            product on for any Neoverse N1 or Cortex-A76 part), so it must match ``cpu``.
+        midr: ARM64: MIDR_EL1 for the guest's /proc/cpuinfo. onnxruntime's cpuinfo trusts the
+            part number as well as HWCAP (dot product on for any Neoverse N1 part), so it
+            must match ``cpu``.
         features: ARM64: the /proc/cpuinfo Features line (for people; HWCAP is what counts).
-        binary: The qemu user binary to use, relative to :func:`devices_dir` (tried first);
-            empty: the system's ``qemu-MACHINE-static`` on PATH.
-        min_qemu: The lowest qemu major version that runs the class right (0: any); a binary
-            below it, ``binary`` or the system's, does not count.
+        binary: qemu user binary under :func:`devices_dir`, tried before the system's
+            ``qemu-MACHINE-static``.
+        min_qemu: Lowest qemu major version that runs the class right (0: any).
     """
 
     name: str
@@ -82,7 +62,7 @@ class Emulator:
 
     @property
     def qemu(self) -> str:
-        """The system binary's name (what messages call it when ``binary`` is not found)."""
+        """The system binary's name."""
         return f"qemu-{self.machine}-static"
 
 
@@ -96,11 +76,8 @@ EMULATED: dict[str, Emulator] = {
                  "(SDOT/UDOT), no i8mm, no SVE", 0x414FD0C1,
                  "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid "
                  "asimdrdm lrcpc dcpop asimddp ssbs"),
-        # qemu 7.2 has no Armv8.6 CPU model without SVE; "max" less SVE and SME has i8mm.
-        # Its MIDR is qemu's own (implementer 0, part 'Q'), so no errata table matches it.
-        # Not SME devices: with SME, onnxruntime 1.31 runs DynamicQuantizeMatMul through
-        # another (KleidiAI) kernel that computes differently (arm64-sme). SVE alone changes
-        # nothing.
+        # qemu 7.2 has no Armv8.6 model without SVE: "max" less SVE and SME has i8mm. SME
+        # would switch DynamicQuantizeMatMul to KleidiAI's kernel (that is arm64-sme).
         Emulator("arm64-i8mm", "aarch64", "max,sve=off,sme=off", "Armv8.6+ with i8mm "
                  "(SMMLA/UMMLA), SVE and SME off", 0x000F0510,
                  "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid "
@@ -108,15 +85,8 @@ EMULATED: dict[str, Emulator] = {
                  "uscat ilrcpc flagm sb paca pacg dcpodp flagm2 frint i8mm bf16 rng bti"),
         Emulator("arm64-neon", "aarch64", "cortex-a72", "Armv8.0 NEON, no dot product",
                  0x410FD083, "fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid"),
-        # qemu 10.0's "max": Armv9 with SVE2 and SME (FEAT_SME, no SME2: HWCAP2 bit 23, not
-        # 37), so onnxruntime 1.31 takes KleidiAI's SME kernel for DynamicQuantizeMatMul.
-        # qemu 7.2 executes that kernel wrongly (garbage), qemu 10.0.2 right. qemu has no SME
-        # without SVE (sve=off drops it). The SME vector length (128-2048 bits) changes no
-        # result bit; SVE's does (onnxruntime's SVE float kernels: cosine 0.9996 on MiniLM
-        # between 128 and qemu's default 512 bits). So SVE at 128 bits, as every Armv9 phone
-        # core has it, and SME at 512 (Apple M4, Arm C1-Ultra; qemu's default is 256). Apple
-        # M4 has no SVE: no qemu model matches it exactly.
-        # MIDR: qemu's own for max, as for arm64-i8mm; Features: the HWCAP words it reports.
+        # qemu 7.2 executes KleidiAI's SME kernel wrongly; qemu has no SME without SVE. SVE's
+        # vector length changes float results (SME's does not): 128 bits, as Armv9 phones have.
         Emulator("arm64-sme", "aarch64", "max,sve-default-vector-length=16,"
                  "sme-default-vector-length=64", "Armv9 with SVE2 (128-bit) and SME "
                  "(512-bit): KleidiAI's SME int8 kernel; qemu >= 10", 0x000F0510,
@@ -134,7 +104,7 @@ NOT_EMULATED: dict[str, str] = {
                   "avx512f in qemu 7.2): run on an AVX-512 machine without VNNI (Skylake-SP)",
     "x86-vnni": "qemu's TCG emulates neither AVX-512 VNNI nor AVX-VNNI (qemu 7.2 max: "
                 "no avx_vnni): run on a VNNI machine (Ice Lake+, Zen 4+)",
-    # the reason when no qemu >= 10 is found (EMULATED has the class otherwise)
+    # used when no qemu >= 10 is found
     "arm64-sme": "needs qemu >= 10 (Debian stable's 7.2 executes onnxruntime's SME int8 kernel "
                  "wrongly) and none was found: run scripts/setup_devices.sh (it unpacks "
                  "bookworm-backports' qemu-aarch64 into .devices/qemu10), or run on an SME "
@@ -145,15 +115,13 @@ NOT_EMULATED: dict[str, str] = {
 
 
 class EmulatedRuns(list):
-    """The outputs of each run (a list of lists of arrays), with ``cpu``: what the worker
-    reported (``machine``, ``flags``, ``onnxruntime``, raw CPUID or HWCAP words)."""
+    """Each run's outputs, with ``cpu``: the worker's CPU report (machine, flags, versions)."""
 
     cpu: dict
 
 
 def devices_dir() -> Path:
-    """Where ``scripts/setup_devices.sh`` put the sysroots: ``$LRT_DEVICES_DIR``, else the
-    checkout's ``.devices``."""
+    """Where ``scripts/setup_devices.sh`` put the sysroots: ``$LRT_DEVICES_DIR`` or ``.devices``."""
     env = os.environ.get("LRT_DEVICES_DIR")
     return Path(env) if env else Path(__file__).resolve().parents[2] / ".devices"
 
@@ -176,9 +144,8 @@ def _qemu_major(path: str, mtime: float) -> int:
 
 
 def qemu_binary(emulator: Emulator) -> str | None:
-    """The qemu user binary that runs ``emulator``: its own ``binary`` under
-    :func:`devices_dir`, else the system's ``qemu-MACHINE-static``; None when neither is
-    there at ``min_qemu`` or later."""
+    """The qemu user binary that runs ``emulator`` (its own, else the system's), at
+    ``min_qemu`` or later; None when there is none."""
     candidates = [str(devices_dir() / emulator.binary)] if emulator.binary else []
     candidates.append(shutil.which(emulator.qemu) or "")
     for path in candidates:
@@ -195,8 +162,7 @@ def _is_x86_host() -> bool:
 
 
 def unavailable(name: str) -> str | None:
-    """None when class ``name`` can run here under emulation, else one line saying why not
-    and what to do."""
+    """None when class ``name`` can run here under emulation, else why not and what to do."""
     if name not in EMULATED:
         if name in NOT_EMULATED:
             return f"{name} cannot be emulated: {NOT_EMULATED[name]}"
@@ -231,10 +197,8 @@ def _command(emulator: Emulator, folder: Path) -> tuple[list[str], dict[str, str
         python = sys.executable
         prefix = [qemu, "-cpu", emulator.cpu]
     else:
-        # -L makes the guest's absolute paths (the dynamic loader, libraries, /proc/cpuinfo)
-        # resolve under the sysroot first, where they exist there. onnxruntime's cpuinfo
-        # aborts on the host's x86 /proc/cpuinfo, so each run gets a view of the sysroot
-        # (links) with a /proc/cpuinfo for its CPU model: no bind mount, no root needed.
+        # onnxruntime's cpuinfo aborts on the host's x86 /proc/cpuinfo: -L resolves guest
+        # paths in a linked view of the sysroot with its own /proc/cpuinfo (no root needed).
         root = folder / "sysroot"
         _arm64_view(emulator, root)
         python = str(root / "usr/bin/python3.11")
@@ -268,14 +232,13 @@ def _tail(text: str, lines: int = 6) -> str:
 
 
 def run_model(name: str, model: Path, feeds: Sequence[Mapping[str, np.ndarray]], *,
-              timeout: float = 900) -> EmulatedRuns:
-    """Run ONNX ``model`` once per feed dict as device class ``name`` computes it.
+              timeout: float = 900, session_config: Mapping[str, str] | None = None
+              ) -> EmulatedRuns:
+    """Each feed's outputs from ``model`` as class ``name`` computes them, in one emulated
+    process: onnxruntime's default options, one thread, plus ``session_config`` entries.
 
-    onnxruntime's default session options (what an app that loads the file gets) with one
-    intra-op thread, CPU provider. Returns each run's outputs in the graph's output order
-    (``EmulatedRuns``, a list, also carries the worker's CPU report as ``.cpu``). Raises
-    :class:`EmulationError` with a one-line reason when the class cannot run here, the run
-    fails or times out, or the emulated CPU does not classify as ``name``.
+    Raises :class:`EmulationError` when the class cannot run here, the run fails, or the
+    emulated CPU does not classify as ``name``.
     """
     reason = unavailable(name)
     if reason is not None:
@@ -287,6 +250,7 @@ def run_model(name: str, model: Path, feeds: Sequence[Mapping[str, np.ndarray]],
     with tempfile.TemporaryDirectory(prefix="lrt-emulate-") as tmp:
         folder = Path(tmp)
         (folder / "model_path.txt").write_text(str(model))
+        (folder / "session_config.json").write_text(json.dumps(dict(session_config or {})))
         arrays: dict[str, np.ndarray] = {}
         for run, feed in enumerate(feeds):
             for key, value in feed.items():

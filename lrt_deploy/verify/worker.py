@@ -1,15 +1,9 @@
-"""Run an ONNX model on feeds from an .npz file and write the outputs; report the CPU seen.
+"""Run an ONNX model on feeds from an .npz file, write its outputs and the CPU features seen.
 
-Runs under an emulated Python (``qemu-x86_64-static -cpu Haswell``, ``qemu-aarch64-static
--cpu neoverse-n1``) started by :mod:`lrt_deploy.verify.emulate` as ``python -I worker.py DIR``.
-It imports the standard library, numpy and onnxruntime only: the ARM64 sysroot has nothing
-else, and it must not import ``lrt_deploy``.
-
-``DIR`` holds ``model_path.txt`` (the model file's path), ``feeds.npz`` (arrays named
-``RUN/INPUT``, runs numbered from 0) and receives ``outputs.npz`` (``RUN/INDEX``) and
-``cpu.json``: the machine, onnxruntime's version, and the CPU features onnxruntime's kernel
-choice reads (x86: CPUID bits, which qemu emulates, not the host's /proc/cpuinfo; ARM64: the
-kernel's HWCAP words from the auxiliary vector).
+Started under qemu as ``python -I worker.py DIR``; imports the standard library, numpy and
+onnxruntime only (the ARM64 sysroot has nothing else). ``DIR`` holds ``model_path.txt``,
+``feeds.npz`` (``RUN/INPUT``) and ``session_config.json``, and receives ``outputs.npz``
+(``RUN/INDEX``) and ``cpu.json`` (x86: CPUID bits, ARM64: HWCAP words, as onnxruntime reads them).
 """
 
 from __future__ import annotations
@@ -66,6 +60,7 @@ def _arm_flags() -> tuple[list[str], dict[str, str]]:
 
 
 def cpu_report() -> dict:
+    """The machine, Python version and int8-relevant CPU flags as onnxruntime sees them."""
     machine = platform.machine()
     if machine in ("x86_64", "AMD64"):
         flags, raw = _x86_flags()
@@ -77,6 +72,7 @@ def cpu_report() -> dict:
 
 
 def main(folder: Path) -> None:
+    """Run the model in ``folder`` on its feeds, writing ``cpu.json`` before onnxruntime loads."""
     report = cpu_report()
     (folder / "cpu.json").write_text(json.dumps(report))
     import numpy as np
@@ -87,6 +83,9 @@ def main(folder: Path) -> None:
     (folder / "cpu.json").write_text(json.dumps(report))
     options = ort.SessionOptions()  # onnxruntime's defaults, as an app loads the file
     options.intra_op_num_threads = 1
+    config = folder / "session_config.json"
+    for key, value in (json.loads(config.read_text()) if config.is_file() else {}).items():
+        options.add_session_config_entry(key, value)
     model = (folder / "model_path.txt").read_text()
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     runs: dict[int, dict[str, np.ndarray]] = {}

@@ -9,6 +9,7 @@ scripts/setup_devices.sh has not run."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +217,85 @@ def test_a_cpu_model_of_another_class_is_refused(matmul_model: Path,
     monkeypatch.setitem(EMULATED, name, dataclasses.replace(EMULATED[name], cpu="Nehalem"))
     with pytest.raises(EmulationError, match="which is x86-sse, not x86-avx2"):
         run_model(name, matmul_model, _feeds()[:1], timeout=300)
+
+
+# onnxruntime refuses an .onnx file under this entry: proof that a session applied the config.
+_ORT_ONLY = {"session.load_model_format": "ORT"}
+
+
+def test_worker_applies_the_bundle_session_config(matmul_model: Path, tmp_path: Path) -> None:
+    from lrt_deploy.verify import worker
+
+    feeds = _feeds()[:1]
+    np.savez(tmp_path / "feeds.npz", **{f"0/{k}": v for k, v in feeds[0].items()})
+    (tmp_path / "model_path.txt").write_text(str(matmul_model))
+    (tmp_path / "session_config.json").write_text('{"session.intra_op.allow_spinning": "0"}')
+    worker.main(tmp_path)
+    with np.load(tmp_path / "outputs.npz") as out:
+        np.testing.assert_array_equal(out["0/1"], _exact(feeds[0], _weights()[1]))
+    (tmp_path / "session_config.json").write_text(json.dumps(_ORT_ONLY))
+    with pytest.raises(Exception, match="ORT model verification failed"):
+        worker.main(tmp_path)
+
+
+def test_an_emulated_run_applies_the_session_config(matmul_model: Path) -> None:
+    name = "x86-sse"
+    reason = unavailable(name)
+    if reason is not None:
+        pytest.skip(reason)
+    with pytest.raises(EmulationError, match="ORT model verification failed"):
+        run_model(name, matmul_model, _feeds()[:1], timeout=300, session_config=_ORT_ONLY)
+
+
+@pytest.fixture
+def text_model(tmp_path: Path) -> tuple[Path, Path]:
+    """A graph of ``input_ids`` and ``attention_mask`` and a matching ``verification.npz``."""
+    from lrt_deploy.verify.check import write_reference
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["y"], to=TensorProto.FLOAT),
+         helper.make_node("Identity", ["attention_mask"], ["mask"])], "text",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+         for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence"]),
+         helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "sequence"])])
+    model = tmp_path / "model.onnx"
+    model.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
+                                        ir_version=8).SerializeToString())
+    ids = np.arange(1, 13, dtype=np.int64).reshape(3, 4)
+    mask = np.ones_like(ids)
+    write_reference(tmp_path / "verification.npz",
+                    {"heldout": ({"input_ids": ids, "attention_mask": mask},
+                                 ids.astype(np.float32))})
+    return model, tmp_path / "verification.npz"
+
+
+def test_device_verification_opens_sessions_with_the_bundle_config(
+        text_model: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from lrt_deploy.errors import BundleError
+    from lrt_deploy.verify import check
+
+    model, reference = text_model
+    table = check.verify_model(model, reference, [], classes=["host"], sample=2,
+                               session_config={"session.intra_op.allow_spinning": "0"})
+    host = table.check(table.host or "host")
+    assert host.verified and host.figures["heldout"]["worst"] > 0.9999
+    with pytest.raises(BundleError, match="cannot open model.onnx: .*ORT model verification"):
+        check.verify_model(model, reference, [], classes=["host"], session_config=_ORT_ONLY)
+    # onnxruntime-web is run without config entries: a bundle that sets some is not verified there
+    monkeypatch.setattr(check, "wasm_unavailable", lambda: None)
+    monkeypatch.setattr(check, "run_wasm", lambda *_: pytest.fail("wasm ran"))
+    table = check.verify_model(model, reference, [], classes=["wasm"], sample=1,
+                               session_config={"session.intra_op.allow_spinning": "0"})
+    wasm = table.check("wasm")
+    assert not wasm.verified and "session.intra_op.allow_spinning" in wasm.reason
+
+
+def test_the_manifest_session_config_is_read_once_for_session_and_verification() -> None:
+    from lrt_deploy.errors import BundleError
+    from lrt_deploy.runtime.bundle import session_config
+
+    assert session_config(None) == {}
+    assert session_config({"devices": {"session_config": {"a.b": "1"}}}) == {"a.b": "1"}
+    with pytest.raises(BundleError, match="devices.session_config"):
+        session_config({"devices": {"session_config": {"a.b": 1}}})
