@@ -1,5 +1,4 @@
-"""Temporarily raising loggers' levels: third-party tools we call log hints and progress that our
-own progress lines and reports already cover. Standard library only."""
+"""Quieting third-party loggers for a block, whose hints our own progress lines already cover."""
 
 from __future__ import annotations
 

@@ -1,12 +1,7 @@
-"""Restricted unpickling for archives that bundle pickles with their graph (``torch.export`` .pt2).
+"""Restricted unpickling for archives that carry pickles beside their graph (``.pt2``).
 
-``torch.export.load`` reads a JSON graph, but example inputs, constants and some weights inside
-the archive are pickles, and torch unpickles several of them with full ``pickle`` (and retries a
-failed ``weights_only`` load without it). A crafted archive can therefore run code while loading.
-:func:`weights_only_unpickling` closes every such door for the duration of a load: whatever torch
-unpickles is limited to what ``torch.load(weights_only=True)`` allows (tensors, containers,
-primitives), and plain ``pickle`` loads are refused. Anything that needs more raises
-:class:`RefusedPickle`, which the loader reports as an untrusted file.
+``torch.export.load`` unpickles some entries with full ``pickle`` (and retries a failed
+``weights_only`` load without it), so a crafted archive could run code while loading.
 """
 
 from __future__ import annotations
@@ -47,12 +42,8 @@ def was_refused(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def weights_only_unpickling() -> Iterator[None]:
-    """Within this block every unpickle goes through torch's ``weights_only`` unpickler.
-
-    Patched, and restored on exit: ``torch.load`` (``weights_only`` forced on, so torch's own
-    fall-back to a full unpickle fails too), ``pickle.load``/``pickle.loads`` and torch's
-    TorchScript-object unpickler (refused outright).
-    """
+    """Within this block ``torch.load`` is forced to ``weights_only`` and plain ``pickle`` and
+    TorchScript-object unpickling are refused (:class:`RefusedPickle`)."""
     import torch
 
     real_load = torch.load

@@ -1,9 +1,7 @@
-"""Readers that turn text or ``.npz`` into the input batches every stage measures on.
+"""Readers that turn text or ``.npz`` into calibration, held-out and latency batches.
 
-Three kinds of batches, never mixed: *calibration* batches (the shipped ``calibration.txt``
-or the user's file) fit activation statistics, budgets and healing; *held-out* batches (the
-shipped ``heldout.txt``, never used for calibration) measure fidelity; the *latency* batch is
-one fixed input every variant is timed on.
+Calibration batches fit statistics and healing; held-out batches (never calibrated on) measure
+fidelity; the latency batch is the one fixed input every variant is timed on.
 """
 
 from __future__ import annotations
@@ -40,11 +38,7 @@ DOMAIN_HELDOUT_TEXT = "heldout_domain.txt"
 
 
 def read_text_lines(path: str | Path | None, default: str) -> list[str]:
-    """Non-empty lines of ``path``, or of the shipped corpus file ``default``.
-
-    Raises:
-        LrtDeployError: The file is missing, not UTF-8 text, or has no text lines.
-    """
+    """Non-empty lines of ``path``, or of the shipped corpus file ``default``; at least one."""
     if path is None:
         from lrt_deploy.data.stream import shipped_lines
 
@@ -72,8 +66,8 @@ def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
 
 
 def read_npz_inputs(loaded: LoadedModel, calibration: str | Path) -> dict[str, np.ndarray]:
-    """One checked array per model input from an ``.npz``: readable without pickle, numeric,
-    at least one batch axis, the example input's rank and kind, one row count, ids in range."""
+    """One checked array per model input from an ``.npz`` (no pickles): numeric, the example's
+    rank and kind, one row count, ids in range."""
     import zipfile
 
     path = Path(calibration)
@@ -137,16 +131,8 @@ def calibration_batches(
     max_lines: int | None = None,
 ) -> list[dict[str, Any]]:
     """Named input batches for activation statistics: text lines (shipped corpus by default) for
-    text models, an ``.npz`` of named arrays for any model.
-
-    ``max_lines`` bounds how much of a user's text file is read (its first lines only, the rest
-    of the file is never opened past them): a large healing corpus is streamed separately, and
-    activation statistics and the budget search need only a few thousand sentences.
-
-    Raises:
-        LrtDeployError: The file is missing or lacks an input; text given for a non-text model.
-        UnsupportedOperationError: A non-text model and no ``.npz``.
-    """
+    text models, an ``.npz`` of named arrays for any model; ``max_lines`` reads only a text
+    file's head (a large healing corpus is streamed separately)."""
     import torch
 
     if calibration is not None and str(calibration).endswith(".npz"):
@@ -182,10 +168,8 @@ def evaluation_batches(
     fixed_shape: dict[str, int] | None = None,
     corpus: str = HELDOUT_TEXT,
 ) -> list[dict[str, Any]]:
-    """Held-out inputs for fidelity: a shipped held-out corpus for text models (``corpus``:
-    :data:`HELDOUT_TEXT` or :data:`DOMAIN_HELDOUT_TEXT`, never used for calibration), the
-    example inputs otherwise. A fixed-shape graph gets batches of its shape (only full batches,
-    padded to its sequence length)."""
+    """Held-out inputs for fidelity: a shipped held-out ``corpus`` for text models, the example
+    inputs otherwise; a fixed-shape graph gets only full batches of its shape."""
     if not loaded.is_text:
         return [example_at_batch(loaded, (fixed_shape or {}).get("batch"))]
     lines = read_text_lines(None, corpus)
@@ -220,9 +204,8 @@ def example_at_batch(loaded: LoadedModel, batch: int | None) -> dict[str, Any]:
 def latency_inputs(
     loaded: LoadedModel, batch: int, sequence: int
 ) -> dict[str, np.ndarray]:
-    """The fixed batch the latency of every variant is measured on: ``batch`` held-out texts of
-    ``sequence`` tokens for text models, else the example inputs with their batch axis (when it
-    is dynamic, or fixed by the target) cut or repeated to ``batch`` rows."""
+    """The fixed batch every variant is timed on: ``batch`` held-out texts of ``sequence``
+    tokens, or the example inputs at ``batch`` rows."""
     if loaded.is_text:
         lines = read_text_lines(None, HELDOUT_TEXT)
         text = " ".join(lines)  # long enough to fill the sequence without padding
@@ -235,8 +218,8 @@ def latency_inputs(
 def validation_batches(
     loaded: LoadedModel, evaluation: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """The export example plus two held-out batches of other shapes, so shapes baked into the
-    graph by the exporter are caught when the graph is checked against PyTorch."""
+    """The export example plus two held-out batches of other shapes, so that shapes the
+    exporter baked into the graph are caught."""
     return [dict(loaded.example_inputs), *evaluation[:2]]
 
 

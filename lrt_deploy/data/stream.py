@@ -1,11 +1,4 @@
-"""Lazy text corpora: read a large one-sentence-per-line file without holding it in memory.
-
-Healing on hundreds of MB of text must not read the whole file, nor keep every batch or teacher
-target: :class:`StreamingTextBatches` reads lines one at a time, shuffles them within a bounded
-buffer, and tokenizes one batch at a time. The first ``holdout_lines`` lines are held back from
-training (:func:`read_head` gives them), so the best healing step is chosen on text the student
-never trained on.
-"""
+"""Lazy text corpora: stream a large one-sentence-per-line file in bounded memory."""
 
 from __future__ import annotations
 
@@ -29,7 +22,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-
 def shipped_lines(name: str) -> list[str]:
     """Non-empty stripped lines of a text file shipped in ``lrt_deploy.data`` (small files)."""
     text = resources.files("lrt_deploy.data").joinpath(name).read_text(encoding="utf-8")
@@ -45,12 +37,7 @@ def _check_file(path: str | Path) -> Path:
 
 
 def iter_text_lines(path: str | Path, *, skip: int = 0) -> Iterator[str]:
-    """Yield the non-empty stripped lines of ``path`` one at a time (the file is never read
-    whole), after skipping the first ``skip`` non-empty lines.
-
-    Raises:
-        LrtDeployError: The file is missing or a line is not UTF-8.
-    """
+    """Yield the non-empty stripped lines of ``path`` one at a time, after the first ``skip``."""
     file = _check_file(path)
     seen = 0
     with file.open("rb") as handle:
@@ -82,27 +69,13 @@ def read_head(path: str | Path, count: int) -> list[str]:
 
 
 class StreamingTextBatches:
-    """Tokenized training batches streamed from a large text file, re-iterable (one pass per
-    ``iter``), with a bounded shuffle buffer.
-
-    Memory holds at most ``shuffle_buffer`` lines and one tokenized batch, whatever the file
-    size. Each pass reads the file from the top, so healing for more steps than the corpus has
-    batches simply starts another pass with a new shuffle.
+    """Tokenized batches streamed from a text file, one pass per ``iter``, holding at most
+    ``shuffle_buffer`` lines and one batch whatever the file size.
 
     Args:
-        path: UTF-8 text, one sentence or passage per line.
-        tokenize: Turns a list of lines into the model's named input tensors (e.g.
-            ``LoadedModel.tokenize``).
-        batch_size: Lines per batch.
         shuffle_buffer: Lines held for shuffling; 1 keeps the file order.
         holdout_lines: The first non-empty lines skipped (held back for choosing the best step).
-        seed: Seed of the shuffle; pass ``p`` of the corpus uses ``seed + p``.
-        drop_last: Drop a final batch smaller than ``batch_size``.
-
-    Attributes:
-        lines_read: Lines yielded by the reader so far over all passes (for monitoring and
-            tests: it shows how far into the file training got).
-        passes: Passes started.
+        seed: Seed of the shuffle; pass ``p`` uses ``seed + p``.
     """
 
     def __init__(
@@ -175,13 +148,8 @@ def healing_data(
     shuffle_buffer: int = 10_000,
     seed: int = 0,
 ) -> tuple[StreamingTextBatches, list[dict[str, Any]]]:
-    """A large corpus split for healing: the first ``holdback_lines`` lines, tokenized, to
-    choose the best step on, and a stream of the rest to train on.
-
-    Returns:
-        ``(training stream, selection batches)`` for ``heal_(..., batches=stream,
-        eval_batches=selection)``.
-    """
+    """A corpus split for healing: ``(stream of the rest to train on, the first
+    ``holdback_lines`` lines tokenized to choose the best step on)``."""
     held = read_head(path, holdback_lines)
     if not held:
         raise LrtDeployError(f"text corpus '{path}' has no text lines")

@@ -1,6 +1,6 @@
-"""Load a model from disk, safely, with what export needs: example inputs, names and axes.
+"""Load a model from disk safely, with the example inputs, names and axes export needs.
 
-Formats, detected from the file's content rather than trusted from its extension:
+Formats, detected from the file's content rather than its extension:
 
 * Hugging Face folder (``config.json``), a sentence-transformers folder gets its pooling;
 * TorchScript archive (``.pt`` written by ``torch.jit.save``);
@@ -53,10 +53,8 @@ MODEL_ALIASES = {
 def resolve_model_path(path: str | Path) -> Path:
     """Turn a path or a shipped-model alias into an existing path, or raise a one-line error.
 
-    A bare alias (``all-MiniLM-L6-v2``) means the shipped model even when a file or folder of
-    that name sits in the working directory: a stray or planted local file must not stand in
-    for it. Write a path (``./all-MiniLM-L6-v2``) to load the local one. Which was used is
-    logged when both exist.
+    A bare alias always means the shipped model, so a planted local file of that name cannot
+    stand in for it; ``./NAME`` loads the local one.
     """
     text = str(path)
     candidate = Path(text).expanduser()
@@ -112,20 +110,13 @@ def load_model(
     input_specs: Sequence[InputSpec] = (),
     max_length: int = 128,
 ) -> LoadedModel:
-    """Load a model for compression and export.
+    """Load a model file, folder or shipped-model alias for compression and export, in eval mode.
 
     Args:
-        path: A model file or folder, or a shipped-model alias such as ``all-MiniLM-L6-v2``.
         trust_pickle: Allow unpickling a full ``nn.Module`` (runs code from the file).
         factory: ``"package.module:callable"`` that builds the architecture for a state dict.
         input_specs: Example input shapes, for models that do not provide their own.
         max_length: Sequence length cap for text models.
-
-    Returns:
-        The loaded model with example inputs, names and dynamic axes.
-
-    Raises:
-        LrtDeployError: A subclass naming what is wrong with the input and how to fix it.
     """
     resolved = resolve_model_path(path)
     if not resolved.is_dir() and not resolved.is_file():
@@ -138,8 +129,7 @@ def load_model(
     except LrtDeployError:
         raise
     except Exception as exc:
-        # Whatever a library raises on a malformed model is about the input, not a bug here:
-        # one line for the user, the traceback in the debug log (lrt-export -v).
+        # Whatever a library raises on a malformed model is about the input, not a bug here.
         logger.debug("loading %s failed", resolved, exc_info=True)
         if was_refused(exc) or "Unsupported global" in str(exc):
             raise untrusted(resolved, "holds pickled objects beyond plain tensors") from None

@@ -27,9 +27,11 @@ if TYPE_CHECKING:
 
 __all__ = ["load_file", "untrusted"]
 
+
 def load_file(
     path: Path, trust_pickle: bool, factory: str | None, input_specs: Sequence[InputSpec]
 ) -> LoadedModel:
+    """Load a PyTorch archive by its content; a pickled module only with ``trust_pickle``."""
     import torch
 
     if not zipfile.is_zipfile(path):

@@ -1,5 +1,4 @@
-"""What a loaded model is: :class:`LoadedModel` with the example inputs, names and axes export
-needs, and :class:`InputSpec` for inputs described on the command line."""
+"""A loaded model with the example inputs, names and axes export needs, and input specs."""
 
 from __future__ import annotations
 
@@ -22,13 +21,13 @@ _EXAMPLE_DTYPES = (
     "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8",
     "bool",
 )
-#: The example is only traced and validated on; 16M elements (64 MB of float32) is ample.
+#: The example is only traced and validated on: a bound that still allows any sane shape.
 _MAX_EXAMPLE_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """An input the user describes on the command line: ``name=2,16`` plus a dtype."""
+    """An example input described by name, shape and dtype (``name=2,16:int64``)."""
 
     name: str
     shape: tuple[int, ...]
@@ -37,23 +36,16 @@ class InputSpec:
 
 @dataclass
 class LoadedModel:
-    """A model ready for compression and export.
+    """A model ready for compression and export; ``example_inputs`` are in graph input order.
 
     Attributes:
-        module: The PyTorch object: ``nn.Module``, ``torch.jit.ScriptModule`` or
-            ``torch.export.ExportedProgram``. Compression swaps layers of an ``nn.Module`` in place.
-        format: One of ``huggingface``, ``sentence-transformers``, ``torchscript``,
-            ``torch-export``, ``pickle``, ``state-dict``.
-        name: A short name for reports (the file or folder stem).
-        example_inputs: Named example tensors, in the order of the exported graph's inputs.
-        output_names: Names of the exported graph's outputs.
-        dynamic_axes: Per input, axis index -> symbolic name.
-        kind: ``text-embedding`` (fidelity by cosine of sentence embeddings), ``text-hidden``
-            (per-token hidden states), ``text-logits`` (a classifier: top-1 agreement and KL
-            too) or ``generic``.
-        tokenizer_file: ``tokenizer.json`` to ship with the bundle, when the model has one.
-        source_hash: SHA-256 over the source file(s).
-        tokenizer: A Hugging Face tokenizer for text models (used for calibration/evaluation).
+        module: ``nn.Module`` (compression swaps its layers in place),
+            ``torch.jit.ScriptModule`` or ``torch.export.ExportedProgram``.
+        format: ``huggingface``, ``sentence-transformers``, ``torchscript``, ``torch-export``,
+            ``pickle`` or ``state-dict``.
+        kind: ``text-embedding``, ``text-hidden``, ``text-logits`` (a classifier) or
+            ``generic``: decides how fidelity is scored.
+        text_limits: ``vocab_size`` and ``max_sequence`` the graph accepts (text models).
     """
 
     module: Any
@@ -69,8 +61,6 @@ class LoadedModel:
     tokenizer: Any = None
     max_length: int = 128
     attention_shape: tuple[int, int] | None = None
-    #: Text models: ``vocab_size`` and ``max_sequence`` (position embeddings) the graph accepts;
-    #: the manifest carries them so the runtime can refuse ids and lengths the model cannot take.
     text_limits: dict[str, int] | None = None
 
     @property
@@ -155,6 +145,7 @@ def parse_input_spec(text: str) -> InputSpec:
 
 
 def tensor_from_spec(spec: InputSpec) -> torch.Tensor:
+    """A seeded example tensor of ``spec``'s shape and dtype."""
     import torch
 
     try:

@@ -32,8 +32,8 @@ def flatten_outputs(outputs: Any, output_names: list[str] | None = None) -> dict
 
 
 class OutputsAsTuple(nn.Module):
-    """Takes positional tensors in ``input_names`` order, calls the model with them as keyword
-    arguments, and returns a flat tuple in ``output_names`` order (what the exporter needs)."""
+    """The model with positional inputs in ``input_names`` order and a flat tuple of outputs in
+    ``output_names`` order, as the exporter needs."""
 
     def __init__(self, model: nn.Module, input_names: list[str], output_names: list[str]) -> None:
         super().__init__()

@@ -1,12 +1,7 @@
-"""Baselines for models built low-rank by design: the same model without what made it cheap.
+"""Baselines for models built low-rank by design: a deep copy without what made them cheap.
 
-* :func:`dense_equivalent`: every low-rank pair multiplied out (``W = D @ E``, bias kept). The
-  same function at full-rank cost, so its fidelity to the low-rank model is ~1.0.
-* :func:`standard_attention_equivalent`: every ``LinformerSelfAttention`` replaced by standard
-  softmax attention over the same query/key/value/output weights. A different function (what
-  attention costs at this length without the projections): its fidelity is not comparable.
-
-Both work on a deep copy; the model passed in is never modified.
+:func:`dense_equivalent` computes the same function at full-rank cost;
+:func:`standard_attention_equivalent` computes a different one, so its fidelity is not comparable.
 """
 
 from __future__ import annotations
@@ -92,40 +87,17 @@ def _replace_all(
 
 
 def dense_equivalent(model: nn.Module) -> tuple[nn.Module, int]:
-    """A copy of ``model`` with every low-rank unit multiplied out into one dense layer.
-
-    ``LowRankLinear`` and greenformer LED ``Sequential`` pairs become ``nn.Linear`` (bias
-    kept), ``LowRankEmbedding`` becomes ``nn.Embedding`` (padding row kept). The result
-    computes the same function up to float rounding, at full-rank cost.
-
-    Args:
-        model: An ``nn.Module`` (not TorchScript; see
-            :func:`lrt_deploy.export.dense_equivalent.dense_equivalent_onnx` for graphs).
-
-    Returns:
-        ``(copy, units multiplied out)``; ``model`` itself is untouched.
-
-    Raises:
-        TypeError: ``model`` is not a plain ``nn.Module``.
-    """
+    """``(copy of model, units multiplied out)``: every low-rank pair (``LowRankLinear``,
+    LED ``Sequential``, ``LowRankEmbedding``) as one dense layer with its bias or padding row;
+    TypeError unless ``model`` is a plain ``nn.Module``."""
     dense, count = _replace_all(model, is_lowrank_pair, _to_dense)
     logger.info("dense equivalent: %d low-rank units multiplied out", count)
     return dense, count
 
 
 def standard_attention_equivalent(model: nn.Module) -> tuple[nn.Module, int]:
-    """A copy of ``model`` with every ``LinformerSelfAttention`` replaced by standard softmax
-    attention over the same query/key/value/output weights.
-
-    Args:
-        model: An ``nn.Module`` using ``LinformerSelfAttention``.
-
-    Returns:
-        ``(copy, attention modules replaced)``; ``model`` itself is untouched.
-
-    Raises:
-        TypeError: ``model`` is not a plain ``nn.Module``.
-    """
+    """``(copy of model, modules replaced)``: every ``LinformerSelfAttention`` as standard
+    softmax attention over the same query/key/value/output weights."""
     standard, count = _replace_all(
         model,
         lambda module: isinstance(module, LinformerSelfAttention),

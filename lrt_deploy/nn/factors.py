@@ -1,15 +1,7 @@
-"""Low-rank factor maths the ``nn`` modules need: the SVD of a weight and its balanced factors.
+"""Low-rank factor maths: one SVD per weight, balanced float32 factors at any rank from it.
 
-``LowRankLinear.from_linear`` and ``LowRankEmbedding.from_embedding`` build their factors here;
-``lrt_deploy.compress.solvers`` adds the activation-aware (whitened) solver on top, so ``nn``
-depends on nothing in ``compress``.
-
-A :class:`Spectrum` holds the singular values of the matrix whose truncation error a solver
-minimises, plus what is needed to build factors at any rank from that one decomposition, so rank
-policies can compare layers and ``factorize_`` build the chosen factors without a second SVD.
-All solvers work in float64 for stability and return float32 factors on the weight's device.
-Singular values are split as square roots into both factors (balanced factors), so neither
-factor carries the whole dynamic range of ``W``.
+Solvers work in float64 and split singular values as square roots into both factors, so neither
+carries the whole dynamic range of ``W``.
 """
 
 from __future__ import annotations
@@ -31,6 +23,7 @@ __all__ = [
 
 
 def check_factor_inputs(weight: torch.Tensor, rank: int) -> None:
+    """ValueError unless ``weight`` is a matrix and ``rank`` an int in ``[1, min(shape)]``."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D matrix, got shape {tuple(weight.shape)}")
     full_rank = min(weight.shape)
@@ -41,23 +34,19 @@ def check_factor_inputs(weight: torch.Tensor, rank: int) -> None:
 def balanced_truncation(
     u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors ``(U sqrt(S), sqrt(S) Vh)`` of an SVD."""
     root = s[:rank].sqrt()
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
 @dataclass(frozen=True)
 class Spectrum:
-    """One layer's decomposition: singular values to choose a rank from, factors at any rank.
+    """One layer's decomposition: descending float64 singular values, factors at any rank.
 
-    The squared singular values add up to the layer's error measure: truncating to rank ``r``
-    costs exactly ``sum(s[r:] ** 2)`` of it (``||W - D E||_F^2`` for ``"svd"``, the mean squared
-    output error on the calibration inputs for ``"asvd"`` and the frequency-weighted mean
-    squared row error for ``"weighted-svd"``), so errors of layers of the same kind of measure
-    can be compared and summed.
-
-    Attributes:
-        singular_values: Descending float64 singular values.
-        method: ``"svd"``, ``"asvd"`` or ``"weighted-svd"``: what the values measure.
+    Truncating to rank ``r`` costs exactly ``sum(s[r:] ** 2)`` of the ``method``'s error measure
+    (``"svd"``: ``||W - D E||_F^2``; ``"asvd"``: mean squared output error on calibration inputs;
+    ``"weighted-svd"``: frequency-weighted mean squared row error), so layers measured alike can
+    be compared and summed.
     """
 
     singular_values: torch.Tensor
@@ -66,7 +55,7 @@ class Spectrum:
 
     @property
     def full_rank(self) -> int:
-        """Number of singular values (``min`` of the matrix shape)."""
+        """Number of singular values."""
         return int(self.singular_values.numel())
 
     @property
@@ -79,8 +68,7 @@ class Spectrum:
         return float(self.singular_values[rank:].square().sum())
 
     def energy_kept(self, rank: int) -> float:
-        """Fraction of ``total_energy`` the first ``rank`` directions keep (1.0 for a zero
-        matrix, which any rank reproduces)."""
+        """Fraction of ``total_energy`` the first ``rank`` directions keep (1.0 if zero)."""
         total = self.total_energy
         return 1.0 if total == 0.0 else 1.0 - self.error(rank) / total
 
@@ -96,25 +84,14 @@ class Spectrum:
         return max(1, int(reached[0]) + 1) if reached.numel() else self.full_rank
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 factors ``(D, E)`` (``out x rank``, ``rank x in``) of the rank-``rank`` fit.
-
-        Raises:
-            ValueError: ``rank`` is not an int in ``[1, full_rank]``.
-        """
+        """Float32 factors ``(D, E)`` (``out x rank``, ``rank x in``) of the rank-``rank`` fit."""
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.full_rank:
             raise ValueError(f"rank must be an int in [1, {self.full_rank}], got {rank!r}")
         return self._build(rank)
 
 
 def svd_spectrum(weight: torch.Tensor) -> Spectrum:
-    """Spectrum of ``W`` itself, for plain truncated SVD (optimal for ``||W - D E||_F``).
-
-    Args:
-        weight: ``out x in`` matrix.
-
-    Returns:
-        Its :class:`Spectrum` with method ``"svd"``.
-    """
+    """Spectrum of an ``out x in`` weight for truncated SVD (optimal for ``||W - D E||_F``)."""
     check_factor_inputs(weight, 1)
     u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
 
@@ -126,34 +103,18 @@ def svd_spectrum(weight: torch.Tensor) -> Spectrum:
 
 
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain truncated SVD, optimal for ``||W - D E||_F``.
-
-    Args:
-        weight: ``out x in`` matrix.
-        rank: Number of singular directions to keep.
-
-    Returns:
-        ``(D, E)`` with shapes ``out x rank`` and ``rank x in``.
-    """
+    """Truncated-SVD factors ``(D, E)``, ``out x rank`` and ``rank x in``."""
     check_factor_inputs(weight, rank)
     return svd_spectrum(weight).factors(rank)
 
 
 def embedding_spectrum(weight: torch.Tensor, row_weights: torch.Tensor | None = None) -> Spectrum:
-    """Spectrum of an embedding table ``W`` (``num x dim``), rows optionally weighted.
+    """Spectrum of a ``num x dim`` embedding table, rows optionally weighted (e.g. by token
+    frequency).
 
-    The basis of the rank-``r`` fit is the top right-singular subspace of
-    ``diag(sqrt(row_weights)) W``; every row is then projected onto it, which is its best
-    approximation in that subspace whatever its weight. The discarded squared singular values
-    are exactly ``sum_i row_weights[i] * ||W_i - fit_i||^2``: with weights summing to one, the
-    mean squared error of a looked-up vector.
-
-    Args:
-        weight: ``num_embeddings x embedding_dim`` table.
-        row_weights: Optional non-negative per-row importance, e.g. token frequencies.
-
-    Returns:
-        The :class:`Spectrum`, method ``"weighted-svd"`` with weights, ``"svd"`` without.
+    The rank-``r`` basis is the top right-singular subspace of ``diag(sqrt(row_weights)) W``
+    and every row is projected onto it, so the discarded squared singular values are exactly
+    ``sum_i row_weights[i] * ||W_i - fit_i||^2``.
     """
     check_factor_inputs(weight, 1)
     table = weight.detach().double()
@@ -182,17 +143,7 @@ def embedding_factors(
     rank: int,
     row_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factor an embedding table ``W`` (``num x dim``) as ``codes @ basis``.
-
-    See :func:`embedding_spectrum` for the method.
-
-    Args:
-        weight: ``num_embeddings x embedding_dim`` table.
-        rank: Width of the codes.
-        row_weights: Optional non-negative per-row importance, e.g. token frequencies.
-
-    Returns:
-        ``(codes, basis)`` with shapes ``num x rank`` and ``rank x dim``.
-    """
+    """A ``num x dim`` embedding table as ``codes @ basis`` (``num x rank``, ``rank x dim``);
+    see :func:`embedding_spectrum`."""
     check_factor_inputs(weight, rank)
     return embedding_spectrum(weight, row_weights).factors(rank)

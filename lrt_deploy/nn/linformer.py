@@ -1,8 +1,7 @@
-"""Linformer self-attention: keys and values projected along the sequence axis to ``k`` rows.
+"""Linformer self-attention: keys and values projected along the sequence to ``k`` rows.
 
-Attention then costs ``O(n k)`` instead of ``O(n^2)``. The projection is a fixed ``k x n`` matrix
-for a fixed ``max_length`` ``n``, so the module has no data-dependent control flow and exports
-to ONNX as plain MatMuls.
+Attention costs ``O(n k)`` instead of ``O(n^2)``; the projection is a fixed ``k x max_length``
+matrix, so the module has no data-dependent control flow and exports as plain MatMuls.
 """
 
 from __future__ import annotations
@@ -35,20 +34,12 @@ class LinformerSelfAttention(nn.Module):
     * ``"layerwise"``: one ``nn.Linear(max_length, k, bias=False)`` passed in as
       ``projection`` and shared by keys, values and every layer it is given to.
 
-    Inputs shorter than ``max_length`` are treated as zero-padded to it (the projection
-    columns of absent positions are dropped, which gives the same result without the copy), and
-    positions the attention mask marks as padding are zeroed before the projection, so padding
-    tokens never reach the output. Longer inputs raise ``ValueError``.
+    Shorter inputs act as zero-padded to ``max_length``, masked positions are zeroed before
+    the projection (padding never reaches the output), longer inputs raise ``ValueError``.
 
     Args:
-        hidden_size: Width of the input and output.
-        num_heads: Attention heads; must divide ``hidden_size``.
-        max_length: Sequence length ``n`` the projections are built for.
-        k: Rows kept by the projection; ignored (taken from ``projection``) for
-            ``"layerwise"``.
-        share: One of ``SHARE_MODES``.
+        k: Rows kept by the projection; taken from ``projection`` for ``"layerwise"``.
         projection: The shared layer for ``"layerwise"``; must be None otherwise.
-        bias: Whether the query, key, value and output maps have biases.
 
     Example:
         >>> attention = LinformerSelfAttention(64, 4, max_length=128, k=32)
@@ -129,8 +120,8 @@ class LinformerSelfAttention(nn.Module):
         return x.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _project(self, projection: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``projection`` (``[heads or 1, k, seq]``) applied along the sequence of ``x``
-        (``[batch, seq, hidden]``), split into heads: ``[batch, heads, k, head_dim]``."""
+        """``projection`` ``[heads or 1, k, seq]`` along the sequence of ``x`` ``[batch, seq,
+        hidden]``, split into heads: ``[batch, heads, k, head_dim]``."""
         if projection.shape[0] == 1:
             # One projection for all heads: a single k x seq by seq x hidden product before the
             # head split, instead of one thin (head_dim-wide) product per head.
@@ -140,18 +131,8 @@ class LinformerSelfAttention(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Attend from every position to the ``k`` projected keys.
-
-        Args:
-            hidden_states: ``[batch, seq, hidden]`` with ``seq <= max_length``.
-            attention_mask: Optional ``[batch, seq]`` mask, 1 (or True) for real tokens.
-
-        Returns:
-            ``[batch, seq, hidden]``.
-
-        Raises:
-            ValueError: ``seq`` exceeds ``max_length``.
-        """
+        """``[batch, seq, hidden]`` attended to the ``k`` projected keys; ``attention_mask``
+        ``[batch, seq]`` is 1 for real tokens."""
         length = hidden_states.shape[1]
         # A static shape under export, so this check leaves no branch in the graph.
         if length > self.max_length:
@@ -181,16 +162,8 @@ class LinformerSelfAttention(nn.Module):
         return self.output(context)
 
     def to_standard_attention(self) -> StandardSelfAttention:
-        """The same query, key, value and output maps with standard softmax attention.
-
-        This is what attention costs at this length without the sequence projections, the
-        baseline a Linformer model is measured against. It is a different function (every
-        position attends to every other instead of to ``k`` mixtures), so its outputs are not
-        a fidelity reference for the Linformer model.
-
-        Returns:
-            A new module with copies of the four maps' weights.
-        """
+        """A new standard-attention module with copies of the four maps' weights: the cost
+        baseline, a different function (not a fidelity reference)."""
         standard = StandardSelfAttention(
             self.hidden_size, self.num_heads, bias=self.query.bias is not None
         ).to(device=self.query.weight.device, dtype=self.query.weight.dtype)
@@ -211,16 +184,10 @@ class LinformerSelfAttention(nn.Module):
 
 
 class StandardSelfAttention(nn.Module):
-    """Multi-head softmax self-attention with the call signature of ``LinformerSelfAttention``.
+    """Multi-head softmax self-attention with ``LinformerSelfAttention``'s call signature.
 
-    Written with ``scaled_dot_product_attention`` so that the exported graph is the one
-    ``lrt_deploy.export.fuse_attention`` (and ONNX Runtime) fuses into one attention kernel,
-    which makes it a fair dense baseline.
-
-    Args:
-        hidden_size: Width of the input and output.
-        num_heads: Attention heads; must divide ``hidden_size``.
-        bias: Whether the query, key, value and output maps have biases.
+    Written with ``scaled_dot_product_attention`` so that the exported graph fuses into one
+    attention kernel: a fair dense baseline.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, bias: bool = True) -> None:
@@ -242,15 +209,7 @@ class StandardSelfAttention(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Attend from every position to every real position.
-
-        Args:
-            hidden_states: ``[batch, seq, hidden]``.
-            attention_mask: Optional ``[batch, seq]`` mask, 1 (or True) for real tokens.
-
-        Returns:
-            ``[batch, seq, hidden]``.
-        """
+        """``[batch, seq, hidden]`` attended to every real position (``attention_mask`` 1)."""
         query = self._split_heads(self.query(hidden_states))
         key = self._split_heads(self.key(hidden_states))
         value = self._split_heads(self.value(hidden_states))

@@ -1,8 +1,6 @@
-"""Low-rank (LRT "LED") building blocks: a dense map written as a narrow encoder then a decoder.
+"""Low-rank layers: an ``out x in`` weight stored as ``D @ E`` (``out x r``, ``r x in``).
 
-A weight ``W`` (``out x in``) of rank ``r`` is stored as ``D @ E`` with ``D`` (``out x r``) and
-``E`` (``r x in``), which costs ``r * (in + out)`` parameters instead of ``in * out`` and exports
-to ONNX as two MatMuls.
+They cost ``r * (in + out)`` parameters instead of ``in * out`` and export as two MatMuls.
 """
 
 from __future__ import annotations
@@ -36,15 +34,8 @@ def _check_rank(rank: int, full_rank: int | None = None) -> None:
 
 
 class LowRankLinear(nn.Module):
-    """A linear layer factored as ``decoder(encoder(x))`` with a rank-``rank`` bottleneck.
-
-    Args:
-        in_features: Size of each input sample.
-        out_features: Size of each output sample.
-        rank: Width of the bottleneck between encoder and decoder.
-        bias: Whether the decoder adds a learnable bias.
-        device: Device of the parameters.
-        dtype: Dtype of the parameters.
+    """A linear layer factored as ``decoder(encoder(x))`` with a rank-``rank`` bottleneck; only
+    the decoder has a bias.
 
     Example:
         >>> layer = LowRankLinear.from_dense(nn.Linear(64, 32), rank=8)
@@ -79,16 +70,8 @@ class LowRankLinear(nn.Module):
         encoder_weight: torch.Tensor,
         bias: torch.Tensor | None = None,
     ) -> LowRankLinear:
-        """Build a layer computing ``x @ (decoder_weight @ encoder_weight).T + bias``.
-
-        Args:
-            decoder_weight: ``out x r`` factor.
-            encoder_weight: ``r x in`` factor.
-            bias: Optional ``out`` bias.
-
-        Returns:
-            A new layer with the factors' device and dtype.
-        """
+        """A layer computing ``x @ (decoder_weight @ encoder_weight).T + bias``, on the factors'
+        device and dtype (``out x r`` and ``r x in``)."""
         if decoder_weight.dim() != 2 or encoder_weight.dim() != 2:
             raise ValueError("decoder_weight and encoder_weight must both be 2-D matrices")
         out_features, rank = decoder_weight.shape
@@ -117,18 +100,8 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
-        """Approximate ``linear`` by its rank-``rank`` truncated SVD.
-
-        The singular values are split as square roots into both factors so neither factor
-        carries the whole dynamic range, which keeps fp16 inference well conditioned.
-
-        Args:
-            linear: Dense layer to approximate.
-            rank: Target rank, at most ``min(in_features, out_features)``.
-
-        Returns:
-            A new layer with ``linear``'s device and dtype; exact when ``rank`` is the full rank.
-        """
+        """``linear``'s rank-``rank`` truncated SVD with balanced factors, on its device and
+        dtype; exact at full rank."""
         _check_rank(rank, min(linear.in_features, linear.out_features))
         decoder_weight, encoder_weight = svd_factors(linear.weight.detach(), rank)
         dtype = linear.weight.dtype
@@ -160,19 +133,8 @@ class LowRankLinear(nn.Module):
 
 
 class LowRankEmbedding(nn.Module):
-    """An embedding table stored as narrow codes followed by a shared projection.
-
-    ``forward(ids) = projection(table(ids))`` where ``table`` is ``num_embeddings x rank`` and
-    ``projection`` maps ``rank -> embedding_dim`` without bias.
-
-    Args:
-        num_embeddings: Vocabulary size.
-        embedding_dim: Width of the produced embeddings.
-        rank: Width of the stored codes.
-        padding_idx: Row whose embedding is kept exactly zero, as in ``nn.Embedding``.
-        device: Device of the parameters.
-        dtype: Dtype of the parameters.
-    """
+    """An embedding table as ``projection(table(ids))``: ``num_embeddings x rank`` codes and a
+    bias-free ``rank -> embedding_dim`` projection; the ``padding_idx`` row stays exactly zero."""
 
     def __init__(
         self,
@@ -195,7 +157,7 @@ class LowRankEmbedding(nn.Module):
 
     @property
     def padding_idx(self) -> int | None:
-        """The padding row, normalised to a non-negative index like ``nn.Embedding`` does."""
+        """The padding row as a non-negative index, as ``nn.Embedding`` normalises it."""
         return self.table.padding_idx
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -208,16 +170,8 @@ class LowRankEmbedding(nn.Module):
         basis: torch.Tensor,
         padding_idx: int | None = None,
     ) -> LowRankEmbedding:
-        """Build an embedding whose table is ``codes @ basis``.
-
-        Args:
-            codes: ``num_embeddings x r`` per-token codes.
-            basis: ``r x embedding_dim`` shared basis.
-            padding_idx: Row to keep exactly zero; its code is zeroed whatever ``codes`` holds.
-
-        Returns:
-            A new module with the factors' device and dtype.
-        """
+        """An embedding whose table is ``codes @ basis`` (``num x r``, ``r x dim``), on the
+        factors' device and dtype, with the ``padding_idx`` code zeroed."""
         if codes.dim() != 2 or basis.dim() != 2 or codes.shape[1] != basis.shape[0]:
             raise ValueError(
                 f"factor shapes do not chain: codes {tuple(codes.shape)} and basis "
@@ -235,24 +189,15 @@ class LowRankEmbedding(nn.Module):
         with torch.no_grad():
             module.table.weight.copy_(codes)
             module.projection.weight.copy_(basis.T)
-            # The factorization only approximates the zero padding row; padded positions must
-            # stay exactly zero so downstream masking assumptions still hold.
+            # The factors only approximate the zero padding row; masking relies on exact zeros.
             if module.padding_idx is not None:
                 module.table.weight[module.padding_idx].zero_()
         return module
 
     @classmethod
     def from_dense(cls, embedding: nn.Embedding, rank: int) -> LowRankEmbedding:
-        """Approximate ``embedding``'s table by its rank-``rank`` truncated SVD.
-
-        Args:
-            embedding: Dense embedding to approximate. ``max_norm`` renormalisation is not
-                supported because it rewrites the dense rows at lookup time.
-            rank: Target rank, at most ``min(num_embeddings, embedding_dim)``.
-
-        Returns:
-            A new module with ``embedding``'s device, dtype and padding row.
-        """
+        """``embedding``'s rank-``rank`` truncated SVD, on its device and dtype with its padding
+        row; ``max_norm`` is refused (it rewrites rows at lookup time)."""
         if embedding.max_norm is not None:
             raise ValueError("embeddings with max_norm cannot be factorized; keep them dense")
         _check_rank(rank, min(embedding.num_embeddings, embedding.embedding_dim))
@@ -295,30 +240,14 @@ def _is_led_sequential(module: nn.Module) -> bool:
 
 
 def is_lowrank_pair(module: nn.Module) -> bool:
-    """Whether ``module`` is a by-design low-rank unit.
-
-    Recognises ``LowRankLinear``, ``LowRankEmbedding`` and greenformer-style
-    ``nn.Sequential(nn.Linear(in, r, bias=False), nn.Linear(r, out))`` with
-    ``r < min(in, out)``.
-
-    Args:
-        module: Any module.
-
-    Returns:
-        True when ``module`` already stores its weight as two low-rank factors.
-    """
+    """Whether ``module`` stores its weight as two low-rank factors: ``LowRankLinear``,
+    ``LowRankEmbedding`` or ``Sequential(Linear(in, r, bias=False), Linear(r, out))``,
+    ``r < min(in, out)``."""
     return isinstance(module, (LowRankLinear, LowRankEmbedding)) or _is_led_sequential(module)
 
 
 def lowrank_rank(module: nn.Module) -> int | None:
-    """The bottleneck rank of a low-rank unit, read from its weights.
-
-    Args:
-        module: Any module.
-
-    Returns:
-        The rank when ``is_lowrank_pair(module)``, else None.
-    """
+    """The bottleneck rank of a low-rank unit (see :func:`is_lowrank_pair`), else None."""
     if isinstance(module, (LowRankLinear, LowRankEmbedding)):
         return module.rank
     if _is_led_sequential(module):
@@ -327,17 +256,8 @@ def lowrank_rank(module: nn.Module) -> int | None:
 
 
 def lowrank_layers_in_weights(state: Mapping[str, torch.Tensor]) -> list[dict[str, object]]:
-    """Low-rank units found from weights alone, for graphs whose module classes are gone
-    (``torch.export`` programs, TorchScript archives).
-
-    Recognises the parameter layout of ``LowRankLinear`` (``encoder.weight`` r x in,
-    ``decoder.weight`` out x r), ``LowRankEmbedding`` (``table.weight`` n x r,
-    ``projection.weight`` dim x r) and a greenformer LED ``Sequential`` (``0.weight`` r x in with
-    no ``0.bias``, ``1.weight`` out x r), each with r < min(in, out).
-
-    Returns:
-        One dict per unit: ``name``, ``rank``, ``shape`` (out, in) and ``type``.
-    """
+    """Low-rank units recognised by parameter layout alone (for graphs whose module classes are
+    gone): one dict per unit with ``name``, ``rank``, ``shape`` (out, in) and ``type``."""
     layouts = (
         ("encoder.weight", "decoder.weight", "LowRankLinear"),
         ("table.weight", "projection.weight", "LowRankEmbedding"),

@@ -1,8 +1,6 @@
-"""Child process of :func:`lrt_deploy.runtime.bench.measure_peak_memory`.
+"""Child process that opens and runs one bundle and prints its resident memory as JSON.
 
-``python -m lrt_deploy.runtime._memory_probe BUNDLE BATCH SEQUENCE THREADS RUNS`` opens one
-bundle in this fresh process, runs it, and prints one JSON line with the resident memory
-before opening and the high-water mark after running. Not a public interface.
+``python -m lrt_deploy.runtime._memory_probe BUNDLE BATCH SEQUENCE THREADS RUNS``; not public.
 """
 
 from __future__ import annotations
@@ -51,7 +49,7 @@ def main(argv: list[str]) -> dict[str, Any]:
 
     from lrt_deploy.runtime.bench import bundle_feeds, open_for_benchmark
 
-    # The tokenizer is imported now too: its library is not the model's memory either.
+    # Imported before the baseline too: the tokenizer's library is not the model's memory.
     try:
         import tokenizers  # noqa: F401
     except ImportError:

@@ -1,20 +1,8 @@
 """Reading a deployment bundle safely: the manifest, files inside the bundle only, checksums.
 
-A bundle is a folder an app may have downloaded, so nothing in its ``manifest.json`` is taken on
-trust: every file it names must resolve (symbolic links followed) to a file inside the bundle
-folder, and the manifest's SHA-256 checksums (``checksums``: relative path -> hex digest) must
-match the bytes before a file is used. Every command (``Session``, ``TextEncoder``,
-``lrt-bench``, ``lrt-report``, ``lrt-verify``) opens bundle files through :func:`checked_file`,
-which does both. Any problem is a :class:`~lrt_deploy.errors.BundleError` with one line saying
-what is wrong.
-
-Which bundles must carry checksums: every lrt-export that wrote the manifest's ``text`` section
-(the same release that introduced checksums) or its later ``runtimes``, ``devices`` or
-``files.verification`` entries also wrote ``checksums``. A manifest with any of those and no
-checksums has had them removed, and is refused; only a manifest with none of them (written
-before checksums existed) opens unverified, with a warning. Checksums catch damaged, truncated
-or swapped files; they do not stop someone who can rewrite ``manifest.json`` too (the digests
-live in it), so a bundle from an untrusted source needs a trusted copy of its manifest.
+Every file a manifest names must resolve inside the bundle folder and match its SHA-256 before
+use (:func:`checked_file`). Checksums catch damaged or swapped files, not a rewritten manifest:
+a bundle from an untrusted source needs a trusted copy of its manifest.
 """
 
 from __future__ import annotations
@@ -47,18 +35,16 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 
-#: Manifest keys that every lrt-export writing them also wrote ``checksums`` with (``text`` came
-#: in the same release as checksums, the others later): a manifest that has one of them and no
-#: checksums has had its checksums removed.
+#: Manifest keys always written together with ``checksums``: a manifest with one of them and no
+#: checksums has had them removed.
 CHECKSUM_MARKERS = ("text", "runtimes", "devices")
-#: ``files`` keys lrt-export does not checksum: ``report.json`` is written after the manifest
-#: (it describes the finished export) and only feeds ``lrt-report``, never a model.
+#: ``files`` keys without a checksum: ``report.json`` is written after the manifest and never
+#: feeds a model.
 UNCHECKSUMMED_KEYS = frozenset({"report"})
 
 
 def read_json(path: Path, what: str, fix: str = "re-export the bundle") -> Any:
-    """Parse a JSON file; any reason it cannot be read (missing, a folder, not UTF-8, not JSON,
-    nested too deeply) is one :class:`BundleError` line naming ``what`` and ``fix``."""
+    """Parse a JSON file; any failure is one :class:`BundleError` naming ``what`` and ``fix``."""
     try:
         text = path.read_text(encoding="utf-8")
     except IsADirectoryError:
@@ -83,9 +69,8 @@ def read_json(path: Path, what: str, fix: str = "re-export the bundle") -> Any:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """Parse ``folder/manifest.json`` and check it against the bundle contract
-    (:func:`~lrt_deploy.runtime.contract.check_manifest`) and the sections the runtime reads
-    (``checksums``, ``text``); raise :class:`BundleError` (or a subclass) otherwise."""
+    """``folder/manifest.json``, checked against the contract and the ``checksums`` and
+    ``text`` sections the runtime reads; :class:`BundleError` otherwise."""
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(
@@ -94,7 +79,6 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         )
     manifest = read_json(path, "manifest")
     try:
-        # Format version, files inside the bundle, inputs/outputs, providers: the contract.
         check_manifest(manifest, folder)
     except BundleError:
         raise
@@ -129,11 +113,8 @@ def session_config(manifest: dict[str, Any] | None) -> dict[str, str]:
 
 
 def bundle_file(folder: Path, manifest: dict[str, Any], *keys: str) -> Path | None:
-    """The file the manifest names under the first of ``keys`` present in ``files``.
-
-    Returns None when none of the keys is present. Raises :class:`BundleError` when the name is
-    absolute, climbs out of the bundle (``..``, a symbolic link elsewhere) or the file is missing.
-    """
+    """The file named under the first of ``keys`` present in ``files`` (None when none is);
+    :class:`BundleError` when it lies outside the bundle or is missing."""
     files = manifest.get("files", {})
     if not isinstance(files, dict):
         raise BundleError(f"manifest of '{folder}' has no 'files' object: re-export the bundle")
@@ -162,12 +143,8 @@ def bundle_file(folder: Path, manifest: dict[str, Any], *keys: str) -> Path | No
 def checked_file(
     folder: Path, manifest: dict[str, Any], *keys: str, verify: bool = True
 ) -> Path | None:
-    """:func:`bundle_file`, then (``verify``) its SHA-256 checked against the manifest.
-
-    The one way commands open a file of a bundle. Files lrt-export does not checksum
-    (:data:`UNCHECKSUMMED_KEYS`: ``report.json``) are only kept inside the bundle. An ``.onnx``
-    model's external-data files are checked too, whether or not ``files`` lists them.
-    """
+    """:func:`bundle_file` with its SHA-256 (and an ``.onnx`` model's external-data files')
+    checked against the manifest: the one way to open a bundle's file."""
     path = bundle_file(folder, manifest, *keys)
     if path is None or not verify:
         return path
@@ -185,8 +162,8 @@ _LOCATION = b"\x0a\x08location\x12"  # StringStringEntryProto: key="location", t
 
 
 def external_data_names(model: Path) -> list[str]:
-    """The ``location`` of every external-data entry in an ``.onnx`` file, read from the
-    protobuf bytes (the runtime has no ``onnx`` package): the files onnxruntime will open."""
+    """The ``location`` of every external-data entry of an ``.onnx`` file, read from the raw
+    protobuf bytes (the runtime has no ``onnx`` package)."""
     names: list[str] = []
     overlap = len(_LOCATION) + 10 + 4096  # marker, length varint, a name of up to 4 KiB
     tail = b""
@@ -257,12 +234,8 @@ def file_sha256(path: Path) -> str:
 
 
 def verify_checksums(folder: Path, manifest: dict[str, Any], paths: list[Path]) -> None:
-    """Check each of ``paths`` (files inside ``folder``) against the manifest's checksums.
-
-    A bundle written before checksums existed is opened with a warning; one of the current
-    format (:data:`CHECKSUM_MARKERS`) without checksums, a file whose bytes do not match, or one
-    the manifest does not cover, is a :class:`BundleError`.
-    """
+    """Check ``paths`` against the manifest's checksums; a manifest of the oldest format without
+    any only warns, any other gap or mismatch is a :class:`BundleError`."""
     checksums: dict[str, str] = manifest.get("checksums") or {}
     if not checksums:
         current = [key for key in CHECKSUM_MARKERS if key in manifest]

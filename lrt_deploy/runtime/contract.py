@@ -1,11 +1,7 @@
-"""The bundle contract, checked without third-party packages when a bundle is opened.
+"""The part of the bundle contract the runtime relies on, checked with the standard library.
 
-``manifest.json`` is described in full by ``lrt_deploy/schemas/manifest.schema.json`` (checked
-with ``jsonschema`` in the tests). An app embedding the runtime has no ``jsonschema``, so
-:func:`check_manifest` checks, with the standard library only, the part of the contract the
-runtime and the samples rely on: the format version, the files it opens and the declared
-inputs and outputs. A bundle written by a newer lrt-deploy is refused with a message that says
-to upgrade, instead of failing later on a field this version does not know.
+``lrt_deploy/schemas/manifest.schema.json`` describes the whole manifest; an app embedding the
+runtime has no ``jsonschema``, so the format version, files and inputs/outputs are checked here.
 """
 
 from __future__ import annotations
@@ -47,23 +43,8 @@ class UnsupportedFormatVersionError(BundleContractError):
 
 
 def check_manifest(data: Any, bundle_dir: str | os.PathLike[str]) -> None:
-    """Check the parts of a bundle manifest that the runtime relies on.
-
-    Checked: ``format_version`` (an int, at most :data:`SUPPORTED_FORMAT_VERSION`),
-    ``files`` (``model`` present; every named file a relative path inside the bundle;
-    ``model`` and ``tokenizer`` exist), ``inputs`` / ``outputs`` (non-empty lists of
-    ``{name, dtype, shape}`` with unique names, shape entries int >= 0, str or null) and
-    ``target.providers`` (a list of strings when present). Unknown extra fields are allowed,
-    so older readers keep working when a field is added without a version bump.
-
-    Args:
-        data: The parsed ``manifest.json``.
-        bundle_dir: The bundle folder the manifest came from.
-
-    Raises:
-        UnsupportedFormatVersionError: If the bundle's format is newer than this lrt-deploy.
-        BundleContractError: If a required field is missing or has the wrong type.
-    """
+    """Check ``format_version``, ``files`` (inside the bundle), ``inputs``/``outputs`` and
+    ``target.providers`` of a parsed manifest; unknown extra fields are allowed."""
     where = Path(bundle_dir) / "manifest.json"
     if not isinstance(data, Mapping):
         raise BundleContractError(f"{where} is not a JSON object; re-export the bundle")
@@ -85,17 +66,8 @@ def check_manifest(data: Any, bundle_dir: str | os.PathLike[str]) -> None:
 
 
 def check_format_version(version: Any, where: str | os.PathLike[str], what: str = "bundle") -> None:
-    """Check a ``format_version`` field of a bundle file.
-
-    Args:
-        version: The value read.
-        where: The file it came from, for the message.
-        what: ``"bundle"`` for ``manifest.json``, ``"report"`` for ``report.json``.
-
-    Raises:
-        UnsupportedFormatVersionError: If it is newer than :data:`SUPPORTED_FORMAT_VERSION`.
-        BundleContractError: If it is not an integer >= 1.
-    """
+    """An integer ``format_version`` from 1 to :data:`SUPPORTED_FORMAT_VERSION`, else an error
+    naming ``where`` (``what``: ``bundle`` or ``report``)."""
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise BundleContractError(
             f"{where}: format_version must be an integer >= 1, got {version!r}; re-export the "

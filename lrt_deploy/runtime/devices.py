@@ -1,14 +1,8 @@
 """Device classes: the CPU families whose onnxruntime int8 kernels compute differently.
 
-ONNX Runtime picks its integer matrix kernel (MLAS) by CPU features at run time. With uint8
-activations and int8 weights (U8S8, what dynamic int8 and QAttention use), x86 CPUs with AVX2
-but no VNNI (and AVX-512 without VNNI) multiply with ``VPMADDUBSW``, which adds each adjacent
-pair of products along the inner axis into int16 and saturates there; VNNI/AMX, SSE, ARM64 and
-WebAssembly kernels accumulate in int32 and are exact. A bundle whose weights keep every
-adjacent pair's ``|w_k| + |w_k+1|`` at or below 128 (7-bit weights do) is exact on all of them.
-
-Torch-free: imports the standard library only, so :class:`lrt_deploy.runtime.Session` can say
-where it runs.
+On x86 with AVX2 or AVX-512 but no VNNI, the uint8 x int8 kernel adds adjacent product pairs in
+int16 (``VPMADDUBSW``) and saturates; the other kernels accumulate in int32. Weights whose
+adjacent pairs keep ``|w_k| + |w_k+1| <= 128`` are exact everywhere. Standard library only.
 """
 
 from __future__ import annotations
@@ -29,12 +23,9 @@ class DeviceClass:
 
     Attributes:
         name: Stable id written to manifests and reports (``x86-avx2``).
-        title: Who has it, in a few words.
-        saturates_u8s8: True when uint8 x int8 products are added in pairs into int16 and
-            saturate (full-range int8 weights are then not exact).
-        own_int8_kernel: True when onnxruntime runs dynamic int8 there through a kernel of
-            its own (KleidiAI's, with SME) that rounds differently from the integer GEMM: no
-            weight check makes it exact, only a run on such a device can tell.
+        saturates_u8s8: uint8 x int8 products are added in pairs into int16 and saturate.
+        own_int8_kernel: Dynamic int8 runs through a kernel of its own (KleidiAI's, with SME)
+            that rounds differently: no weight check proves it exact, only a run can.
     """
 
     name: str
@@ -73,9 +64,8 @@ def device_class(name: str) -> DeviceClass:
 
 
 def classify_cpu(machine: str, flags: set[str] | frozenset[str]) -> str | None:
-    """The class of a CPU from its architecture (``platform.machine()``) and feature flags
-    (``/proc/cpuinfo`` names: ``avx2``, ``avx512_vnni``, ``asimddp``, ``i8mm``); None when
-    the architecture is neither x86-64 nor ARM64."""
+    """The class of a CPU from ``platform.machine()`` and its ``/proc/cpuinfo`` flags; None
+    unless x86-64 or ARM64."""
     machine = machine.lower()
     if machine in ("x86_64", "amd64", "x64"):
         if flags & {"avx512_vnni", "avx_vnni", "amx_int8", "avx10_1"}:
@@ -126,9 +116,7 @@ def _darwin_flags() -> set[str]:
 
 @functools.cache
 def host_class() -> str | None:
-    """This machine's device class, or None when it cannot be told (Windows on x86, an
-    unknown architecture): callers then say "unknown" rather than guess. Read once per process
-    (every Session asks)."""
+    """This machine's device class (read once per process), or None when it cannot be told."""
     machine = platform.machine()
     if sys.platform.startswith("linux"):
         return classify_cpu(machine, _linux_flags())

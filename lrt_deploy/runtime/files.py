@@ -10,9 +10,8 @@ __all__ = ["write_atomic"]
 
 
 def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` (newline-terminated) beside ``path`` and rename it into place; on failure
-    no temporary file is left. The file gets the permissions any new file gets here (mkstemp's
-    are owner-only)."""
+    """Write ``text`` (newline-terminated) beside ``path`` and rename it into place, with the
+    permissions a new file gets under the umask; no temporary file is left on failure."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:

@@ -1,14 +1,7 @@
-"""What this machine and this process allow: thread counts and memory, checked before any work.
+"""Thread counts and memory this process allows, checked before any work starts.
 
-Every size or count a user can ask for goes through here before anything is allocated or
-started: ``Session(threads=...)`` (and so ``lrt-bench --threads``, ``lrt-export --threads``),
-the batch x sequence that ``lrt-bench`` and ``lrt-export`` build feeds for, and the lengths a
-:class:`~lrt_deploy.runtime.TextEncoder` pads to. Asking for more than the machine has is one
-:class:`ResourceLimitError` line naming the limit, instead of a segfault (thread stacks beyond
-the address space), a hang (threads beyond the process limit) or an abort (a 40 GB allocation).
-
-The bounds are deliberately loose: they refuse what cannot work, not what is merely slow.
-Stdlib only, like the rest of the runtime.
+Asking for more is one :class:`ResourceLimitError` line instead of a segfault, a hang or an
+abort inside onnxruntime. The bounds refuse what cannot work, not what is merely slow.
 """
 
 from __future__ import annotations
@@ -39,14 +32,12 @@ MAX_THREADS = 1024
 BYTES_PER_TOKENIZED_TOKEN = 64
 # Used when the machine's free memory cannot be read (not Linux, no sysconf).
 _FALLBACK_MEMORY = 8 * 2**30
-# Default thread stack size when RLIMIT_STACK is unlimited (glibc uses 2 MiB then; 8 MiB is
-# the usual soft limit and what each thread reserves of the address space).
+# Thread stack assumed when RLIMIT_STACK is unlimited: the usual soft limit.
 _DEFAULT_STACK = 8 * 2**20
 
 
 class ResourceLimitError(LrtDeployError):
-    """A size or count beyond what the model or this machine allows; the limit is in the
-    message."""
+    """A size or count beyond what the model or this machine allows; the message names the limit."""
 
 
 def usable_cpus() -> int:
@@ -105,11 +96,8 @@ def thread_limit() -> tuple[int, str]:
 
 
 def check_threads(threads: int | None, *, name: str = "threads") -> int | None:
-    """``threads`` when it is a whole number between 1 and :func:`thread_limit`.
-
-    Raises:
-        ResourceLimitError: Otherwise, naming the limit and what sets it.
-    """
+    """``threads`` when it is a whole number between 1 and :func:`thread_limit`, else
+    :class:`ResourceLimitError`."""
     if threads is None:
         return None
     if isinstance(threads, bool) or not isinstance(threads, int):
@@ -142,9 +130,8 @@ def _cgroup_memory_left() -> int | None:
 
 
 def available_memory() -> tuple[int, str]:
-    """Bytes this process can still allocate, at most, and where that figure comes from:
-    the least of ``MemAvailable`` (/proc/meminfo), the cgroup's memory limit and ``ulimit -v``;
-    physical memory where /proc is missing; 8 GiB when nothing can be read."""
+    """The most bytes this process can still allocate, and their source: the least of
+    ``MemAvailable``, the cgroup limit and ``ulimit -v``."""
     candidates: list[tuple[int, str]] = []
     try:
         for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
@@ -172,13 +159,8 @@ def _gib(size: int) -> str:
 
 
 def check_memory(needed: int, what: str, fix: str) -> None:
-    """Refuse work that needs more than :func:`available_memory` (``needed`` is a lower bound
-    of what it allocates, so nothing that could run is refused).
-
-    Raises:
-        ResourceLimitError: ``{what} needs at least N GiB but M GiB are available (source):
-            {fix}``.
-    """
+    """:class:`ResourceLimitError` when ``needed`` (a lower bound) exceeds
+    :func:`available_memory`."""
     free, source = available_memory()
     if needed > free:
         raise ResourceLimitError(
@@ -194,9 +176,7 @@ _ITEMSIZE = {"float64": 8, "int64": 8, "uint64": 8, "float32": 4, "int32": 4, "u
 
 def tensor_bytes(shape: Sequence[int | str | None], dtype: str, batch: int,
                  sequence: int) -> int:
-    """Bytes of one tensor whose axis 0 is ``batch`` and other free axes ``sequence`` (fixed
-    axes keep their size): how :func:`~lrt_deploy.runtime.bench.synthetic_feeds` shapes feeds
-    and what the outputs of a run at that shape hold at least."""
+    """Bytes of one tensor whose free axis 0 is ``batch`` and other free axes ``sequence``."""
     size = _ITEMSIZE.get(dtype, 1)
     for axis, dim in enumerate(shape):
         size *= dim if isinstance(dim, int) and dim > 0 else (batch if axis == 0 else sequence)
@@ -205,6 +185,5 @@ def tensor_bytes(shape: Sequence[int | str | None], dtype: str, batch: int,
 
 def run_bytes(tensors: Iterable[tuple[Sequence[int | str | None], str]], batch: int,
               sequence: int) -> int:
-    """The feeds and outputs of one run at ``batch`` x ``sequence``: a lower bound of its
-    memory (activations and the model's weights come on top)."""
+    """Bytes of a run's feeds and outputs at ``batch`` x ``sequence``: a lower bound."""
     return sum(tensor_bytes(shape, dtype, batch, sequence) for shape, dtype in tensors)

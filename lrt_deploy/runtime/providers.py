@@ -1,9 +1,7 @@
-"""Execution-provider choice per deployment target, with honest fallback reporting.
+"""Execution-provider choice per deployment target, and a report of what actually runs.
 
-The stock ``onnxruntime`` wheel from PyPI ships only the CPU provider (plus Azure). Mobile and
-GPU providers exist only in dedicated builds, so a bundle exported for ``mobile`` asks for
-XNNPACK/NNAPI/CoreML and, on a desktop, silently ends up on CPU. :func:`resolve_providers`
-makes that visible: it says what was asked for, what the build has, and what will run.
+Stock onnxruntime wheels have only the CPU provider, so a request for another one falls back;
+:func:`resolve_providers` says what was asked for, what the build has and what will run.
 """
 
 from __future__ import annotations
@@ -35,8 +33,7 @@ logger = logging.getLogger(__name__)
 
 CPU_PROVIDER = "CPUExecutionProvider"
 
-#: The one table of deployment targets and their execution providers, best first. Export
-#: (``lrt_deploy.export.targets``) writes these into the manifest; the runtime requests them.
+#: Deployment targets and their execution providers, best first, as manifests record them.
 #: Mobile lists every accelerator; :func:`providers_for_target` keeps the running platform's.
 TARGET_PROVIDERS: dict[str, tuple[str, ...]] = {
     "cpu": (CPU_PROVIDER,),
@@ -82,19 +79,12 @@ def _platform_family(platform: str | None) -> str:
 def providers_for_target(
     name: str, platform: str | None = None, *, tensorrt: bool = False
 ) -> list[str]:
-    """Return the execution providers to request for a deployment target, best first.
+    """The execution providers to request for target ``name``, best first, CPU last.
 
     Args:
-        name: Target name: ``"cpu"``, ``"cuda"`` or ``"mobile"`` (case-insensitive).
-        platform: Platform to choose mobile providers for (``"android"``, ``"ios"``,
-            ``"darwin"``, ``"linux"``, ...). Defaults to the running platform.
+        platform: Platform to choose mobile providers for (``sys.platform`` style); defaults to
+            the running one.
         tensorrt: For ``cuda``, put ``TensorrtExecutionProvider`` before CUDA.
-
-    Returns:
-        Provider names in priority order; ``CPUExecutionProvider`` is always last.
-
-    Raises:
-        UnknownTargetError: If ``name`` is not a known target.
     """
     target = check_target_name(name.lower())
     providers = list(TARGET_PROVIDERS[target])
@@ -109,16 +99,8 @@ def providers_for_target(
 
 @dataclass(frozen=True)
 class ProviderResolution:
-    """What was requested, what this onnxruntime build offers, and what will be used.
-
-    Attributes:
-        requested: Providers asked for, in priority order.
-        available: Providers compiled into this onnxruntime build.
-        used: Requested providers that are available, with CPU always last.
-        missing: Requested providers that are not available.
-        fell_back: True when at least one requested provider is missing.
-        message: One human-readable line describing the outcome.
-    """
+    """Providers requested, available in this build, and used (CPU always last), with the
+    missing ones and a one-line ``message``."""
 
     requested: list[str]
     available: list[str]
@@ -145,28 +127,14 @@ def fallback_message(missing: Sequence[str], available: Sequence[str], used: Seq
 
 
 def canonical_provider_name(name: str) -> str:
-    """Return onnxruntime's spelling of a provider name, matched case-insensitively.
-
-    Manifests and users often write ``XNNPACKExecutionProvider`` or ``cudaexecutionprovider``;
-    onnxruntime only accepts its own spelling (``XnnpackExecutionProvider``). Unknown names are
-    returned unchanged so they show up as missing rather than disappearing.
-    """
+    """onnxruntime's spelling of a provider name, matched case-insensitively; unknown names are
+    returned unchanged so that they show up as missing."""
     known = {provider.lower(): provider for provider in ort.get_all_providers()}
     return known.get(name.lower(), name)
 
 
 def resolve_providers(requested: Sequence[str]) -> ProviderResolution:
-    """Intersect requested providers with the ones this onnxruntime build has.
-
-    A WARNING is logged whenever a requested provider is missing, so the fallback is never
-    silent. Names are normalised with :func:`canonical_provider_name` first.
-
-    Args:
-        requested: Provider names in priority order (e.g. from :func:`providers_for_target`).
-
-    Returns:
-        The :class:`ProviderResolution`; pass its ``used`` list to ``InferenceSession``.
-    """
+    """The requested providers this build has, in order; a WARNING when any is missing."""
     requested = list(dict.fromkeys(canonical_provider_name(p) for p in requested))
     available = list(ort.get_available_providers())
     used = [p for p in requested if p in available and p != CPU_PROVIDER] + [CPU_PROVIDER]

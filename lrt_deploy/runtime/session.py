@@ -1,9 +1,7 @@
 """A checked, provider-honest wrapper around ``onnxruntime.InferenceSession``.
 
-:class:`Session` opens a deployment bundle (a folder with ``manifest.json``) or a bare
-``.onnx`` / ``.ort`` file, picks execution providers, records which ones actually run, and
-checks every feed against the graph's declared inputs before running, so a wrong shape or
-dtype fails with a message that says how to fix it instead of an onnxruntime stack trace.
+Every feed is checked against the graph's inputs before running, so a wrong shape or dtype is
+one :class:`InputError` line saying how to fix it.
 """
 
 from __future__ import annotations
@@ -82,21 +80,15 @@ class InputError(LrtDeployError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A graph input or output as declared in the model.
-
-    Attributes:
-        name: Tensor name.
-        dtype: numpy-style dtype name (``"int64"``, ``"float32"``, ...).
-        shape: One entry per axis: an int for a fixed size, a string for a named symbolic
-            dimension (``"batch"``), or None for an unnamed dynamic one.
-    """
+    """A graph input or output: numpy dtype name, and per axis a fixed size, a symbolic name
+    (``"batch"``) or None."""
 
     name: str
     dtype: str
     shape: list[int | str | None]
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the spec in the manifest's ``inputs``/``outputs`` entry format."""
+        """The spec as a manifest ``inputs``/``outputs`` entry."""
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
@@ -111,13 +103,12 @@ def _format_shape(shape: Sequence[int | str | None]) -> str:
 
 
 def _resolve_model_path(path: Path, verify: bool) -> tuple[Path, dict[str, Any] | None]:
-    """Return the model file to open and the bundle manifest (None for a bare model file)."""
+    """The model file to open and the bundle manifest (None for a bare model file)."""
     if path.is_file():
         return path, None
     if not path.is_dir():
         raise BundleError(f"'{path}' does not exist: pass a bundle folder or a .onnx/.ort file")
     manifest = read_manifest(path)
-    # Inside the bundle, and its bytes (with any external weights it loads) as the manifest says.
     model_path = checked_file(path, manifest, "model", "onnx", verify=verify)
     if model_path is None:
         raise BundleError(f"manifest of '{path}' names no model under files.model: re-export it")
@@ -125,7 +116,7 @@ def _resolve_model_path(path: Path, verify: bool) -> tuple[Path, dict[str, Any] 
 
 
 def _full_range_int8(manifest: dict[str, Any]) -> bool:
-    """True for an int8 recipe with integer kernels written before pair-safe weights."""
+    """True for an integer-kernel int8 recipe with full-range weights."""
     precision = ((manifest.get("target") or {}).get("precision")) or {}
     return (isinstance(precision, dict)
             and precision.get("kind") in ("dynamic-int8", "static-int8")
@@ -158,34 +149,23 @@ def _cast(name: str, array: np.ndarray, expected: str) -> np.ndarray:
 
 
 class Session:
-    """Run an exported model with checked inputs and an honest provider report.
+    """Run a bundle folder or ``.onnx``/``.ort`` file with checked inputs and an honest
+    provider report.
 
-    Provider choice, first match wins: explicit ``providers``, then ``target``, then the
-    bundle manifest's ``target.providers``, then CPU. Requested providers missing from this
-    onnxruntime build are dropped with a WARNING and recorded in :meth:`provider_report`.
-
-    Before running, feeds are checked against the graph: names, rank, fixed dimensions, and
-    named dimensions shared between inputs (``batch``/``sequence`` of ``input_ids`` and
-    ``attention_mask`` must agree). Dtypes are converted only when lossless or conventional:
-    any integer type that fits into the model's integer type (e.g. int32 -> int64), and
-    float64/float16 -> float32. Anything else is an :class:`InputError`. If the model declares
-    ``token_type_ids`` and the caller omits it, it is filled with zeros shaped like
-    ``input_ids`` (segment 0, what single-sentence BERT-style callers mean); any other
-    missing input is an error.
+    Providers, first match wins: ``providers``, ``target``, the manifest's
+    ``target.providers``, CPU; missing ones are dropped with a WARNING. Feeds must match the
+    graph's names, ranks and fixed or shared named dimensions; dtypes convert only when
+    lossless (integers) or conventional (floats to float32); an omitted ``token_type_ids`` is
+    zeros shaped like ``input_ids``.
 
     Args:
-        path: A bundle folder containing ``manifest.json``, or a ``.onnx`` / ``.ort`` file.
-        target: Deployment target (``"cpu"``, ``"cuda"``, ``"mobile"``) to pick providers for.
-        providers: Explicit provider names in priority order; overrides ``target``.
-        threads: Intra-op thread count (inter-op is then fixed at 1). None keeps ORT's default.
-            At most 4 per usable CPU (1024 in all), fewer under ``ulimit -u``/``ulimit -v``
-            (:func:`lrt_deploy.runtime.limits.thread_limit`); more is a ``ResourceLimitError``.
+        threads: Intra-op threads (inter-op then 1), at most
+            :func:`lrt_deploy.runtime.limits.thread_limit`; None keeps onnxruntime's default.
         optimization_level: ``"disable"``, ``"basic"``, ``"extended"``, ``"all"`` or an
-            ``onnxruntime.GraphOptimizationLevel``. None keeps ORT's default.
-        verify: Check the bundle's files against the SHA-256 checksums in its manifest before
-            opening (False skips the hashing, for start-up time, when the files are trusted).
-        session_config: ONNX Runtime session config entries, e.g.
-            ``{"session.intra_op.allow_spinning": "0"}`` (lrt-bench turns spinning off).
+            ``onnxruntime.GraphOptimizationLevel``; None keeps onnxruntime's default.
+        verify: Check the bundle's files against its manifest's SHA-256 checksums first.
+        session_config: Session config entries applied after the manifest's
+            ``devices.session_config``.
 
     Example:
         >>> session = Session("out/minilm", threads=4)  # doctest: +SKIP
@@ -216,7 +196,7 @@ class Session:
             options.inter_op_num_threads = 1
         if optimization_level is not None:
             options.graph_optimization_level = self._optimization_level(optimization_level)
-        # Entries the bundle asks for (its int8 recipe may rely on one), then the caller's.
+        # The bundle's entries first (its int8 recipe may rely on one), then the caller's.
         for key, value in {**session_config_of(self._manifest), **(session_config or {})}.items():
             options.add_session_config_entry(key, value)
 
@@ -267,7 +247,7 @@ class Session:
             ) from None
 
     def _check_active_providers(self) -> None:
-        """Catch providers that are compiled in but failed to start (e.g. no CUDA driver)."""
+        """Record providers that are compiled in but failed to start (e.g. no CUDA driver)."""
         failed = [p for p in self._resolution.used if p not in self.active_providers]
         if not failed:
             return
@@ -286,14 +266,8 @@ class Session:
         )
 
     def device_report(self) -> dict[str, Any]:
-        """Where this session runs and what the bundle says of that device class.
-
-        Returns:
-            ``class`` (this machine's, or None when unknown), ``exact`` (True/False when the
-            manifest records the classes its integer kernels are exact on, else None),
-            ``verified`` (the manifest's verification row for the class, or None) and
-            ``message`` (a warning line, or None).
-        """
+        """This machine's device ``class``, whether the bundle is ``exact`` there (None when
+        unrecorded), its ``verified`` row for the class and a warning ``message`` (or None)."""
         devices = (self._manifest or {}).get("devices") or {}
         exact_on = devices.get("exact_on")
         name = self.device_class
@@ -350,12 +324,8 @@ class Session:
         return self._session
 
     def provider_report(self) -> dict[str, Any]:
-        """Describe which providers were requested, available and actually active.
-
-        Returns:
-            A dict with ``requested``, ``available``, ``active``, ``missing`` (lists of
-            provider names), ``fell_back`` (bool) and ``message`` (one line).
-        """
+        """Providers ``requested``, ``available``, ``active`` and ``missing``, whether the
+        session ``fell_back``, and a one-line ``message``."""
         resolution = self._resolution
         return {
             "requested": list(resolution.requested),
@@ -367,17 +337,8 @@ class Session:
         }
 
     def prepare(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Check and convert feeds without running the model.
-
-        Args:
-            feeds: Input name -> array-like.
-
-        Returns:
-            Feeds ready for ``InferenceSession.run``: all model inputs present, dtypes converted.
-
-        Raises:
-            InputError: If a name, rank, dimension or dtype does not match the model.
-        """
+        """Feeds checked and converted for ``InferenceSession.run``, every input present;
+        :class:`InputError` on any mismatch."""
         specs = {spec.name: spec for spec in self._inputs}
         unexpected = [name for name in feeds if name not in specs]
         if unexpected:
@@ -411,19 +372,15 @@ class Session:
 
     def check_run_size(self, batch: int, sequence: int, *, extra_bytes: int = 0,
                        fix: str = "run smaller batches or shorter sequences") -> None:
-        """Refuse a run at ``batch`` x ``sequence`` whose feeds and outputs alone (a lower
-        bound of its memory, plus ``extra_bytes``) exceed the memory this process has left.
-
-        Raises:
-            ResourceLimitError: With the bytes needed and available, and ``fix``.
-        """
+        """Refuse a run at ``batch`` x ``sequence`` whose feeds and outputs alone (plus
+        ``extra_bytes``) exceed the memory left (``ResourceLimitError`` saying ``fix``)."""
         tensors = [(spec.shape, spec.dtype) for spec in [*self._inputs, *self._outputs]]
         check_memory(run_bytes(tensors, batch, sequence) + extra_bytes,
                      f"a run of batch {batch} x sequence {sequence}", fix)
 
     def _check_output_memory(self, named_dims: dict[str, tuple[int, str]]) -> None:
-        """The outputs of a run at the feeds' named sizes must fit in memory (onnxruntime
-        aborts the process on some failed allocations)."""
+        """Refuse outputs that cannot fit in memory: onnxruntime aborts the process on some
+        failed allocations."""
         sizes = {name: size for name, (size, _) in named_dims.items()}
         needed = 0
         for spec in self._outputs:
@@ -436,8 +393,8 @@ class Session:
                          "run smaller batches or shorter sequences")
 
     def _check_text_limits(self, arrays: dict[str, np.ndarray]) -> None:
-        """Token ids inside the vocabulary and sequences within the positions the model has,
-        when the bundle's manifest states them (text models)."""
+        """Refuse token ids outside the vocabulary and sequences longer than the model's
+        positions, where the manifest states them."""
         limits = (self._manifest or {}).get("text") or {}
         vocab, max_sequence = limits.get("vocab_size"), limits.get("max_sequence")
         ids = arrays.get("input_ids")
@@ -497,19 +454,7 @@ class Session:
     def run(
         self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
-        """Check the feeds, run the model and return its outputs by name.
-
-        Args:
-            feeds: Input name -> array-like (see the class docstring for accepted dtypes).
-            output_names: Outputs to compute; all of them when None.
-
-        Returns:
-            Output name -> numpy array.
-
-        Raises:
-            InputError: If the feeds do not match the model's inputs.
-            ValueError: If an unknown output name is requested.
-        """
+        """Check the feeds, run the model and return ``output_names`` (default all) by name."""
         if isinstance(output_names, str):
             output_names = [output_names]
         names = list(output_names) if output_names is not None else self.output_names

@@ -1,8 +1,4 @@
-"""Turn strings into model inputs with a bundle's ``tokenizer.json``.
-
-Uses the Rust ``tokenizers`` package only (no transformers, no torch); it is an optional
-dependency imported when a :class:`TextEncoder` is created.
-"""
+"""Turn strings into model inputs with a bundle's ``tokenizer.json`` (``tokenizers`` only)."""
 
 from __future__ import annotations
 
@@ -41,8 +37,7 @@ _PURE_SPLITTERS = {"Punctuation", "Digits", "UnicodeScripts"}
 
 
 class TextInputError(LrtDeployError, TypeError):
-    """Texts or encoder settings the encoder cannot take (a ValueError and a TypeError, so
-    callers catching either keep working); the message says what to pass instead."""
+    """Texts or encoder settings the encoder cannot take; a ValueError and a TypeError both."""
 
 
 def _components(node: Any) -> list[str] | None:
@@ -56,8 +51,8 @@ def _components(node: Any) -> list[str] | None:
 
 
 def _cut_pattern(config: Mapping[str, Any]) -> re.Pattern[str]:
-    """Where a text may be cut: before ASCII whitespace; with BERT's normalizer alone (which
-    puts spaces around every CJK ideograph) before a CJK ideograph too."""
+    """Where a text may be cut: before ASCII whitespace, and before a CJK ideograph where BERT's
+    normalizer puts spaces around them."""
     normalizer = config.get("normalizer") or {}
     if normalizer.get("type") == "BertNormalizer" and normalizer.get("handle_chinese_chars"):
         return re.compile("[ \n\t\r\u3400-\u4dbf\u4e00-\u9fff]")
@@ -65,16 +60,12 @@ def _cut_pattern(config: Mapping[str, Any]) -> re.Pattern[str]:
 
 
 def cut_is_exact(config: Mapping[str, Any]) -> bool:
-    """Whether cutting a text just before an ASCII space/tab/newline and tokenizing the part
-    before the cut gives a prefix of the whole text's tokens, for this ``tokenizer.json``.
+    """Whether the part of a text before an ASCII whitespace tokenizes to a prefix of the whole
+    text's tokens under this ``tokenizer.json``.
 
-    True when (a) every normalizer maps characters one by one and keeps whitespace
-    whitespace, (b) the pre-tokenizers split on whitespace and drop it (others may only split
-    further), so every word the model sees lies wholly on one side of the cut and the model
-    (WordPiece, BPE, Unigram, WordLevel: all work word by word) tokenizes it alike, and (c) no
-    added token contains whitespace (those are matched across words). Special tokens are added
-    after truncation, so the truncated result is then identical. Anything else: False, and
-    texts are tokenized whole.
+    It holds when normalizers map characters one by one, pre-tokenizers split on whitespace
+    (so no word spans a cut; every model type works word by word) and no added token holds
+    whitespace.
     """
     normalizers = _components(config.get("normalizer")) or []
     splitters = _components(config.get("pre_tokenizer")) or []
@@ -106,23 +97,13 @@ def _texts(texts: object) -> list[str]:
 
 
 class TextEncoder:
-    """Tokenize text into ``input_ids``, ``attention_mask`` and ``token_type_ids`` (int64).
+    """Tokenize text into int64 ``input_ids``, ``attention_mask`` and ``token_type_ids``.
 
     Args:
-        tokenizer_json_path: Path to a Hugging Face ``tokenizer.json`` file.
         max_length: Longer texts are truncated to this many tokens (special tokens included).
-        pad_to: Pad every batch to exactly this length (for models exported with
-            ``--fixed-shape``); must be <= ``max_length``. None pads to the longest text in
-            the batch.
-        max_sequence: The most positions the model has (the manifest's
-            ``text.max_sequence``; :meth:`from_bundle` passes it): ``max_length`` and
-            ``pad_to`` may not exceed it. None: no model limit, only the memory one.
-
-    Raises:
-        ImportError: If the ``tokenizers`` package is not installed.
-        TextInputError: If ``max_length``/``pad_to`` are not whole numbers >= 1, ``pad_to``
-            exceeds ``max_length``, either exceeds ``max_sequence``, or one padded text would
-            not fit in memory.
+        pad_to: Pad every batch to exactly this length (fixed-shape models), at most
+            ``max_length``; None pads to the batch's longest text.
+        max_sequence: The model's positions (``text.max_sequence``), a bound on both lengths.
     """
 
     def __init__(
@@ -161,21 +142,8 @@ class TextEncoder:
         *,
         verify: bool = True,
     ) -> TextEncoder:
-        """Create an encoder from the tokenizer named in a bundle's ``manifest.json``.
-
-        Args:
-            bundle: Bundle folder.
-            max_length: See the class docstring; at most the model's positions
-                (``text.max_sequence``). None: ``pad_to`` if given, else 128 or the model's
-                positions when it has fewer.
-            pad_to: See the class docstring.
-            verify: Check ``tokenizer.json`` against the manifest's SHA-256 first.
-
-        Raises:
-            BundleError: If the bundle has no tokenizer, or it lies outside the bundle or does
-                not match its checksum.
-            TextInputError: If ``max_length`` or ``pad_to`` exceeds the model's positions.
-        """
+        """An encoder from a bundle's checked ``tokenizer.json``, bounded by the model's positions;
+        ``max_length`` defaults to ``pad_to``, else 128 or the model's positions if fewer."""
         folder = Path(bundle)
         manifest = read_manifest(folder)
         text = manifest.get("text")
@@ -205,21 +173,8 @@ class TextEncoder:
     def encode(
         self, texts: str | Sequence[str], input_names: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
-        """Tokenize a batch of texts.
-
-        Args:
-            texts: One string or a list of strings.
-            input_names: Keep only these keys (pass ``session.input_names`` so a model without
-                ``token_type_ids`` does not receive it). None keeps all three.
-
-        Returns:
-            ``input_ids``, ``attention_mask`` and ``token_type_ids``, each int64 of shape
-            ``(len(texts), length)``.
-
-        Raises:
-            TextInputError: If ``texts`` is empty, or not a string or a list of strings (a
-                dict, bytes, a set).
-        """
+        """Int64 arrays of shape ``(len(texts), length)`` for one string or a list of them; only
+        ``input_names`` when given (e.g. ``session.input_names``)."""
         batch = _texts(texts)
         if not batch:
             raise TextInputError("texts is empty; pass at least one string")
@@ -240,16 +195,10 @@ class TextEncoder:
     __call__ = encode
 
     def _bounded(self, text: str) -> str:
-        """A prefix of ``text`` that encodes to the same truncated tokens, or ``text``.
+        """A prefix of ``text`` that encodes to the same truncated tokens, or ``text`` itself.
 
-        The tokenizer truncates only after encoding the whole text (memory grows with the text:
-        ~0.7 GB per million words), so long texts are cut first, but only when
-        :func:`cut_is_exact` holds for this tokenizer, and only just before an ASCII space,
-        tab or newline (or a CJK ideograph, which BERT's normalizer surrounds with spaces):
-        the part before such a cut encodes to a prefix of the whole text's
-        tokens, so once it fills ``max_length`` the truncated result is identical. A window
-        with no whitespace is never cut inside a word: the cut moves back to the last
-        whitespace, and without one the text is encoded whole.
+        The tokenizer truncates only after encoding the whole text, so long texts are cut first
+        where :func:`cut_is_exact` allows it, never inside a word.
         """
         if not self._exact_cut:
             return text
@@ -270,9 +219,8 @@ class TextEncoder:
 
 
 def check_lengths(max_length: object, pad_to: object, max_sequence: int | None) -> None:
-    """``max_length`` and ``pad_to`` are whole numbers >= 1, ``pad_to <= max_length``, both
-    within the model's ``max_sequence`` positions (when known), and one text padded to
-    ``pad_to`` fits in memory; else one :class:`TextInputError` line naming the limit."""
+    """:class:`TextInputError` unless both lengths are whole numbers >= 1, ``pad_to <=
+    max_length``, both within ``max_sequence`` and one padded text fits in memory."""
     for name, value in (("pad_to", pad_to), ("max_length", max_length)):
         if value is None and name == "pad_to":
             continue

@@ -1,8 +1,5 @@
-"""JSON Schemas of the bundle contract: ``manifest.json``, ``report.json`` and lrt-bench output.
-
-The schema files ship inside the package (standard library only here), so tools and apps in
-other languages can validate a bundle against the same contract the tests check.
-"""
+"""JSON Schemas of the bundle contract (``manifest.json``, ``report.json``, lrt-bench output),
+shipped so that apps in any language can validate a bundle."""
 
 from __future__ import annotations
 
@@ -21,14 +18,7 @@ SCHEMA_NAMES = {
 
 
 def load_schema(name: str) -> dict[str, Any]:
-    """Return one of the packaged JSON Schemas as a dict.
-
-    Args:
-        name: ``"manifest"``, ``"report"`` or ``"bench"``.
-
-    Raises:
-        KeyError: If ``name`` is not a known schema.
-    """
+    """The packaged JSON Schema ``name`` (a key of :data:`SCHEMA_NAMES`) as a dict."""
     if name not in SCHEMA_NAMES:
         raise KeyError(f"unknown schema {name!r}; choose one of {', '.join(SCHEMA_NAMES)}")
     text = resources.files(__name__).joinpath(SCHEMA_NAMES[name]).read_text(encoding="utf-8")
