@@ -127,7 +127,7 @@ def test_matches_the_zero_padded_formulation(share: str) -> None:
 def test_shared_projection_exports_as_fused_attention(tmp_path, share: str, fused: int) -> None:
     """Linformer attention is ORT's MultiHeadAttention over k key rows (one fused kernel): with a
     shared projection keys and values are projected before the head split; onnxscript's SDPA
-    rule also fuses per-head projections (share="none"), which our old pass did not."""
+    rule also fuses per-head projections (share="none")."""
     from lrt_deploy.export.fusion import fuse_transformer
     from lrt_deploy.export.onnx_export import export_onnx
     from lrt_deploy.graph.ops import op_counts

@@ -1,5 +1,5 @@
 """Every command reads bundle files through one checked resolver (inside the bundle, checksums
-matching), and every bad input is one line, exit 2, nothing written (issue 21, items 1, 2, 6).
+matching), and every bad input is one line, exit 2, nothing written.
 
 The bundles are built in code (the tiny encoder of test_runtime, a report from test_report),
 so no export runs here; each case goes through the public entry points (``Session``,

@@ -1,6 +1,6 @@
 """The bundle writer replaces a bundle by writing a new folder and swapping it in; it never
-writes into the old folder (issue 21, item 5: onnxruntime maps a bundle's external weights,
-and rewriting a mapped file in place kills the app with SIGBUS)."""
+writes into the old folder (onnxruntime maps a bundle's external weights, and rewriting a
+mapped file in place kills the app with SIGBUS)."""
 
 from __future__ import annotations
 

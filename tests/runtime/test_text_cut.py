@@ -1,9 +1,9 @@
-"""TextEncoder's early cut of long texts never changes a token (issue 21, item 4).
+"""TextEncoder's early cut of long texts never changes a token.
 
 Property: for random texts (random Unicode, long words past WordPiece's 100-character rule,
 windows with no whitespace at all, CJK, punctuation runs), ``TextEncoder.encode`` gives the
 ids and mask of tokenizing the whole text and then truncating. Uses the shipped MiniLM
-tokenizer; seeded, ~15 s on a loaded 2-core machine.
+tokenizer; seeded.
 """
 
 from __future__ import annotations
