@@ -214,7 +214,7 @@ class StandardSelfAttention(nn.Module):
     """Multi-head softmax self-attention with the call signature of ``LinformerSelfAttention``.
 
     Written with ``scaled_dot_product_attention`` so that the exported graph is the one
-    ``lrt_deploy.export.fuse_attention`` (and ONNX Runtime) fuses into one attention kernel,
+    ``lrt_deploy.export.passes.attention_mask`` (and ONNX Runtime) fuses into one attention kernel,
     which makes it a fair dense baseline.
 
     Args:
