@@ -47,14 +47,8 @@ class ByDesignBaseline:
 
 
 def by_design_baseline(loaded: LoadedModel) -> ByDesignBaseline | None:
-    """Plan the dense baseline of a model built with low-rank layers or Linformer attention.
-
-    Args:
-        loaded: The model as loaded (not factorized by lrt-deploy).
-
-    Returns:
-        None when the model has neither; else what to build and how to label it.
-    """
+    """The baseline to build for ``loaded`` (as loaded, not factorized by lrt-deploy), or
+    None when it has neither low-rank layers nor Linformer attention."""
     import torch
 
     from lrt_deploy.nn import LinformerSelfAttention, is_lowrank_pair, lowrank_layers_in_weights

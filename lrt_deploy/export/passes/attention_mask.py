@@ -38,14 +38,8 @@ _PROBE = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], np.int64)
 # Hand-written, not a rewrite rule: whether a bias is a padding mask is decided once per graph by
 # running its subgraph in onnxruntime, and all attention nodes then share one Cast of the mask.
 def attention_mask_to_index(model: onnx.ModelProto) -> int:
-    """Rewrite ``model``'s fused attention nodes in place to read the padding mask directly.
-
-    Args:
-        model: A graph after ``onnxscript``'s ``optimize_for_ort``.
-
-    Returns:
-        Number of Attention / MultiHeadAttention nodes rewritten.
-    """
+    """Rewrite the fused attention nodes of ``model`` (after ``optimize_for_ort``) in place to
+    read the padding mask directly; returns how many were rewritten."""
     from onnx import helper
 
     index = GraphIndex(model.graph)
