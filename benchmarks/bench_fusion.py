@@ -35,9 +35,9 @@ def main() -> int:
 
     import lrt_deploy.data
     from lrt_deploy.compress import LowRankConfig, factorize_
-    from lrt_deploy.export.fusion import fuse_transformer, max_output_difference
     from lrt_deploy.export.onnx_export import export_onnx
-    from lrt_deploy.export.optimize import optimize_graph
+    from lrt_deploy.export.passes.fusion import fuse_transformer, max_output_difference
+    from lrt_deploy.export.passes.optimize import optimize_graph
     from lrt_deploy.graph.ops import op_counts
     from lrt_deploy.load import load_model
 
@@ -61,7 +61,7 @@ def main() -> int:
         result = fuse_transformer(raws[kind], fused, num_heads=heads, hidden_size=hidden,
                                   check_inputs=padded)
         graphs[f"{kind} ORT-ext"], graphs[f"{kind} fused"] = plain, fused
-        print(f"{kind}: fused in {result.seconds:.1f} s; rewrites {result.rewrites}")
+        print(f"{kind}: fused in {result.seconds:.1f} s; rewrites {result.details['rewrites']}")
     for extra in args.extra:
         kind, _, rest = extra.partition(":")
         name, _, path = rest.partition("=")

@@ -168,8 +168,8 @@ def export_variant(name: str, layers: int, length: int, folder: Path) -> dict[st
     dynamic sequence axis, exported once and reused); return its graph path and counts."""
     import torch
 
-    from lrt_deploy.export.fusion import fuse_transformer
     from lrt_deploy.export.onnx_export import export_onnx
+    from lrt_deploy.export.passes.fusion import fuse_transformer
     from lrt_deploy.graph.ops import model_bytes
     from lrt_deploy.load import LoadedModel
 
@@ -191,7 +191,7 @@ def export_variant(name: str, layers: int, length: int, folder: Path) -> dict[st
         result = fuse_transformer(raw, fused, num_heads=HEADS, hidden_size=HIDDEN,
                                   check_inputs={"input_ids": example.numpy()}, atol=1e-3)
         raw.unlink()
-        fused.with_suffix(".json").write_text(json.dumps(result.fused))
+        fused.with_suffix(".json").write_text(json.dumps(result.details["fused"]))
     row["fused"] = json.loads(fused.with_suffix(".json").read_text())
     row["file_mb"] = model_bytes(fused) / 1e6
     return row

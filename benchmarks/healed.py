@@ -71,8 +71,8 @@ def build_variant(loaded: Any, spec: str, corpus: Path | None) -> tuple[Any, dic
 def export_int8(model: Any, work: Path, key: str) -> tuple[Path, Path]:
     """The pipeline's cpu int8 path: ONNX, fusion, dynamic int8 per channel, plain (as
     ``--heal-quantized`` deploys it; without it the CLI smooths outlier channels first)."""
-    from lrt_deploy.export.fusion import fuse_transformer
     from lrt_deploy.export.onnx_export import export_onnx
+    from lrt_deploy.export.passes.fusion import fuse_transformer
     from lrt_deploy.export.targets import Target
     from lrt_deploy.quant.passes.quantize import quantize_int8
     from lrt_deploy.quant.recipes import DynamicInt8
@@ -92,7 +92,7 @@ def export_int4(model: Any, work: Path, key: str, block_size: int = 32) -> Path:
     """The pipeline's ``--quantize int4`` path: Q/K/V left as three MatMuls by the fusion
     (not packed into ``Attention``), then every MatMul weight and the embedding tables to 4-bit
     blocks (``MatMulNBits``, ``GatherBlockQuantized``). Reuses ``export_int8``'s raw graph."""
-    from lrt_deploy.export.fusion import fuse_transformer
+    from lrt_deploy.export.passes.fusion import fuse_transformer
     from lrt_deploy.export.targets import Target
     from lrt_deploy.quant.passes.quantize import quantize_weights_4bit
     from lrt_deploy.quant.recipes import Int4WeightOnly

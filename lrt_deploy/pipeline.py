@@ -176,7 +176,7 @@ def export_bundle(
     from lrt_deploy.data import readers
     from lrt_deploy.export.build import ModelKind, build_by_design_variants, build_variants
     from lrt_deploy.export.bundle import commit, staging_folder, write_bundle
-    from lrt_deploy.export.dense_equivalent import by_design_baseline
+    from lrt_deploy.export.by_design import by_design_baseline
     from lrt_deploy.measure import (
         judge_deployed_floor,
         measure_variants,

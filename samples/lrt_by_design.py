@@ -108,9 +108,9 @@ def accuracy(model: nn.Module, length: int) -> float:
 
 def export(model: nn.Module, length: int, path: Path, heads: int | None, hidden: int) -> Path:
     """lrt-deploy's export path for the cpu target: export_onnx, then fusion/optimisation."""
-    from lrt_deploy.export.fusion import fuse_transformer
     from lrt_deploy.export.onnx_export import export_onnx
-    from lrt_deploy.export.optimize import optimize_graph
+    from lrt_deploy.export.passes.fusion import fuse_transformer
+    from lrt_deploy.export.passes.optimize import optimize_graph
     from lrt_deploy.load import LoadedModel
 
     ids = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(1))

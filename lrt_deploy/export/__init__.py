@@ -1,14 +1,9 @@
-"""Export stage: torch -> ONNX, validation, graph optimisation, int8, mobile packaging.
+"""Export stage: torch -> ONNX, validation, graph passes, mobile packaging, bundle writing.
 
-Passes, one per module: ``onnx_export`` (torch -> ONNX), ``validate``, ``fusion``
-(``fuse_transformer``: onnxscript's rewriter + ``fuse_attention``'s mask pass + ORT
-``extended``), ``optimize``,
-``quantize`` (dynamic int8, static QDQ int8, sensitivity, 4-bit weights), ``float16`` (cuda),
-``mobile`` (ORT format), ``external_data`` (> 2 GB models), ``reproducibility``,
-``dense_equivalent`` (the dense baseline of a model low-rank by design: its low-rank MatMul
-pairs folded into one, and ``by_design_baseline`` to plan it).
-Composed per target: ``precision`` (typed recipes and their passes), ``targets`` (presets),
-``build`` (export -> validate -> optimise -> precision, per model), ``bundle`` (manifest and
+``onnx_export`` (torch -> ONNX), ``validate`` (against PyTorch), ``passes/`` (one module per
+graph pass), ``by_design`` (the baseline of a model low-rank by design), ``build`` (the passes
+and precision per model, in order), ``mobile`` (ORT format, operator config, usability),
+``targets`` (presets), ``runtimes`` (which runtimes read a graph), ``bundle`` (manifest and
 atomic write).
 """
 

@@ -19,12 +19,14 @@ from lrt_deploy.export.targets import Target
 from lrt_deploy.quant.recipes import PrecisionContext, apply_precision
 
 if TYPE_CHECKING:
-    from lrt_deploy.export.dense_equivalent import ByDesignBaseline, FoldResult
+    from lrt_deploy.export.by_design import ByDesignBaseline
+    from lrt_deploy.export.passes.dense_equivalent import FoldResult
+    from lrt_deploy.graph.passes import GraphPass, PassContext
     from lrt_deploy.load import LoadedModel
 
 __all__ = [
     "ModelKind", "Variant", "build_by_design_variants", "build_variants", "count_params",
-    "raw_path",
+    "export_passes", "raw_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,55 +114,27 @@ def build_variants(
     progress: Callable[[str], None] = lambda _line: None,
     raw: Path | None = None,
 ) -> list[Variant]:
-    """Export one model and derive its deployable variants: fp32 (optimised), then the
-    target's precision recipe when it has one.
+    """Export ``model`` (or start from ``raw``, a graph derived from its export), validate it
+    against PyTorch, run :func:`export_passes` for the fp32 variant, then the target's precision.
 
-    Args:
-        kind: Which model of the run this is (names its files and variants).
-        model: The model to export.
-        target: Opset, optimisation level, fusion, fixed shape and precision to build.
-        work: Folder for the intermediate graphs.
-        is_baseline: Mark the fp32 variant as the run's baseline.
-        validation_batches: Inputs the exported graph is checked against PyTorch on.
-        check_feeds: Inputs the fused graph is checked against the unfused one on.
-        calibration_feeds: Named input arrays for precision recipes that calibrate.
-        progress: Called with a short line as each step starts.
-        raw: Start from this ONNX graph instead of exporting ``model`` (a graph derived from
-            its export, e.g. the dense equivalent); it is still validated against ``model``.
-
-    Returns:
-        The fp32 variant, then the precision variant when the target has one.
+    ``check_feeds`` check the fused graph against the unfused one, ``calibration_feeds`` feed
+    precision recipes that calibrate; returns the fp32 variant, then the precision one if any.
     """
-    from lrt_deploy.export.onnx_export import export_onnx
-    from lrt_deploy.export.reproducibility import normalize_for_reproducibility
     from lrt_deploy.export.validate import validate_onnx
+    from lrt_deploy.graph.passes import PassContext, run_passes
 
     key, label = kind.key, kind.label
+    context = PassContext(
+        output=raw_path(work, key), label=label, check_inputs=dict(check_feeds),
+        calibration=list(calibration_feeds), progress=progress,
+    )
     if raw is None:
-        progress(f"exporting {label} to ONNX (opset {target.opset})")
-        raw = export_onnx(model, raw_path(work, key), opset=target.opset)
-        # Drops exporter stack traces (absolute paths of this machine) so builds are
-        # reproducible.
-        normalize_for_reproducibility(raw)
+        raw = _export(model, target, context)
     progress(f"validating {label} ONNX against PyTorch")
     checks = [c.to_dict() for c in validate_onnx(raw, model.forward, list(validation_batches))]
-    fp32 = work / f"{key}.fp32.onnx"
-    if target.fusion and model.attention_shape is not None:
-        from lrt_deploy.export.fusion import fuse_transformer
-
-        heads, hidden = model.attention_shape
-        progress(f"fusing {label} attention/GELU/LayerNorm, then ORT {target.optimization_level}")
-        optimization = fuse_transformer(
-            raw, fp32, num_heads=heads, hidden_size=hidden, level=target.optimization_level,
-            check_inputs=dict(check_feeds),
-            pack_qkv=target.precision is None or target.precision.packs_qkv,
-        ).to_dict()
-    else:
-        from lrt_deploy.export.optimize import optimize_graph
-
-        progress(f"optimising {label} graph ({target.optimization_level})")
-        optimization = optimize_graph(raw, fp32, target.optimization_level).to_dict()
-    fp32 = _maybe_fix_shapes(fp32, target.fixed_shape)
+    results = run_passes(
+        export_passes(target, model), raw, context.writing(work / f"{key}.fp32.onnx"))
+    fp32, optimization = results[-1].output, results[0].details
     params = count_params(model.module)
     variants = [Variant(
         key=f"{key}-fp32", label=f"{label} fp32", onnx_path=fp32, model=kind,
@@ -183,12 +157,44 @@ def build_variants(
     return variants
 
 
+def export_passes(target: Target, model: LoadedModel) -> list[GraphPass]:
+    """The passes from a validated export to the fp32 variant, in order; the first optimises
+    (its record is the variant's ``optimization``)."""
+    from lrt_deploy.export.passes.fixed_shape import FixedShape
+    from lrt_deploy.export.passes.fusion import TransformerFusion
+    from lrt_deploy.export.passes.optimize import OrtOptimization
+
+    passes: list[GraphPass] = []
+    if target.fusion and model.attention_shape is not None:
+        heads, hidden = model.attention_shape
+        passes.append(TransformerFusion(
+            num_heads=heads, hidden_size=hidden, level=target.optimization_level,
+            pack_qkv=target.precision is None or target.precision.packs_qkv,
+        ))
+    else:
+        passes.append(OrtOptimization(level=target.optimization_level))
+    if target.fixed_shape:
+        passes.append(FixedShape(sizes=dict(target.fixed_shape)))
+    return passes
+
+
+def _export(model: LoadedModel, target: Target, context: PassContext) -> Path:
+    """Export ``model`` to ``context.output``, normalised so builds are reproducible."""
+    from lrt_deploy.export.onnx_export import export_onnx
+    from lrt_deploy.export.passes.reproducibility import NormalizeForReproducibility
+    from lrt_deploy.graph.passes import run_passes
+
+    context.progress(f"exporting {context.label} to ONNX (opset {target.opset})")
+    raw = export_onnx(model, context.output, opset=target.opset)
+    return run_passes([NormalizeForReproducibility()], raw, context)[-1].output
+
+
 def _fused_after_precision(optimization: dict[str, Any], path: Path) -> dict[str, Any]:
     """The fp32 graph's optimisation record with the fused-op counts of the quantised graph
     (int8 turns packed ``Attention`` into ``QAttention``: the fp32 counts would misreport it)."""
     if "fused" not in optimization:
         return optimization
-    from lrt_deploy.export.fusion import FUSED_OP_TYPES
+    from lrt_deploy.export.passes.fusion import FUSED_OP_TYPES
     from lrt_deploy.graph.ops import op_counts
 
     after = op_counts(path)
@@ -212,30 +218,15 @@ def build_by_design_variants(
     calibration_feeds: Sequence[Mapping[str, np.ndarray]] = (),
     progress: Callable[[str], None] = lambda _line: None,
 ) -> tuple[list[Variant], FoldResult | None]:
-    """The variants of a model built low-rank (or Linformer) by design and of its baseline.
+    """The dense variants (baseline first) then the by-design model's (deployed last), and the
+    fold when the baseline is the model's raw ONNX with its low-rank pairs multiplied out.
 
-    The baseline (``baseline.loaded``, or for TorchScript/``.pt2`` models the model's own
-    raw ONNX with every low-rank pair multiplied out) goes through the same optimise and
-    precision steps as the model. The folded graph is validated against the by-design
-    model's PyTorch outputs, which checks the fold.
-
-    Args:
-        model: The by-design model (deployed).
-        baseline: From :func:`lrt_deploy.export.dense_equivalent.by_design_baseline`.
-        target: As for :func:`build_variants`.
-        work: As for :func:`build_variants`.
-        validation_batches: Validation inputs of a model (``data.readers.validation_batches``
-            with the run's held-out batches bound).
-        check_feeds: As for :func:`build_variants`.
-        calibration_feeds: As for :func:`build_variants`.
-        progress: As for :func:`build_variants`.
-
-    Returns:
-        The dense variants (baseline first) then the model's (deployed last), and the fold
-        when the baseline was made on the graph. A graph with no foldable pair gives only
-        the model's variants, its fp32 one the baseline.
+    ``baseline`` comes from :func:`lrt_deploy.export.by_design.by_design_baseline`; the folded
+    graph is validated against the model's PyTorch outputs, which checks the fold. A graph with
+    no foldable pair gives only the model's variants, its fp32 one the baseline.
     """
-    from lrt_deploy.export.dense_equivalent import dense_equivalent_onnx
+    from lrt_deploy.export.passes.dense_equivalent import DenseEquivalentFold, FoldResult
+    from lrt_deploy.graph.passes import PassContext, run_passes
 
     kind = ModelKind.LINFORMER if baseline.kind == "standard-attention" else ModelKind.LRT
     common: dict[str, Any] = {
@@ -257,8 +248,9 @@ def build_by_design_variants(
     lowrank = build_variants(
         kind, model, is_baseline=False, validation_batches=checks, **common
     )
-    progress("multiplying out the low-rank pairs of the exported graph (dense equivalent)")
-    fold = dense_equivalent_onnx(raw_path(work, "lrt"), raw_path(work, "dense"))
+    context = PassContext(output=raw_path(work, "dense"), progress=progress)
+    folding = run_passes([DenseEquivalentFold()], raw_path(work, "lrt"), context)
+    fold = FoldResult(**folding[-1].details)
     if not fold.pairs:
         logger.warning("no low-rank MatMul pair found in the exported graph: the model is "
                        "its own baseline")
@@ -273,12 +265,3 @@ def build_by_design_variants(
             variant.params += fold.params_after - fold.params_before
     return dense + lowrank, fold
 
-
-def _maybe_fix_shapes(path: Path, fixed_shape: Mapping[str, int]) -> Path:
-    if not fixed_shape:
-        return path
-    from lrt_deploy.export.mobile import fix_input_shapes
-
-    fixed = path.with_name(path.name.replace(".onnx", ".fixed.onnx"))
-    fix_input_shapes(path, fixed, dict(fixed_shape))
-    return fixed

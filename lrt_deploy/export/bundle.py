@@ -235,57 +235,17 @@ def write_bundle(
     threads: int,
     lowrank: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Write the deployed graph (and ``.ort``, operator config, tokenizer) and
-    ``manifest.json`` into ``staging``.
+    """Write the deployed graph (with ``.ort`` and operator config when ``target`` asks, the
+    tokenizer when given) and ``manifest.json`` into ``staging``; returns the manifest.
 
-    Args:
-        staging: The staging folder.
-        target: What the bundle was built for (recorded, and decides ``.ort`` packaging).
-        deployed: The variant to ship.
-        reference: The run's first (fp32) variant: its validation and size are recorded.
-        source: ``name``, ``format``, ``sha256`` and ``kind`` of the source model.
-        tokenizer_file: ``tokenizer.json`` to ship, or ``None``.
-        text_limits: Vocabulary size and maximum sequence of a text model (the runtime refuses
-            feeds beyond them), or ``None``.
-        benchmark: How latency and fidelity were measured (recorded as given).
-        feeds: Inputs the ``.ort`` file is checked against the ``.onnx`` on.
-        threads: Intra-op threads for that check.
-        lowrank: The manifest's ``lowrank`` section, or ``None``.
-
-    Returns:
-        The manifest written.
+    ``reference`` is the run's fp32 baseline (its validation and size are recorded); ``feeds``
+    and ``threads`` check the ``.ort`` file against the ``.onnx``.
     """
     from lrt_deploy.export.runtimes import supported_runtimes
-    from lrt_deploy.graph.external_data import load_model_proto, save_model_proto
-
-    files: dict[str, str] = {"onnx": "model.onnx"}
-    model = load_model_proto(deployed.onnx_path)
-    # Weights above the 2 GB protobuf limit go to model.onnx.data beside the graph.
-    if save_model_proto(model, staging / "model.onnx").external:
-        files["onnx_data"] = "model.onnx.data"
-    mobile: dict[str, Any] = {}
-    if target.ort_format:
-        from lrt_deploy.export.mobile import to_ort_format, write_required_operators
-
-        to_ort_format(staging / "model.onnx", staging / "model.ort")
-        files["ort"] = "model.ort"
-        files["required_operators"] = "required_operators.config"
-        mobile["required_operators"] = write_required_operators(
-            staging / "model.ort", staging / "required_operators.config"
-        )
-        check_ort_runs(staging / "model.ort", deployed.onnx_path, feeds, threads)
-        mobile["ort_bytes"] = (staging / "model.ort").stat().st_size
-    if target.check_mobile_usability:
-        from lrt_deploy.export.mobile import check_mobile_usability
-
-        mobile["usability"] = check_mobile_usability(staging / "model.onnx").to_dict()
-    files["model"] = files.get("ort", "model.onnx")
-    if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
-        files["tokenizer"] = "tokenizer.json"
-    files["report"] = "report.json"
     from lrt_deploy.runtime.bundle import file_sha256
 
+    files, model, mobile = _stage_files(
+        staging, target, deployed.onnx_path, tokenizer_file, feeds, threads)
     # The runtime checks these before opening the bundle (tampered or damaged files).
     checksums = {
         name: file_sha256(staging / name) for key, name in files.items() if key != "report"
@@ -324,14 +284,57 @@ def write_bundle(
         "params": {"deployed": deployed.params, "dense": reference.params},
         "mobile": mobile or None,
         "benchmark": dict(benchmark),
-        "reproducibility": {
-            "onnx": "byte-identical for the same model, options and package versions: the "
-            "exporter's stack traces (local paths) are stripped",
-            **({"ort": "ONNX Runtime's ORT-format writer lays out its kernel tables from an "
-                "unordered map, so model.ort bytes can differ between conversions of the same "
-                "model.onnx while the graph and kernels are identical"}
-               if target.ort_format else {}),
-        },
+        "reproducibility": _reproducibility(target),
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _stage_files(
+    staging: Path, target: Target, onnx_path: Path, tokenizer_file: Path | None,
+    feeds: Mapping[str, np.ndarray], threads: int,
+) -> tuple[dict[str, str], Any, dict[str, Any]]:
+    """Copy the graph (and ``.ort``, operator config, tokenizer) into ``staging``; returns the
+    manifest's ``files``, the graph's proto and the ``mobile`` section."""
+    from lrt_deploy.graph.external_data import load_model_proto, save_model_proto
+
+    files: dict[str, str] = {"onnx": "model.onnx"}
+    model = load_model_proto(onnx_path)
+    # Weights above the 2 GB protobuf limit go to model.onnx.data beside the graph.
+    if save_model_proto(model, staging / "model.onnx").external:
+        files["onnx_data"] = "model.onnx.data"
+    mobile: dict[str, Any] = {}
+    if target.ort_format:
+        from lrt_deploy.export.mobile import to_ort_format, write_required_operators
+
+        to_ort_format(staging / "model.onnx", staging / "model.ort")
+        files["ort"] = "model.ort"
+        files["required_operators"] = "required_operators.config"
+        mobile["required_operators"] = write_required_operators(
+            staging / "model.ort", staging / "required_operators.config"
+        )
+        check_ort_runs(staging / "model.ort", onnx_path, feeds, threads)
+        mobile["ort_bytes"] = (staging / "model.ort").stat().st_size
+    if target.check_mobile_usability:
+        from lrt_deploy.export.mobile import check_mobile_usability
+
+        mobile["usability"] = check_mobile_usability(staging / "model.onnx").to_dict()
+    files["model"] = files.get("ort", "model.onnx")
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
+        files["tokenizer"] = "tokenizer.json"
+    files["report"] = "report.json"
+    return files, model, mobile
+
+
+def _reproducibility(target: Target) -> dict[str, str]:
+    """The manifest's note on which bundle files are byte-reproducible."""
+    note = {
+        "onnx": "byte-identical for the same model, options and package versions: the "
+        "exporter's stack traces (local paths) are stripped",
+    }
+    if target.ort_format:
+        note["ort"] = ("ONNX Runtime's ORT-format writer lays out its kernel tables from an "
+                       "unordered map, so model.ort bytes can differ between conversions of "
+                       "the same model.onnx while the graph and kernels are identical")
+    return note

@@ -1,4 +1,4 @@
-"""ONNX Runtime Mobile packaging: fixed shapes, ORT format, operator config, usability check."""
+"""ONNX Runtime Mobile packaging: ORT format, operator config, usability check."""
 
 from __future__ import annotations
 
@@ -9,47 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from lrt_deploy._logs import quiet_loggers
-from lrt_deploy.errors import LrtDeployError
 
 __all__ = [
     "MobileUsability",
     "check_mobile_usability",
-    "fix_input_shapes",
     "to_ort_format",
     "write_required_operators",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def fix_input_shapes(source: str | Path, target: str | Path, sizes: dict[str, int]) -> list[str]:
-    """Replace symbolic dimensions (``batch``, ``sequence``) by fixed sizes, as NNAPI and CoreML
-    need; output shapes are re-inferred. Returns the dimension names fixed.
-
-    Raises:
-        LrtDeployError: A requested name is not a symbolic dimension of the graph's inputs.
-    """
-    import onnx
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
-
-    model = onnx.load(str(source))
-    present = {
-        dim.dim_param
-        for value in model.graph.input
-        for dim in value.type.tensor_type.shape.dim
-        if dim.dim_param
-    }
-    unknown = sorted(set(sizes) - present)
-    if unknown:
-        raise LrtDeployError(
-            f"--fixed-shape names {', '.join(unknown)}, but the graph's symbolic input dimensions "
-            f"are {', '.join(sorted(present)) or 'none'}"
-        )
-    for name, size in sizes.items():
-        make_dim_param_fixed(model.graph, name, size)
-    fix_output_shapes(model)
-    onnx.save(model, str(target))
-    return sorted(sizes)
 
 
 def to_ort_format(source: str | Path, target: str | Path) -> Path:

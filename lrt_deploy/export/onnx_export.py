@@ -1,11 +1,8 @@
-"""PyTorch -> ONNX, with the exporter chosen by the kind of model.
+"""PyTorch -> ONNX: the dynamo exporter for ``nn.Module`` and ``.pt2``, TorchScript's for
+TorchScript archives (which ``torch.export`` cannot take).
 
-Why the dynamo exporter (``torch.onnx.export(..., dynamo=True)``) for ``nn.Module`` and ``.pt2``:
-on all-MiniLM-L6-v2 with transformers 5, the TorchScript exporter traces Python branches of the
-attention-mask code with the example's shapes baked in; the graph it wrote differed from PyTorch by
-1.23 (max abs) on a batch of another sequence length, while the dynamo graph differed by 2e-6.
-The TorchScript exporter is kept only for TorchScript archives, which the dynamo exporter cannot
-consume (``torch.export`` does not accept a ``ScriptModule``).
+The TorchScript exporter traces Python branches (e.g. attention-mask code) with the example's
+shapes baked in, so its graphs can be wrong for other sequence lengths; dynamo's keep them.
 """
 
 from __future__ import annotations
@@ -62,19 +59,8 @@ def _weight_bytes(module: object) -> int:
 
 
 def export_onnx(loaded: LoadedModel, path: str | Path, *, opset: int = 18) -> Path:
-    """Export ``loaded`` to an ONNX file at ``path`` with dynamic axes as the loader declared.
-
-    Args:
-        loaded: The model and its example inputs.
-        path: Where to write ``.onnx`` (plus ``.onnx.data`` beside it for models over ~1.8 GB).
-        opset: ONNX opset version.
-
-    Returns:
-        The path written.
-
-    Raises:
-        ExportError: The exporter failed; the message carries its first line.
-    """
+    """Export ``loaded`` to ``path`` (weights over ~1.8 GB in ``.onnx.data`` beside it) with
+    the loader's dynamic axes; raises ExportError with the exporter's first line on failure."""
     import torch
 
     path = Path(path)

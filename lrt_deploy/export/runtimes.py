@@ -130,18 +130,9 @@ def _entry(runs: bool | None, missing: set, unverified: set, basis: str, note: s
 
 
 def supported_runtimes(model: Any) -> dict[str, dict[str, Any]]:
-    """Say which ONNX Runtime packages run a graph, from its operator set.
-
-    Args:
-        model: An ``onnx.ModelProto`` (the deployable graph of a bundle).
-
-    Returns:
-        One entry per name in :data:`RUNTIMES`: ``runs`` (True: every operator is known to
-        run there; False: something is known not to; None: some operators were never
-        verified there), ``missing`` and ``unverified`` (``"domain:op"`` lists), ``basis``
-        (what the answer rests on) and, where it matters, ``note``. JSON-ready, for the
-        manifest.
-    """
+    """Per name in :data:`RUNTIMES`, whether ``model`` runs there: ``runs`` (True, False, or
+    None when some operators were never verified), ``missing``, ``unverified``, ``basis`` and
+    maybe ``note``; JSON-ready for the manifest."""
     operators = graph_operators(model)
     ir_version = int(model.ir_version)
     result: dict[str, dict[str, Any]] = {}

@@ -41,7 +41,7 @@ class Target:
         ort_format: Also write ``model.ort`` and ``required_operators.config`` for ORT Mobile.
         fixed_shape: Symbolic dimension name -> size, fixed in the graph (NNAPI/CoreML need it).
         check_mobile_usability: Run ONNX Runtime's NNAPI/CoreML usability checker.
-        fusion: Fuse attention/GELU/LayerNorm with ``export.fusion.fuse_transformer`` before
+        fusion: Fuse attention/GELU/LayerNorm with ``export.passes.fusion.TransformerFusion`` before
             ORT's optimisation (transformers only; needs the head count and width).
         tensorrt: List TensorRT before CUDA in the provider hints (``cuda`` only).
     """

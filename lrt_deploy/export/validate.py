@@ -42,22 +42,9 @@ def validate_onnx(
     atol: float = 1e-4,
     rtol: float = 1e-3,
 ) -> list[OutputCheck]:
-    """Run the graph on ``batches`` and compare every output with ``reference(batch)``.
-
-    Args:
-        onnx_path: The exported graph.
-        reference: Callable taking a dict of named torch tensors and returning named outputs.
-        batches: Named torch tensors; use shapes other than the export example's to prove the
-            dynamic axes really are dynamic.
-        atol: Absolute tolerance.
-        rtol: Relative tolerance (elementwise ``|diff| <= atol + rtol * |reference|``).
-
-    Returns:
-        One check per output.
-
-    Raises:
-        ExportValidationError: Naming each failing output with its max difference.
-    """
+    """One check per output of the graph run on ``batches`` (named torch tensors, best of
+    other shapes than the export example's) against ``reference(batch)``, elementwise
+    ``|diff| <= atol + rtol * |reference|``; raises ExportValidationError naming each failure."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

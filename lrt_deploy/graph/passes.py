@@ -33,11 +33,13 @@ class PassContext:
 
 @dataclass
 class PassResult:
-    """A pass's graph and its record; ``details`` is what the manifest stores for it."""
+    """A pass's graph and its record; ``details`` is what the manifest stores for it, ``seconds``
+    the time of the pass's own work when it measures one (not stored)."""
 
     name: str
     output: Path
     details: dict[str, Any] = field(default_factory=dict)
+    seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.details)

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from lrt_deploy.compress.recipe import CompressionOutcome
     from lrt_deploy.compress.search import BudgetSearchResult
     from lrt_deploy.export.build import Variant
-    from lrt_deploy.export.dense_equivalent import ByDesignBaseline, FoldResult
+    from lrt_deploy.export.by_design import ByDesignBaseline
+    from lrt_deploy.export.passes.dense_equivalent import FoldResult
 
 __all__ = [
     "INCOMPARABLE_NOTE",

@@ -14,11 +14,11 @@ import onnxruntime as ort  # noqa: E402
 from tiny_models import TinyLowRankMLP, TinyLRTByDesign, make_tiny_mlp  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lrt_deploy.export.dense_equivalent import (  # noqa: E402
+from lrt_deploy.export.onnx_export import export_onnx  # noqa: E402
+from lrt_deploy.export.passes.dense_equivalent import (  # noqa: E402
     dense_equivalent_onnx,
     fold_lowrank_pairs,
 )
-from lrt_deploy.export.onnx_export import export_onnx  # noqa: E402
 from lrt_deploy.graph.ops import op_counts  # noqa: E402
 from lrt_deploy.load import load_model, parse_input_spec  # noqa: E402
 from lrt_deploy.nn import (  # noqa: E402
@@ -342,7 +342,7 @@ def test_standard_attention_equivalent_walks_the_model() -> None:
 
 def test_standard_attention_exports_as_fusable_attention(tmp_path: Path) -> None:
     """The dense baseline must get ORT's fused attention kernel, or the comparison is unfair."""
-    from lrt_deploy.export.fusion import fuse_transformer
+    from lrt_deploy.export.passes.fusion import fuse_transformer
     from lrt_deploy.load import LoadedModel
 
     torch.manual_seed(0)
@@ -356,7 +356,7 @@ def test_standard_attention_exports_as_fusable_attention(tmp_path: Path) -> None
     fused = tmp_path / "fused.onnx"
     result = fuse_transformer(raw, fused, num_heads=4, hidden_size=32,
                               check_inputs={"x": example.numpy()})
-    assert result.attention_layers == 2
+    assert result.details["attention_layers"] == 2
     counts = op_counts(fused)
     # Packed Q/K/V (Attention) when the projections allow it, else MultiHeadAttention.
     assert counts["Attention"] + counts["MultiHeadAttention"] == 2
@@ -365,7 +365,7 @@ def test_standard_attention_exports_as_fusable_attention(tmp_path: Path) -> None
 # --- planning the baseline and the report rows it gives ----------------------------------------
 
 def test_by_design_baseline_plans(tmp_path: Path) -> None:
-    from lrt_deploy.export.dense_equivalent import by_design_baseline
+    from lrt_deploy.export.by_design import by_design_baseline
     from lrt_deploy.load import LoadedModel
 
     torch.save(_seeded(TinyLowRankMLP), tmp_path / "lowrank.pt")
@@ -406,7 +406,7 @@ def test_by_design_baseline_plans(tmp_path: Path) -> None:
 def test_report_rows_for_a_pt2_lrt_model(tmp_path: Path) -> None:
     """The wiring the pipeline does: the LRT export folded into its dense equivalent, both
     optimised and int8-quantised the same way, four rows, fidelity ~1.0 between the twins."""
-    from lrt_deploy.export.optimize import optimize_graph
+    from lrt_deploy.export.passes.optimize import optimize_graph
     from lrt_deploy.graph.ops import model_bytes
     from lrt_deploy.nn.equivalents import DENSE_EQUIVALENT_NOTE
     from lrt_deploy.quant.passes.quantize import quantize_int8

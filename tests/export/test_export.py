@@ -23,7 +23,8 @@ from tiny_models import (  # noqa: E402
 from lrt_deploy.errors import ExportValidationError, LrtDeployError  # noqa: E402
 from lrt_deploy.export import mobile  # noqa: E402
 from lrt_deploy.export.onnx_export import export_onnx  # noqa: E402
-from lrt_deploy.export.optimize import optimize_graph  # noqa: E402
+from lrt_deploy.export.passes.fixed_shape import fix_input_shapes  # noqa: E402
+from lrt_deploy.export.passes.optimize import optimize_graph  # noqa: E402
 from lrt_deploy.export.targets import TARGET_NAMES, Target, UnknownTargetError  # noqa: E402
 from lrt_deploy.export.validate import validate_onnx  # noqa: E402
 from lrt_deploy.graph.ops import count_changes, model_bytes, op_counts  # noqa: E402
@@ -230,11 +231,12 @@ def test_op_counts_and_changes(encoder_onnx: Path) -> None:
 
 def test_optimize_fuses_skip_layernorm(bert, bert_onnx: Path, bert_optimized) -> None:
     target, result = bert_optimized
-    assert result.level == "extended"
-    assert result.fused.get("SkipLayerNormalization", 0) > 0
-    assert result.nodes_after < result.nodes_before
-    assert op_counts(target)["SkipLayerNormalization"] == result.fused["SkipLayerNormalization"]
-    assert result.to_dict()["fused"] == result.fused
+    fused = result.details["fused"]
+    assert result.details["level"] == "extended"
+    assert fused.get("SkipLayerNormalization", 0) > 0
+    assert result.details["nodes_after"] < result.details["nodes_before"]
+    assert op_counts(target)["SkipLayerNormalization"] == fused["SkipLayerNormalization"]
+    assert result.to_dict()["fused"] == fused
     # Still the same function.
     batch = bert.tokenize(SENTENCES)
     before, after = _run(bert_onnx, _numpy(batch)), _run(target, _numpy(batch))
@@ -243,7 +245,7 @@ def test_optimize_fuses_skip_layernorm(bert, bert_onnx: Path, bert_optimized) ->
 
 def test_optimize_basic_level_and_invalid_level(encoder_onnx: Path, tmp_path: Path) -> None:
     result = optimize_graph(encoder_onnx, tmp_path / "basic.onnx", "basic")
-    assert result.level == "basic"
+    assert result.details["level"] == "basic"
     assert (tmp_path / "basic.onnx").is_file()
     with pytest.raises(ValueError, match="optimization level"):
         optimize_graph(encoder_onnx, tmp_path / "all.onnx", "all")
@@ -314,7 +316,7 @@ def test_ort_format_loads_and_matches_onnx(bert, bert_optimized, tmp_path: Path)
 def test_fix_input_shapes(bert, bert_optimized, tmp_path: Path) -> None:
     source, _ = bert_optimized
     fixed = tmp_path / "fixed.onnx"
-    names = mobile.fix_input_shapes(source, fixed, {"batch": 1, "sequence": 16})
+    names = fix_input_shapes(source, fixed, {"batch": 1, "sequence": 16})
     assert names == ["batch", "sequence"]
     dims = _io_dims(fixed)
     for name in ("input_ids", "attention_mask", "token_type_ids"):
@@ -327,7 +329,7 @@ def test_fix_input_shapes(bert, bert_optimized, tmp_path: Path) -> None:
 def test_fix_input_shapes_unknown_name(bert_optimized, tmp_path: Path) -> None:
     source, _ = bert_optimized
     with pytest.raises(LrtDeployError, match="tokens") as info:
-        mobile.fix_input_shapes(source, tmp_path / "bad.onnx", {"tokens": 16})
+        fix_input_shapes(source, tmp_path / "bad.onnx", {"tokens": 16})
     assert "batch" in str(info.value) and "sequence" in str(info.value)
     assert not (tmp_path / "bad.onnx").exists()
 

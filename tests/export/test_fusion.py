@@ -1,4 +1,4 @@
-"""Tests for the transformer fusions (lrt_deploy.export.fusion: onnxscript's rewriter plus our
+"""Tests for the transformer fusions (export.passes.fusion: onnxscript's rewriter plus our
 attention-mask pass) and the int8 quantisation of the fused graphs, on a tiny BERT, dense and
 factorized, and on hand-built attention graphs."""
 
@@ -16,9 +16,9 @@ pytest.importorskip("onnxscript")
 from onnx import TensorProto, helper  # noqa: E402
 
 from lrt_deploy.errors import ExportValidationError  # noqa: E402
-from lrt_deploy.export.fuse_attention import attention_mask_to_index  # noqa: E402
-from lrt_deploy.export.fusion import fuse_transformer, max_output_difference  # noqa: E402
 from lrt_deploy.export.onnx_export import export_onnx  # noqa: E402
+from lrt_deploy.export.passes.attention_mask import attention_mask_to_index  # noqa: E402
+from lrt_deploy.export.passes.fusion import fuse_transformer, max_output_difference  # noqa: E402
 from lrt_deploy.graph.ops import op_counts  # noqa: E402
 from lrt_deploy.load import load_model  # noqa: E402
 from lrt_deploy.quant.passes.quantize import quantize_int8  # noqa: E402
@@ -69,19 +69,20 @@ def test_dense_bert_fuses_packed_attention_gelu_skip_layernorm(
     result = fuse_transformer(
         dense_onnx, target, num_heads=HEADS, hidden_size=HIDDEN, check_inputs=_feeds()
     )
-    assert result.attention_layers == LAYERS and result.gelus == LAYERS
-    assert result.fused["Attention"] == LAYERS  # packed QKV: dynamic int8 makes QAttention of it
-    assert result.fused["SkipLayerNormalization"] == 2 * LAYERS
-    assert result.fused["BiasGelu"] == LAYERS
-    assert result.rewrites["attention_mask_to_index"] == LAYERS
+    fused = result.details["fused"]
+    assert result.details["attention_layers"] == LAYERS and result.details["gelus"] == LAYERS
+    assert fused["Attention"] == LAYERS  # packed QKV: dynamic int8 makes QAttention of it
+    assert fused["SkipLayerNormalization"] == 2 * LAYERS
+    assert fused["BiasGelu"] == LAYERS
+    assert result.details["rewrites"]["attention_mask_to_index"] == LAYERS
     after = op_counts(target)
     assert after["Softmax"] == 0 and after["Erf"] == 0 and after["IsNaN"] == 0
     assert after["Where"] == 0 and after["GatherND"] == 0  # the mask-to-bias subgraph is gone
     assert after["MatMul"] == 3 * LAYERS  # output and two FFN projections; Q, K, V are packed
-    assert result.nodes_after < result.nodes_before / 3
-    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    assert result.details["nodes_after"] < result.details["nodes_before"] / 3
+    assert result.details["max_abs_diff"] is not None and result.details["max_abs_diff"] < 1e-4
     assert max_output_difference(dense_onnx, target, _feeds(1)) < 1e-4
-    assert result.to_dict()["fused"] == result.fused
+    assert result.to_dict()["fused"] == result.details["fused"]
 
 
 def test_lowrank_bert_fuses_multihead_attention_and_keeps_matmul_pairs(
@@ -93,10 +94,11 @@ def test_lowrank_bert_fuses_multihead_attention_and_keeps_matmul_pairs(
         lowrank_onnx, target, num_heads=HEADS, hidden_size=HIDDEN, check_inputs=_feeds()
     )
     # Q/K/V are factor pairs: no packed weight, so MultiHeadAttention after the pairs.
-    assert result.fused["MultiHeadAttention"] == LAYERS and "Attention" not in result.fused
-    assert result.fused["SkipLayerNormalization"] == 2 * LAYERS
-    assert result.fused["BiasGelu"] == LAYERS
-    assert result.rewrites["attention_mask_to_index"] == LAYERS
+    fused = result.details["fused"]
+    assert fused["MultiHeadAttention"] == LAYERS and "Attention" not in fused
+    assert fused["SkipLayerNormalization"] == 2 * LAYERS
+    assert fused["BiasGelu"] == LAYERS
+    assert result.details["rewrites"]["attention_mask_to_index"] == LAYERS
     after = op_counts(target)
     # The two attention-score MatMuls per layer are gone; every low-rank pair is still there.
     assert after["MatMul"] == before["MatMul"] - 2 * LAYERS
@@ -131,8 +133,8 @@ def test_rewriter_failure_leaves_the_graph_unfused(
     monkeypatch.setattr(ort_fusions, "optimize_for_ort", broken)
     result = fuse_transformer(dense_onnx, work / "unfused.onnx", num_heads=HEADS,
                               hidden_size=HIDDEN, check_inputs=_feeds())
-    assert result.rewrites["failed"] == 1 and result.attention_layers == 0
-    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    assert result.details["rewrites"]["failed"] == 1 and result.details["attention_layers"] == 0
+    assert result.details["max_abs_diff"] is not None and result.details["max_abs_diff"] < 1e-4
 
 
 @pytest.mark.parametrize("per_channel", [True, False])

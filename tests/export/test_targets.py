@@ -16,7 +16,7 @@ from tiny_models import make_tiny_encoder  # noqa: E402
 
 from lrt_deploy.errors import LrtDeployError  # noqa: E402
 from lrt_deploy.export.onnx_export import export_onnx  # noqa: E402
-from lrt_deploy.export.reproducibility import normalize_for_reproducibility  # noqa: E402
+from lrt_deploy.export.passes.reproducibility import normalize_for_reproducibility  # noqa: E402
 from lrt_deploy.export.targets import Target  # noqa: E402
 from lrt_deploy.graph.external_data import (  # noqa: E402
     initializer_bytes,
@@ -235,13 +235,13 @@ def test_export_is_reproducible_after_normalization(tmp_path: Path) -> None:
 
     result = normalize_for_reproducibility(first)
     normalize_for_reproducibility(second)
-    assert result.metadata_removed == len(traces)
+    assert result.details["metadata_removed"] == len(traces)
     assert not _stack_traces(first)
     assert first.read_bytes() == second.read_bytes()
     # Idempotent, and the graph computes the same.
     before = first.read_bytes()
     again = normalize_for_reproducibility(first, tmp_path / "c.onnx")
-    assert again.metadata_removed == 0 and (tmp_path / "c.onnx").read_bytes() == before
+    assert again.details["metadata_removed"] == 0 and (tmp_path / "c.onnx").read_bytes() == before
     feeds = {"input_ids": loaded.example_inputs["input_ids"].numpy()}
     np.testing.assert_array_equal(_run(first, feeds), _run(second, feeds))
 

@@ -128,8 +128,8 @@ def test_shared_projection_exports_as_fused_attention(tmp_path, share: str, fuse
     """Linformer attention is ORT's MultiHeadAttention over k key rows (one fused kernel): with a
     shared projection keys and values are projected before the head split; onnxscript's SDPA
     rule also fuses per-head projections (share="none")."""
-    from lrt_deploy.export.fusion import fuse_transformer
     from lrt_deploy.export.onnx_export import export_onnx
+    from lrt_deploy.export.passes.fusion import fuse_transformer
     from lrt_deploy.graph.ops import op_counts
     from lrt_deploy.load import LoadedModel
 
@@ -141,6 +141,6 @@ def test_shared_projection_exports_as_fused_attention(tmp_path, share: str, fuse
     raw = export_onnx(loaded, tmp_path / "linformer.onnx")
     result = fuse_transformer(raw, tmp_path / "fused.onnx", num_heads=HEADS, hidden_size=HIDDEN,
                               check_inputs={"hidden_states": x.numpy()})
-    assert result.attention_layers == fused
+    assert result.details["attention_layers"] == fused
     assert op_counts(tmp_path / "fused.onnx")["MultiHeadAttention"] == fused
-    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    assert result.details["max_abs_diff"] is not None and result.details["max_abs_diff"] < 1e-4

@@ -1,17 +1,12 @@
 """Feed fused attention the padding mask itself instead of the additive bias the exporter built.
 
-Why this pass exists beside ``onnxscript``'s rewriter: the rewriter fuses BERT attention into
-``com.microsoft.Attention`` (packed QKV, dense graphs) or ``MultiHeadAttention`` (low-rank Q/K/V),
-but leaves the padding mask as the exporter wrote it: ~20 nodes (Range, GatherND, And, Where...)
-computing a float bias ``0 / -3.4e38`` passed as ``attention_bias``. ONNX Runtime's dynamic
-quantiser cannot turn such an Attention into ``QAttention`` (it only carries ``mask_index``, and
-it also refuses any node with a ``qkv_hidden_sizes`` attribute, which the rewriter always sets).
-Here both are fixed: the bias is replaced by ``mask_index`` = the int32 ``(batch, sequence)``
-0/1 mask, which ORT's CPU kernels read directly, and equal ``qkv_hidden_sizes`` are dropped.
-
-The bias is replaced only after checking what it means: the bias subgraph is run on a probe mask
-with padding, and must equal "0 where the key is kept, very negative where it is padded" for
-every query and head. A causal or sliding-window bias fails that check and is left alone.
+onnxscript's rewriter leaves the padding mask as a ~20-node subgraph computing a float bias
+``0 / -3.4e38`` passed as ``attention_bias``; ONNX Runtime's dynamic quantiser cannot make
+``QAttention`` of such a node (it reads only ``mask_index`` and refuses ``qkv_hidden_sizes``).
+Here the bias becomes ``mask_index`` = the int32 ``(batch, sequence)`` 0/1 mask, and equal
+``qkv_hidden_sizes`` are dropped. The bias is replaced only when running its subgraph on a probe
+mask with padding gives "0 on kept keys, very negative on padded keys" for every query and head,
+so causal or sliding-window biases are left alone.
 """
 
 from __future__ import annotations
@@ -40,15 +35,11 @@ _MASKED = -1e4
 _PROBE = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], np.int64)
 
 
+# Hand-written, not a rewrite rule: whether a bias is a padding mask is decided once per graph by
+# running its subgraph in onnxruntime, and all attention nodes then share one Cast of the mask.
 def attention_mask_to_index(model: onnx.ModelProto) -> int:
-    """Rewrite ``model``'s fused attention nodes in place to read the padding mask directly.
-
-    Args:
-        model: A graph after ``onnxscript``'s ``optimize_for_ort``.
-
-    Returns:
-        Number of Attention / MultiHeadAttention nodes rewritten.
-    """
+    """Rewrite the fused attention nodes of ``model`` (after ``optimize_for_ort``) in place to
+    read the padding mask directly; returns how many were rewritten."""
     from onnx import helper
 
     index = GraphIndex(model.graph)
