@@ -65,7 +65,7 @@ def _replace_all(
     if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
         raise TypeError(
             f"expected a torch.nn.Module, got {type(model).__name__}; for TorchScript or .pt2 "
-            "graphs fold the exported ONNX with lrt_deploy.export.dense_equivalent instead"
+            "graphs fold the exported ONNX with lrt_deploy.export.passes.dense_equivalent instead"
         )
     copied = copy.deepcopy(model)
     if matches(copied):
