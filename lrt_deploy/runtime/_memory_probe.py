@@ -1,4 +1,4 @@
-"""Child process of :func:`lrt_deploy.runtime.bench.measure_peak_memory`.
+"""Child process of :func:`lrt_deploy.runtime.memory.measure_peak_memory`.
 
 ``python -m lrt_deploy.runtime._memory_probe BUNDLE BATCH SEQUENCE THREADS RUNS`` opens one
 bundle in this fresh process, runs it, and prints one JSON line with the resident memory
@@ -38,7 +38,7 @@ def _peak_rss_mb() -> tuple[float | None, str]:
     kib = _status_kib("VmHWM")
     if kib is not None:
         return kib / 1024, "/proc/self/status VmHWM"
-    from lrt_deploy.runtime.benchmark import peak_rss_mb
+    from lrt_deploy.runtime.memory import peak_rss_mb
 
     return peak_rss_mb(), "getrusage ru_maxrss"
 
@@ -49,7 +49,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     import numpy  # noqa: F401  (imported before the baseline so it is not counted as model)
     import onnxruntime  # noqa: F401
 
-    from lrt_deploy.runtime.bench import bundle_feeds, open_for_benchmark
+    from lrt_deploy.runtime.sweep import bundle_feeds, open_for_benchmark
 
     # The tokenizer is imported now too: its library is not the model's memory either.
     try:

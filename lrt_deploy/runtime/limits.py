@@ -195,7 +195,7 @@ _ITEMSIZE = {"float64": 8, "int64": 8, "uint64": 8, "float32": 4, "int32": 4, "u
 def tensor_bytes(shape: Sequence[int | str | None], dtype: str, batch: int,
                  sequence: int) -> int:
     """Bytes of one tensor whose axis 0 is ``batch`` and other free axes ``sequence`` (fixed
-    axes keep their size): how :func:`~lrt_deploy.runtime.bench.synthetic_feeds` shapes feeds
+    axes keep their size): how :func:`~lrt_deploy.runtime.sweep.synthetic_feeds` shapes feeds
     and what the outputs of a run at that shape hold at least."""
     size = _ITEMSIZE.get(dtype, 1)
     for axis, dim in enumerate(shape):
