@@ -18,9 +18,10 @@ padding, so no attention mask. Variants:
   built for exactly the measured length) over the same kind of weights;
 * ``lrt-0.25+linformer-k128``: both.
 
-Measured per length: median latency over ``--rounds`` interleaved rounds (each round runs every
-variant, order rotated, so load from other processes hits all variants alike; the ratio to
-dense is taken within each round, and its min-max over rounds is the spread), and peak memory
+Measured per length: median latency over ``--rounds`` interleaved rounds of
+:func:`lrt_deploy.runtime.timing.time_runs` (each round runs every variant, order rotated, so
+load from other processes hits all variants alike; the ratio to dense is taken within each
+round, and its min-max over rounds is the spread), and peak memory
 (resident-set growth of a fresh process from opening the session to the end of one run).
 ORT runs with 2 intra-op threads and spinning off (``session.intra_op.allow_spinning = 0``).
 
@@ -204,12 +205,25 @@ def session(path: Path, threads: int, profile: bool = False) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Spinning threads would steal the shared cores from the other variant's rounds.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from lrt_deploy.runtime.timing import NO_SPINNING
+
+    for key, value in NO_SPINNING.items():  # spinning would steal the other variants' cores
+        options.add_session_config_entry(key, value)
     if profile:
         options.enable_profiling = True
         options.profile_file_prefix = str(path.with_suffix(""))
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _time_variants(paths: list[Path], ids: Any, rounds: int, threads: int) -> tuple[Any, int]:
+    """Round medians of every variant, interleaved; a turn lasts about 0.3 s for the slowest."""
+    from lrt_deploy.runtime.timing import Schedule, runner, time_runs
+
+    runners = [runner(session(path, threads), {"input_ids": ids}) for path in paths]
+    probe = time_runs(runners, Schedule(runs=1, warmup=1))
+    slowest_ms = max(stats.median_ms for stats in probe.all_stats())
+    per_turn = max(1, min(20, round(300 / slowest_ms)))
+    return time_runs(runners, Schedule(runs=rounds * per_turn, rounds=rounds, warmup=0)), per_turn
 
 
 def _peak_rss_bytes() -> int:
@@ -265,26 +279,9 @@ def measure_length(
     for row in rows.values():
         row["peak_mb"] = peak_memory(row["path"], length, threads)
     ids = np.random.default_rng(1).integers(0, VOCAB, (1, length), dtype=np.int64)
-    sessions = {name: session(row["path"], threads) for name, row in rows.items()}
-    # Warm-up, and the repeat count that makes one variant's turn last about 0.3 s.
-    inner = {}
-    for name, sess in sessions.items():
-        sess.run(None, {"input_ids": ids})
-        start = time.perf_counter()
-        sess.run(None, {"input_ids": ids})
-        inner[name] = max(1, min(20, round(0.3 / (time.perf_counter() - start))))
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    names = list(sessions)
-    for index in range(rounds):
-        order = names[index % len(names):] + names[: index % len(names)]
-        for name in order:
-            samples = []
-            for _ in range(inner[name]):
-                start = time.perf_counter()
-                sessions[name].run(None, {"input_ids": ids})
-                samples.append((time.perf_counter() - start) * 1e3)
-            times[name].append(statistics.median(samples))
-    del sessions
+    timings, per_turn = _time_variants([row["path"] for row in rows.values()], ids, rounds,
+                                       threads)
+    times = {name: timings.round_medians(index).tolist() for index, name in enumerate(rows)}
     dense = rows["dense"]
     result = []
     for name, row in rows.items():
@@ -304,7 +301,7 @@ def measure_length(
             "file_mb": row["file_mb"],
             "peak_mb": row["peak_mb"],
             "rounds": rounds,
-            "runs_per_round": inner[name],
+            "runs_per_round": per_turn,
             "fused": row["fused"],
         })
     return result

@@ -141,7 +141,7 @@ def run_healed(specs: list[str], corpus: Path | None, out: Path, runs: int, thre
 
     from lrt_deploy.graph.ops import model_bytes
     from lrt_deploy.load import load_model
-    from lrt_deploy.runtime import Session, measure_latency
+    from lrt_deploy.runtime import Schedule, Session, runner, time_runs
 
     dense = load_model("all-MiniLM-L6-v2")
     primary = dense.output_names[0]
@@ -180,11 +180,10 @@ def run_healed(specs: list[str], corpus: Path | None, out: Path, runs: int, thre
             ["lrt-deploy " * 60] * 1).items()}  # batch 1, about 128 tokens
         print(f"== latency: {rounds} interleaved rounds of {runs} runs, sequence "
               f"{feeds['input_ids'].shape[1]}, {threads} threads", file=sys.stderr, flush=True)
-        medians: dict[str, list[float]] = {label: [] for label in sessions}
-        for _ in range(rounds):
-            for label, session in sessions.items():
-                stats = measure_latency(session, feeds, warmup=3, runs=runs)
-                medians[label].append(stats.median_ms)
+        timings = time_runs([runner(s, feeds) for s in sessions.values()],
+                            Schedule(runs=rounds * runs, rounds=rounds, warmup=0, settle=3))
+        medians = {label: timings.round_medians(index).tolist()
+                   for index, label in enumerate(sessions)}
     base_fp32 = next(r for r in rows if r["variant"] == "dense fp32")["size_mb"]
     base = medians["dense int8"]
     base_size = next(r for r in rows if r["variant"] == "dense int8")["size_mb"]

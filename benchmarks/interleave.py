@@ -1,12 +1,7 @@
-"""Interleaved latency of several ONNX graphs in one process, for ratios that survive a loaded
-machine: every run times each graph once (order alternating), so a burst of load from other
-processes hits all graphs of that run alike. The ratio is the median over runs of the paired
-ratio (graph / baseline in the same run), which drifting load does not bias the way a ratio of
-two overall medians is; the spread is its range over blocks of runs."""
+"""Several ONNX graphs timed run by run in one process, each as a paired ratio to a baseline."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +14,8 @@ __all__ = ["Timing", "cpu_session", "interleaved_latency"]
 
 @dataclass(frozen=True)
 class Timing:
-    """Latency of one graph and its ratio to the baseline graph of the same run."""
+    """One graph's median latency and its paired ratio to the baseline timed in the same
+    rounds (median over rounds, with the low..high of that median over blocks of rounds)."""
 
     median_ms: float
     ratio: float
@@ -32,14 +28,17 @@ class Timing:
 
 
 def cpu_session(path: str | Path, threads: int) -> Any:
-    """A CPU session with ``threads`` intra-op threads and thread-pool spinning off (spinning
-    threads would steal the cores the other graphs and other users need)."""
+    """A CPU session with ``threads`` intra-op threads and thread-pool spinning off, as
+    :func:`~lrt_deploy.runtime.timing.time_runs` needs to time graphs run by run."""
     import onnxruntime as ort
+
+    from lrt_deploy.runtime.timing import NO_SPINNING
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in NO_SPINNING.items():
+        options.add_session_config_entry(key, value)
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -56,28 +55,21 @@ def interleaved_latency(
 ) -> dict[str, Timing]:
     """Median latency per graph and its paired ratio to ``baseline``, with that ratio's range
     over ``blocks`` consecutive blocks of runs."""
-    sessions = {name: cpu_session(path, threads) for name, path in graphs.items()}
-    inputs = {
-        name: {i.name: feeds[i.name] for i in session.get_inputs()}
-        for name, session in sessions.items()
-    }
-    for name, session in sessions.items():
-        for _ in range(warmup):
-            session.run(None, inputs[name])
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    order = list(sessions)
-    for run in range(runs):
-        for name in order if run % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            sessions[name].run(None, inputs[name])
-            times[name].append((time.perf_counter() - start) * 1e3)
-    base = np.array(times[baseline])
+    from lrt_deploy.runtime.timing import Schedule, runner, time_runs
+
+    names = list(graphs)
+    runners = []
+    for name in names:
+        session = cpu_session(graphs[name], threads)
+        runners.append(runner(session, {i.name: feeds[i.name] for i in session.get_inputs()}))
+    timings = time_runs(runners, Schedule(runs=runs, warmup=warmup))
+    reference = names.index(baseline)
     result = {}
-    for name, values in times.items():
-        paired = np.array(values) / base
+    for index, name in enumerate(names):
+        paired = timings.paired_ratios(index, reference)
         per_block = [float(np.median(block)) for block in np.array_split(paired, blocks)]
         result[name] = Timing(
-            median_ms=float(np.median(values)),
+            median_ms=timings.stats(index).median_ms,
             ratio=float(np.median(paired)),
             ratio_low=min(per_block),
             ratio_high=max(per_block),

@@ -64,6 +64,8 @@ def reference_outputs(model: LoadedModel, output: str, batches: Sequence[dict[st
 INTERLEAVE_MAX_BYTES = 4 * 1024**3
 #: Rounds of an interleaved measurement: each variant runs a block of ``runs / ROUNDS`` per round.
 ROUNDS = 3
+#: Untimed runs opening each block, while the last variant's spinning threads go quiet.
+SETTLE = 2
 #: How the latency columns were timed, as the report says it.
 INTERLEAVED = ("interleaved: each variant's {runs} runs in {rounds} blocks, one per round, order "
                "rotating, 2 untimed runs before each block, ONNX Runtime's default thread-pool "
@@ -72,16 +74,13 @@ SEQUENTIAL = ("one variant after another ({runs} runs each; the model files are 
               "hold every session open at once), so machine load can favour one variant")
 
 
-def _run_against(path: Path, kind: str, reference: Reference, feeds: dict[str, np.ndarray],
-                 providers: Sequence[str], threads: int, warmup: int, runs: int) -> Any:
-    from lrt_deploy.compress.fidelity import output_fidelity
-    from lrt_deploy.runtime.benchmark import measure_model
+def run_outputs(path: Path, reference: Reference, providers: Sequence[str],
+                threads: int) -> list[np.ndarray]:
+    """ONNX Runtime's ``reference.output`` of the model at ``path`` on the reference's feeds."""
+    from lrt_deploy.runtime.session import Session
 
-    result = measure_model(
-        path, providers=providers, threads=threads, evaluation=reference.feeds,
-        output=reference.output, feeds=feeds, warmup=warmup, runs=runs,
-    )
-    return result, output_fidelity(kind, reference.outputs, result.outputs, reference.masks)
+    session = Session(path, providers=list(providers), threads=threads)
+    return [session.run(batch, [reference.output])[reference.output] for batch in reference.feeds]
 
 
 def measure_variants(
@@ -95,11 +94,10 @@ def measure_variants(
 ) -> str:
     """Fidelity against the reference, latency on ``feeds``, file size, for every variant.
 
-    Latency is timed interleaved (:func:`~lrt_deploy.runtime.benchmark.measure_interleaved`):
-    every variant a block of runs per round, in rotating order, so the ratios in the report
-    compare variants under the same machine load. Timed one after another, a load spell during
-    one variant's runs made it look 1.18x slower in one quick start and 0.97x in the next.
-    Above :data:`INTERLEAVE_MAX_BYTES` of model files, one session at a time instead.
+    Latency is timed by :func:`~lrt_deploy.runtime.timing.time_runs`, every variant a block
+    of runs per round in rotating order, so the ratios in the report compare variants under
+    the same machine load; above :data:`INTERLEAVE_MAX_BYTES` of model files, one session at
+    a time instead.
 
     Returns:
         How latency was measured, for the report.
@@ -110,8 +108,8 @@ def measure_variants(
     )
     interleave = sum(model_bytes(v.onnx_path) for v in variants) <= INTERLEAVE_MAX_BYTES
     from lrt_deploy.compress.fidelity import output_fidelity
-    from lrt_deploy.runtime.benchmark import measure_interleaved, measure_latency
     from lrt_deploy.runtime.session import Session
+    from lrt_deploy.runtime.timing import Schedule, runner, time_runs
 
     sessions = []
     for index, variant in enumerate(variants):
@@ -125,15 +123,17 @@ def measure_variants(
         _record(variant, index, session.provider_report(),
                 output_fidelity(kind, reference.outputs, outputs, reference.masks), progress)
         if interleave:
-            sessions.append(session)
+            sessions.append(runner(session, feeds))
         else:  # timed now, and the session let go before the next one opens
-            variant.latency = measure_latency(session, feeds, warmup=settings.warmup,
-                                              runs=settings.runs).to_dict()
+            alone = Schedule(runs=settings.runs, warmup=settings.warmup)
+            variant.latency = time_runs([runner(session, feeds)], alone).stats().to_dict()
     if not interleave:
         return SEQUENTIAL.format(runs=settings.runs)
-    latencies = measure_interleaved(sessions, feeds, warmup=settings.warmup, runs=settings.runs,
-                                    rounds=ROUNDS)
-    for variant, latency in zip(variants, latencies, strict=True):
+    # Blocks opened by settle runs: the sessions keep ONNX Runtime's default spinning, the
+    # latency an app with default settings sees.
+    blocks = Schedule(runs=settings.runs, rounds=ROUNDS, warmup=settings.warmup, settle=SETTLE)
+    timings = time_runs(sessions, blocks)
+    for variant, latency in zip(variants, timings.all_stats(), strict=True):
         variant.latency = latency.to_dict()
     return INTERLEAVED.format(runs=settings.runs, rounds=min(ROUNDS, settings.runs))
 
@@ -163,6 +163,7 @@ def judge_deployed_floor(
     measured) and on the shipped different-domain held-out set (measured here the same way,
     ONNX Runtime against the dense PyTorch model), the calibration split shown beside them.
     ``quiet``: the verdict lines go out through ``progress`` only, not the search's logger."""
+    from lrt_deploy.compress.fidelity import output_fidelity
     from lrt_deploy.compress.recipe import SELECTION_DATA
     from lrt_deploy.compress.search import judge_floor
     from lrt_deploy.data import readers
@@ -180,11 +181,11 @@ def judge_deployed_floor(
         domain = readers.evaluation_batches(loaded, settings.eval_batch, fixed,
                                             corpus=readers.DOMAIN_HELDOUT_TEXT)
         reference = reference_outputs(dense, loaded.output_names[0], domain)
-        # Only the outputs are wanted: one untimed run satisfies the latency part.
         with quiet_loggers("lrt_deploy.runtime"):
-            _, fidelity = _run_against(deployed.onnx_path, loaded.kind, reference, feeds,
-                                       target.providers, settings.threads, 0, 1)
-        figures[readers.DOMAIN_HELDOUT_TEXT] = _figure(fidelity)
+            outputs = run_outputs(deployed.onnx_path, reference, target.providers,
+                                  settings.threads)
+        figures[readers.DOMAIN_HELDOUT_TEXT] = _figure(
+            output_fidelity(loaded.kind, reference.outputs, outputs, reference.masks))
     with quiet_loggers(*(("lrt_deploy.compress.search",) if quiet else ())):
         outcome.floor_verdict = judge_floor(floor, figures, selection_data=SELECTION_DATA)
     for line in outcome.floor_verdict.lines():

@@ -127,22 +127,16 @@ def export(model: nn.Module, length: int, path: Path, heads: int | None, hidden:
 
 
 def interleaved_latency(paths: dict[str, Path], length: int, rounds: int = 7) -> dict[str, dict]:
-    """Median of per-round medians, rounds alternating the models; spread = min-max rounds."""
+    """Median of per-round medians, ``rounds`` rounds of 15 runs per model in rotating order
+    (one untimed run opening each turn); spread = min-max of the round medians."""
     import numpy as np
 
-    from lrt_deploy.runtime import Session, measure_latency
+    from lrt_deploy.runtime import Schedule, Session, runner, time_runs
 
     feeds = {"input_ids": np.random.default_rng(1).integers(0, VOCAB, (1, length))}
-    sessions = {name: Session(path, threads=2) for name, path in paths.items()}
-    for session in sessions.values():
-        measure_latency(session, feeds, warmup=5, runs=1)
-    medians: dict[str, list[float]] = {name: [] for name in sessions}
-    for index in range(rounds):
-        names = list(sessions)[::1 if index % 2 == 0 else -1]
-        for name in names:
-            medians[name].append(
-                measure_latency(sessions[name], feeds, warmup=1, runs=15).median_ms
-            )
+    runners = [runner(Session(path, threads=2), feeds) for path in paths.values()]
+    timings = time_runs(runners, Schedule(runs=15 * rounds, rounds=rounds, warmup=5, settle=1))
+    medians = {name: timings.round_medians(index).tolist() for index, name in enumerate(paths)}
     return {name: {"median_ms": statistics.median(values), "min_ms": min(values),
                    "max_ms": max(values)} for name, values in medians.items()}
 

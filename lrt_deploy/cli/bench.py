@@ -1,8 +1,4 @@
-"""``lrt-bench``: benchmark exported bundles against each other, torch-free.
-
-Only parses arguments, calls :func:`lrt_deploy.runtime.bench.benchmark_bundles` and prints;
-everything it measures is available from Python too.
-"""
+"""``lrt-bench``: flags to :func:`~lrt_deploy.runtime.sweep.benchmark_bundles`, its tables out."""
 
 from __future__ import annotations
 
@@ -14,24 +10,17 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from lrt_deploy.cli.base import EXIT_INTERRUPTED, EXIT_OK, Parser, markdown_table, print_error
 from lrt_deploy.errors import LrtDeployError
-from lrt_deploy.runtime.bench import BenchResult, benchmark_bundles
 from lrt_deploy.runtime.files import write_atomic
 from lrt_deploy.runtime.limits import check_threads
+from lrt_deploy.runtime.sweep import BenchResult, benchmark_bundles
 
 __all__ = ["build_parser", "format_tables", "main"]
 
-EXIT_USAGE = 2
 _PROG = "lrt-bench"
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _int_list(text: str) -> list[int]:
@@ -48,7 +37,7 @@ def _int_list(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``lrt-bench`` argument parser."""
-    parser = _Parser(
+    parser = Parser(
         prog=_PROG,
         description="Benchmark exported bundles: load time, first run, latency percentiles, "
         "throughput and peak memory over a sweep of batch, sequence length and threads. "
@@ -79,20 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write every figure as JSON (schemas/bench.schema.json)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return parser
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        padded = [
-            cell.ljust(width) if index == 0 else cell.rjust(width)
-            for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
-    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
 
 
 def _number(value: Any, digits: int) -> str:
@@ -128,7 +103,7 @@ def format_tables(result: BenchResult | dict[str, Any]) -> str:
             _number(memory.get("peak_rss_mb"), 0),
             _number(memory.get("model_mb"), 0),
         ])
-    bundles = _table(
+    bundles = markdown_table(
         ["Bundle", "File", "Size (MB)", "Load (s)", "First run (ms)", "RSS after load (MB)",
          "Peak RSS (MB)", "Run RSS (MB)"],
         bundle_rows,
@@ -148,7 +123,7 @@ def format_tables(result: BenchResult | dict[str, Any]) -> str:
             _number(entry["throughput_per_s"], 1),
             spread,
         ])
-    latency = _table(
+    latency = markdown_table(
         ["Bundle", "Threads", "Batch", "Seq", "Median (ms)", "p90 (ms)", "p99 (ms)",
          "Samples/s", "vs first (p10-p90)"],
         rows,
@@ -211,23 +186,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.runs < 1 or args.warmup < 0:
-        print(f"{_PROG}: error: need --runs >= 1 and --warmup >= 0", file=sys.stderr)
-        return EXIT_USAGE
+        return print_error(_PROG, "need --runs >= 1 and --warmup >= 0")
     missing = [path for path in args.bundles if not Path(path).exists()]
     if missing:
-        print(f"{_PROG}: error: {missing[0]} does not exist; pass a bundle folder written by "
-              "lrt-export", file=sys.stderr)
-        return EXIT_USAGE
+        return print_error(_PROG, f"{missing[0]} does not exist; pass a bundle folder written "
+                           "by lrt-export")
     try:  # the machine's limits, before any bundle is opened
         for thread_count in args.threads or ():
             check_threads(thread_count, name="--threads")
     except LrtDeployError as error:
-        print(f"{_PROG}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return print_error(_PROG, error)
     problem = _json_problem(args.json) if args.json is not None else None
     if problem:
-        print(f"{_PROG}: error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        return print_error(_PROG, problem)
     progress = _progress(args.quiet)
     try:
         result = benchmark_bundles(
@@ -244,12 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except KeyboardInterrupt:
         print(f"\n{_PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except LrtDeployError as error:
         if progress is not None and sys.stderr.isatty():
             sys.stderr.write("\n")
-        print(f"{_PROG}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return print_error(_PROG, error)
     if progress is not None and sys.stderr.isatty():
         sys.stderr.write("\r\033[K")
     if args.json is not None:
@@ -257,11 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_atomic(args.json, json.dumps(result.to_dict(), indent=2, allow_nan=False))
         except (OSError, ValueError) as error:
             reason = getattr(error, "strerror", None) or str(error)
-            print(f"{_PROG}: error: cannot write {args.json}: {reason}; choose another --json",
-                  file=sys.stderr)
-            return EXIT_USAGE
+            return print_error(_PROG, f"cannot write {args.json}: {reason}; choose another "
+                               "--json")
     print(format_tables(result), end="")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
+from lrt_deploy.cli.base import EXIT_FLOOR_MISSED, EXIT_USAGE, Parser
 from lrt_deploy.errors import LrtDeployError
 
 if TYPE_CHECKING:
@@ -20,24 +21,12 @@ if TYPE_CHECKING:
 
 __all__ = ["EXIT_FLOOR_MISSED", "EXIT_USAGE", "FidelityFloorMissed", "main", "build_parser"]
 
-EXIT_USAGE = 2
-#: ``--strict``: the bundle was written but a held-out figure is below ``--fidelity-floor``.
-EXIT_FLOOR_MISSED = 3
-
 
 class FidelityFloorMissed(LrtDeployError):
     """``--strict`` and the fidelity floor was missed on held-out text (the bundle is written,
     so it can be inspected; the exit code lets CI gate on it)."""
 
     exit_code = EXIT_FLOOR_MISSED
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage block), exit code 2, like the
-    other commands'."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _rank(text: str) -> int | float:
@@ -87,7 +76,7 @@ class _MergeFixedShape(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="lrt-export",
         description=(
             "Export a (low-rank) transformer to an ONNX Runtime deployment bundle and compare it "

@@ -15,29 +15,21 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
+from lrt_deploy.cli.base import EXIT_OK, Parser, print_error
 from lrt_deploy.errors import LrtDeployError
 from lrt_deploy.report.bundles import BundleComparison, ReportInputError, read_report
 from lrt_deploy.report.comparison import _write_atomic
 
 __all__ = ["build_parser", "main", "rebuild_report"]
 
-EXIT_USAGE = 2
 _PROG = "lrt-report"
 _SUFFIXES = (".html", ".htm", ".md")
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``lrt-report`` argument parser."""
-    parser = _Parser(
+    parser = Parser(
         prog=_PROG,
         description="Rebuild a bundle's report from its report.json, or compare several "
         "bundles: size by component, latency vs sequence length, fidelity vs size with the "
@@ -137,10 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = comparison.to_markdown() if _is_markdown(output) else comparison.to_html()
             written = write_output(output, text)
     except LrtDeployError as error:
-        print(f"{_PROG}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return print_error(_PROG, error)
     print(f"wrote {written}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -15,20 +15,20 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lrt_deploy.cli.base import EXIT_FLOOR_MISSED, EXIT_OK, EXIT_USAGE, Parser, print_error
 from lrt_deploy.errors import BundleError, LrtDeployError
 
 __all__ = ["EXIT_FLOOR_MISSED", "EXIT_USAGE", "build_parser", "main"]
 
-EXIT_USAGE = 2
-EXIT_FLOOR_MISSED = 3
 _PROG = "lrt-verify"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Return the ``lrt-verify`` argument parser."""
     from lrt_deploy.runtime.devices import DEVICE_CLASSES
     from lrt_deploy.verify.check import SAMPLE_SENTENCES
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=_PROG,
         description="Run an lrt-export bundle on every device class this machine can reach "
         "(natively, other CPUs under qemu, WebAssembly in Node) and compare each with the "
@@ -99,8 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = verify_bundle(args.bundle, classes=args.classes, sample=args.sample,
                                jobs=args.jobs, progress=lambda line: print(line, file=sys.stderr))
     except LrtDeployError as error:
-        print(f"{_PROG}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return print_error(_PROG, error)
     from lrt_deploy.runtime.files import write_atomic
 
     print("\n".join(result.markdown()))
@@ -108,10 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             write_atomic(args.json, json.dumps(result.to_dict(), indent=2))
         except OSError as error:
-            print(f"{_PROG}: error: cannot write {args.json}: {error.strerror}", file=sys.stderr)
-            return EXIT_USAGE
+            return print_error(_PROG, f"cannot write {args.json}: {error.strerror}")
     missed = result.failures(args.fidelity_floor, strict=args.strict)
     if missed:
         print(f"{_PROG}: {'; '.join(missed)}", file=sys.stderr)
         return EXIT_FLOOR_MISSED
-    return 0
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,22 +1,12 @@
-"""Torch-free runtime: run an exported bundle with onnxruntime and numpy only.
+"""Torch-free runtime: run, time and benchmark an exported bundle with onnxruntime and numpy.
 
 Nothing here imports torch, onnx or other ``lrt_deploy`` subpackages (only the stdlib-only
-``lrt_deploy.errors``), so an application can ship this package with just ``numpy`` and
-``onnxruntime`` (``tokenizers`` for text input). ``lrt-bench`` (:mod:`.bench_cli`) lives here
-for the same reason: it runs wherever the bundle runs.
+``lrt_deploy.errors``), so an application can ship it with ``numpy`` and ``onnxruntime``
+(``tokenizers`` for text input).
 """
 
 from __future__ import annotations
 
-from .bench import BenchInputError, BenchResult, RunStats, benchmark_bundles
-from .benchmark import (
-    LatencyStats,
-    ModelMeasurement,
-    measure_interleaved,
-    measure_latency,
-    measure_model,
-    peak_rss_mb,
-)
 from .contract import (
     SUPPORTED_FORMAT_VERSION,
     BundleContractError,
@@ -24,6 +14,7 @@ from .contract import (
     check_manifest,
 )
 from .limits import ResourceLimitError
+from .memory import measure_peak_memory, peak_rss_mb
 from .providers import (
     ProviderResolution,
     UnknownTargetError,
@@ -31,31 +22,34 @@ from .providers import (
     resolve_providers,
 )
 from .session import InputError, Session, TensorSpec
+from .sweep import BenchInputError, BenchResult, benchmark_bundles
 from .text import TextEncoder, TextInputError
+from .timing import NO_SPINNING, LatencyStats, Schedule, Timings, runner, time_runs
 
 __all__ = [
+    "NO_SPINNING",
     "SUPPORTED_FORMAT_VERSION",
     "BenchInputError",
     "BenchResult",
     "BundleContractError",
     "InputError",
     "LatencyStats",
-    "ModelMeasurement",
     "ProviderResolution",
     "ResourceLimitError",
+    "Schedule",
     "Session",
     "TensorSpec",
     "TextEncoder",
     "TextInputError",
-    "RunStats",
+    "Timings",
     "UnknownTargetError",
     "UnsupportedFormatVersionError",
     "benchmark_bundles",
     "check_manifest",
-    "measure_interleaved",
-    "measure_latency",
-    "measure_model",
+    "measure_peak_memory",
     "peak_rss_mb",
     "providers_for_target",
     "resolve_providers",
+    "runner",
+    "time_runs",
 ]

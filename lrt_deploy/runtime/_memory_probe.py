@@ -1,4 +1,4 @@
-"""Child process that opens and runs one bundle and prints its resident memory as JSON.
+"""Child process of :func:`lrt_deploy.runtime.memory.measure_peak_memory`: one bundle's memory.
 
 ``python -m lrt_deploy.runtime._memory_probe BUNDLE BATCH SEQUENCE THREADS RUNS``; not public.
 """
@@ -36,7 +36,7 @@ def _peak_rss_mb() -> tuple[float | None, str]:
     kib = _status_kib("VmHWM")
     if kib is not None:
         return kib / 1024, "/proc/self/status VmHWM"
-    from lrt_deploy.runtime.benchmark import peak_rss_mb
+    from lrt_deploy.runtime.memory import peak_rss_mb
 
     return peak_rss_mb(), "getrusage ru_maxrss"
 
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     import numpy  # noqa: F401  (imported before the baseline so it is not counted as model)
     import onnxruntime  # noqa: F401
 
-    from lrt_deploy.runtime.bench import bundle_feeds, open_for_benchmark
+    from lrt_deploy.runtime.sweep import bundle_feeds, open_for_benchmark
 
     # Imported before the baseline too: the tokenizer's library is not the model's memory.
     try:

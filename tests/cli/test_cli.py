@@ -897,22 +897,19 @@ def test_strict_needs_a_fidelity_floor(capsys, tmp_path: Path, tiny_bert_dir: Pa
 def test_fidelity_floor_missed_on_the_other_domain_fails_strict(
     capsys, monkeypatch, tmp_path: Path, tiny_bert_dir: Path
 ) -> None:
+    from lrt_deploy import measure as measuring
     from lrt_deploy.cli.export import EXIT_FLOOR_MISSED
-    from lrt_deploy.runtime import benchmark
 
-    real = benchmark.measure_model
+    real = measuring.run_outputs
 
-    def measure(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        result = real(*args, **kwargs)
-        if kwargs["runs"] == 1:
-            # Only the deployed variant's run on heldout_domain.txt times a single run: make
-            # its outputs drift, as a model that did not generalise to that domain would.
-            noise = np.random.default_rng(0)
-            result.outputs = [o + noise.normal(0, 3 * np.abs(o).mean(), o.shape).astype(o.dtype)
-                              for o in result.outputs]
-        return result
+    def run_outputs(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        # Only the deployed variant's run on heldout_domain.txt comes here: make its outputs
+        # drift, as a model that did not generalise to that domain would.
+        noise = np.random.default_rng(0)
+        return [o + noise.normal(0, 3 * np.abs(o).mean(), o.shape).astype(o.dtype)
+                for o in real(*args, **kwargs)]
 
-    monkeypatch.setattr(benchmark, "measure_model", measure)
+    monkeypatch.setattr(measuring, "run_outputs", run_outputs)
     out_dir = tmp_path / "bundle"
     code, out, err = _cli([tiny_bert_dir, "--fidelity-floor", "0.95", "--strict", "-q", *RUNS,
                            "-o", out_dir], capsys)

@@ -411,7 +411,7 @@ def test_report_rows_for_a_pt2_lrt_model(tmp_path: Path) -> None:
     from lrt_deploy.nn.equivalents import DENSE_EQUIVALENT_NOTE
     from lrt_deploy.quant.passes.quantize import quantize_int8
     from lrt_deploy.report import ComparisonReport, VariantResult
-    from lrt_deploy.runtime import Session, measure_latency
+    from lrt_deploy.runtime import Schedule, Session, runner, time_runs
 
     loaded = _pt2(_seeded(LEDEncoder), torch.randn(2, 7, 32), tmp_path / "m.pt2")
     raw = export_onnx(loaded, tmp_path / "lrt.raw.onnx")
@@ -433,7 +433,8 @@ def test_report_rows_for_a_pt2_lrt_model(tmp_path: Path) -> None:
         variants.append(VariantResult(
             name=name.replace("dense", "dense-equivalent").replace("lrt", "LRT"),
             file_bytes=model_bytes(path), is_baseline=name == "dense fp32",
-            latency=measure_latency(session, {"x": x.numpy()}, warmup=1, runs=3),
+            latency=time_runs([runner(session, {"x": x.numpy()})],
+                              Schedule(runs=3, warmup=1)).stats(),
             fidelity={"mean_cosine": float(cosine.mean())},
             notes=[f"{DENSE_EQUIVALENT_NOTE}: {fold.pairs} MatMul pairs folded on the ONNX "
                    "graph"] if name == "dense fp32" else [],

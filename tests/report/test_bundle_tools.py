@@ -31,20 +31,20 @@ from lrt_deploy.cli.report import main as report_main  # noqa: E402
 from lrt_deploy.report.bundles import BundleComparison  # noqa: E402
 from lrt_deploy.report.components import size_by_component  # noqa: E402
 from lrt_deploy.report.html import pareto_front  # noqa: E402
-from lrt_deploy.runtime.bench import (  # noqa: E402
-    BENCH_TEXT,
-    BenchInputError,
-    open_for_benchmark,
-    run_stats,
-    synthetic_feeds,
-)
 from lrt_deploy.runtime.contract import (  # noqa: E402
     SUPPORTED_FORMAT_VERSION,
     BundleContractError,
     UnsupportedFormatVersionError,
     check_manifest,
 )
+from lrt_deploy.runtime.sweep import (  # noqa: E402
+    BENCH_TEXT,
+    BenchInputError,
+    open_for_benchmark,
+    synthetic_feeds,
+)
 from lrt_deploy.runtime.text import TextEncoder  # noqa: E402
+from lrt_deploy.runtime.timing import LatencyStats  # noqa: E402
 from lrt_deploy.schemas import load_schema  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -251,10 +251,10 @@ def test_text_feeds_come_from_the_tokenizer(bundles: dict[str, Path]) -> None:
 
 
 def test_run_stats_percentiles() -> None:
-    stats = run_stats([float(v) for v in range(1, 101)], batch=4)
+    stats = LatencyStats.of([float(v) for v in range(1, 101)])
     assert stats.median_ms == 50.5 and stats.runs == 100
     assert stats.p90_ms == pytest.approx(90.1) and stats.p99_ms == pytest.approx(99.01)
-    assert stats.throughput_per_s == pytest.approx(4e3 / 50.5)
+    assert stats.throughput(4) == pytest.approx(4e3 / 50.5)
 
 
 def _fixed_batch_model(path: Path) -> None:

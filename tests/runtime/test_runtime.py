@@ -17,17 +17,19 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from lrt_deploy.errors import BundleError  # noqa: E402
 from lrt_deploy.runtime import (  # noqa: E402
+    NO_SPINNING,
     InputError,
     LatencyStats,
     ProviderResolution,
+    Schedule,
     Session,
     TextEncoder,
     UnknownTargetError,
-    measure_interleaved,
-    measure_latency,
     peak_rss_mb,
     providers_for_target,
     resolve_providers,
+    runner,
+    time_runs,
 )
 
 VOCAB, HIDDEN, OUT = 10, 8, 4
@@ -400,8 +402,8 @@ def test_ort_format_bundle(tmp_path, feeds):
 # --- benchmark -------------------------------------------------------------------------------
 
 
-def test_measure_latency(encoder_path, feeds):
-    stats = measure_latency(Session(encoder_path), feeds, warmup=2, runs=10)
+def test_time_runs_one_session(encoder_path, feeds):
+    stats = time_runs([runner(Session(encoder_path), feeds)], Schedule(runs=10, warmup=2)).stats()
     assert isinstance(stats, LatencyStats)
     assert stats.runs == 10
     assert 0 < stats.min_ms <= stats.median_ms <= stats.p90_ms
@@ -409,12 +411,12 @@ def test_measure_latency(encoder_path, feeds):
     assert set(stats.to_dict()) == {"median_ms", "p90_ms", "mean_ms", "min_ms", "runs"}
 
 
-def test_measure_latency_time_budget_and_raw_session(encoder_path, feeds):
+def test_time_runs_time_budget_and_raw_session(encoder_path, feeds):
     raw = ort.InferenceSession(str(encoder_path), providers=["CPUExecutionProvider"])
-    stats = measure_latency(raw, feeds, warmup=0, runs=1000, max_seconds=0.0)
-    assert stats.runs == 1
-    with pytest.raises(ValueError, match="runs >= 1"):
-        measure_latency(raw, feeds, runs=0)
+    timings = time_runs([runner(raw, feeds)], Schedule(runs=1000, warmup=0, max_seconds=0.0))
+    assert timings.stats().runs == 1 and timings.rounds == 1 and timings.planned_rounds == 1000
+    with pytest.raises(ValueError, match="Schedule.runs must be a whole number >= 1"):
+        Schedule(runs=0)
 
 
 class _Recorder:
@@ -429,42 +431,96 @@ class _Recorder:
         return [np.zeros(1)]
 
 
-def test_measure_interleaved_rotates_blocks_round_by_round():
+def _recorders(names: str, log: list[str]) -> list:
+    return [runner(_Recorder(name, log, 0.0), {"x": np.zeros(1)}) for name in names]
+
+
+def test_time_runs_warms_up_then_rotates_blocks_round_by_round():
     log: list[str] = []
-    sessions = [_Recorder(name, log, 0.0) for name in "abc"]
-    stats = measure_interleaved(sessions, {"x": np.zeros(1)}, warmup=1, runs=4, rounds=3,
-                                settle=1)
-    assert log[:3] == ["a", "b", "c"]  # warm-up
-    # Blocks of 2, 1, 1 timed runs, each after 1 untimed; the first model moves along.
+    timings = time_runs(_recorders("abc", log), Schedule(runs=4, rounds=3, warmup=1, settle=1))
+    assert log[:3] == ["a", "b", "c"]  # warm-up, one callable after the other
+    # Blocks of 2, 1, 1 timed runs, each after 1 untimed; the first callable moves along.
     assert "".join(log[3:]) == "aaa" "bbb" "ccc" + "bb" "cc" "aa" + "cc" "aa" "bb"
-    assert [s.runs for s in stats] == [4, 4, 4]
+    assert [s.runs for s in timings.all_stats()] == [4, 4, 4]
+    assert timings.rounds == timings.planned_rounds == 3
+    assert [len(turn) for turn in timings.rounds_ms[0]] == [2, 1, 1]
     one_by_one: list[str] = []
-    measure_interleaved([_Recorder(n, one_by_one, 0.0) for n in "ab"], {}, warmup=0, runs=2,
-                        rounds=1, settle=0)
+    time_runs(_recorders("ab", one_by_one), Schedule(runs=2, rounds=1, warmup=0))
     assert one_by_one == ["a", "a", "b", "b"]
 
 
-def test_measure_interleaved_times_each_model_on_its_own():
+def test_time_runs_run_by_run_by_default():
+    log: list[str] = []
+    timings = time_runs(_recorders("abc", log), Schedule(runs=3, warmup=2))
+    assert "".join(log) == "aabbcc" + "abc" "bca" "cab"
+    assert [s.runs for s in timings.all_stats()] == [3, 3, 3]
+    assert len(timings.paired_ratios(2)) == 3 and (timings.paired_ratios(0) == 1).all()
+
+
+def test_time_runs_stops_on_time_after_the_least_rounds():
+    log: list[str] = []
+    done: list[int] = []
+    timings = time_runs(_recorders("ab", log),
+                        Schedule(runs=10, warmup=0, max_seconds=0.0, min_rounds=3),
+                        progress=done.append)
+    assert done == [1, 2, 3] and timings.rounds == 3 and timings.planned_rounds == 10
+    assert "".join(log) == "ab" "ba" "ab"
+    assert timings.seconds >= 0
+
+
+def test_time_runs_times_each_callable_on_its_own():
     log: list[str] = []
     fast, slow = _Recorder("fast", log, 0.0), _Recorder("slow", log, 5.0)
-    fast_stats, slow_stats = measure_interleaved([fast, slow], {"x": np.zeros(1)}, warmup=0,
-                                                 runs=6)
+    fast_stats, slow_stats = time_runs([runner(fast, {}), runner(slow, {})],
+                                       Schedule(runs=6, warmup=0)).all_stats()
     assert slow_stats.min_ms >= 5.0 > fast_stats.median_ms
-    with pytest.raises(ValueError, match="runs >= 1"):
-        measure_interleaved([fast], {}, runs=0)
-    with pytest.raises(ValueError, match="need sessions"):
-        measure_interleaved([], {})
+    with pytest.raises(ValueError, match="at least one callable"):
+        time_runs([])
+    plain = time_runs([lambda: log.append("plain")], Schedule(runs=2, warmup=1))
+    assert plain.stats().runs == 2 and log[-3:] == ["plain"] * 3
 
 
-def test_measure_interleaved_real_sessions(encoder_path, feeds):
-    sessions = [Session(encoder_path, threads=1) for _ in range(2)]
-    stats = measure_interleaved(sessions, feeds, warmup=1, runs=5)
+def test_schedule_checks_its_fields_and_splits_runs_evenly():
+    assert Schedule(runs=31, rounds=3).turns == [11, 10, 10]
+    assert Schedule(runs=2, rounds=5).turns == [1, 1]
+    assert Schedule(runs=3).turns == [1, 1, 1]
+    for field, value in (("warmup", -1), ("settle", -1), ("min_rounds", 0), ("rounds", 0),
+                         ("max_seconds", -1.0), ("runs", 2.5)):
+        with pytest.raises(ValueError, match=f"Schedule.{field} must be"):
+            Schedule(**{field: value})
+
+
+def test_latency_stats_percentiles_and_report_keys():
+    stats = LatencyStats.of([float(v) for v in range(100, 0, -1)])
+    assert stats.median_ms == 50.5 and stats.mean_ms == 50.5 and stats.runs == 100
+    assert stats.p90_ms == pytest.approx(90.1) and stats.p99_ms == pytest.approx(99.01)
+    assert stats.iqr_ms == pytest.approx(49.5)
+    assert (stats.min_ms, stats.max_ms) == (1.0, 100.0)
+    assert stats.throughput(4) == pytest.approx(4e3 / 50.5)
+    assert stats.to_dict() == {"median_ms": 50.5, "p90_ms": stats.p90_ms, "mean_ms": 50.5,
+                               "min_ms": 1.0, "runs": 100}
+    assert LatencyStats.of([2.0]).iqr_ms == 0.0
+    with pytest.raises(ValueError, match="at least one timed run"):
+        LatencyStats.of([])
+
+
+def test_time_runs_refuses_spinning_sessions_run_by_run(encoder_path, feeds):
+    spinning = [runner(Session(encoder_path, threads=2), feeds) for _ in range(2)]
+    assert all(r.spins for r in spinning)
+    with pytest.raises(ValueError, match="NO_SPINNING"):
+        time_runs(spinning, Schedule(runs=2, warmup=0))
+    # Turns of several runs opened by settle runs compare them as an app runs them.
+    assert time_runs(spinning, Schedule(runs=4, rounds=2, warmup=0, settle=1)).rounds == 2
+    quiet = [runner(Session(encoder_path, threads=2, session_config=NO_SPINNING), feeds),
+             runner(Session(encoder_path, threads=1), feeds)]
+    assert not any(r.spins for r in quiet)
+    stats = time_runs(quiet, Schedule(runs=5, warmup=1)).all_stats()
     assert all(s.runs == 5 and 0 < s.min_ms <= s.median_ms <= s.p90_ms for s in stats)
 
 
-def test_measure_latency_checks_inputs_first(encoder_path, feeds):
+def test_runner_checks_inputs_first(encoder_path, feeds):
     with pytest.raises(InputError):
-        measure_latency(Session(encoder_path), {"input_ids": feeds["input_ids"]})
+        runner(Session(encoder_path), {"input_ids": feeds["input_ids"]})
 
 
 def test_peak_rss_mb():

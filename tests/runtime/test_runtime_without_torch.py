@@ -51,14 +51,14 @@ CHILD = textwrap.dedent(
     import io
 
     import numpy as np
-    from lrt_deploy.runtime import Session, measure_latency
+    from lrt_deploy.runtime import Schedule, Session, runner, time_runs
     from lrt_deploy.cli.bench import main as bench_main
     from lrt_deploy.runtime.contract import check_manifest
 
     session = Session(sys.argv[1], target="cpu", threads=1)
     ids = np.array([[1, 2, 3]], dtype=np.int32)
     outputs = session.run({"input_ids": ids})
-    stats = measure_latency(session, {"input_ids": ids}, warmup=1, runs=3)
+    stats = time_runs([runner(session, {"input_ids": ids})], Schedule(runs=3, warmup=1)).stats()
     # lrt-bench and the manifest check run here too (the memory probe is a separate process).
     table = io.StringIO()
     with contextlib.redirect_stdout(table):

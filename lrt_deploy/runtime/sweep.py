@@ -1,24 +1,14 @@
-"""``lrt-bench``: several bundles, opened with intra-op spinning off, timed run by run in turn
-over a sweep of batch, sequence length and thread count, so machine drift shows up in every
-bundle alike and cancels in the ratios to the first bundle; peak memory in a fresh process.
-
-Split from :mod:`.benchmark`, which keeps the single-model latency measurement ``lrt-export``
-reports. Slightly over 500 lines on purpose: the sweep, its feeds, its statistics and the
-memory probe are one job whose parts change together.
-"""
+"""lrt-bench's sweep engine: bundles timed against each other over batch, sequence and threads."""
 
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import platform
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +19,9 @@ from lrt_deploy.errors import LrtDeployError
 
 from .bundle import bundle_file, checked_file
 from .limits import BYTES_PER_TOKENIZED_TOKEN, check_threads
+from .memory import measure_peak_memory
 from .session import Session, TensorSpec, _resolve_model_path
+from .timing import NO_SPINNING, Schedule, Timings, runner, time_runs
 
 __all__ = [
     "BENCH_FORMAT_VERSION",
@@ -37,11 +29,11 @@ __all__ = [
     "BenchInputError",
     "BenchResult",
     "BundleUnderTest",
-    "RunStats",
     "benchmark_bundles",
-    "measure_peak_memory",
+    "bundle_feeds",
+    "check_fits",
     "open_for_benchmark",
-    "run_stats",
+    "resolve_sequences",
     "synthetic_feeds",
 ]
 
@@ -65,61 +57,6 @@ _TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 class BenchInputError(LrtDeployError):
     """A bundle or benchmark setting that cannot be benchmarked as asked."""
-
-
-@dataclass(frozen=True)
-class RunStats:
-    """Latency distribution of one configuration, in milliseconds.
-
-    Attributes:
-        median_ms: Median run time.
-        p90_ms: 90th percentile (linear interpolation).
-        p99_ms: 99th percentile; with fewer than 100 runs it interpolates towards the slowest.
-        mean_ms: Arithmetic mean.
-        min_ms: Fastest run.
-        max_ms: Slowest run.
-        runs: Timed runs.
-        throughput_per_s: Samples (batch rows) per second at the median: batch / median.
-    """
-
-    median_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    min_ms: float
-    max_ms: float
-    runs: int
-    throughput_per_s: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the stats as a JSON-ready dict."""
-        return asdict(self)
-
-
-def run_stats(timings_ms: Sequence[float], batch: int) -> RunStats:
-    """Summarise run times of one configuration.
-
-    Args:
-        timings_ms: One wall-clock time per timed run, in ms.
-        batch: Rows per run, for the throughput.
-
-    Raises:
-        ValueError: If ``timings_ms`` is empty.
-    """
-    if not len(timings_ms):
-        raise ValueError("need at least one timed run")
-    timings = np.asarray(timings_ms, dtype=np.float64)
-    median = float(np.median(timings))
-    return RunStats(
-        median_ms=median,
-        p90_ms=float(np.percentile(timings, 90)),
-        p99_ms=float(np.percentile(timings, 99)),
-        mean_ms=float(timings.mean()),
-        min_ms=float(timings.min()),
-        max_ms=float(timings.max()),
-        runs=int(timings.size),
-        throughput_per_s=batch * 1e3 / median if median > 0 else float("inf"),
-    )
 
 
 @dataclass
@@ -174,10 +111,6 @@ class BundleUnderTest:
         return size
 
 
-# A spinning pool burns a core after each run and slows whichever bundle runs next.
-_NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
-
-
 def open_for_benchmark(
     path: str | os.PathLike[str],
     *,
@@ -185,11 +118,8 @@ def open_for_benchmark(
     providers: Sequence[str] | None = None,
     label: str | None = None,
 ) -> BundleUnderTest:
-    """Open a bundle (or model file) the way ``lrt-bench`` times it.
-
-    The session runs ``threads`` intra-op threads, one inter-op thread, and intra-op spinning
-    off: a spinning pool burns a core after each run, which slows whichever bundle runs next
-    when several are interleaved, and would not match an app that runs now and then.
+    """Open a bundle (or model file) the way ``lrt-bench`` times it: ``threads`` intra-op
+    threads, one inter-op thread, thread-pool spinning off (``timing.NO_SPINNING``).
 
     Args:
         path: Bundle folder with ``manifest.json``, or a ``.onnx`` / ``.ort`` file.
@@ -207,7 +137,7 @@ def open_for_benchmark(
     _resolve_model_path(folder, verify=True)
     began = time.perf_counter()
     opened = Session(folder, providers=providers, threads=threads, verify=False,
-                     session_config=_NO_SPINNING)
+                     session_config=NO_SPINNING)
     load_s = time.perf_counter() - began
     manifest = opened.manifest
     # The tokenizer feeds the model too: inside the bundle and matching its checksum.
@@ -372,9 +302,9 @@ class BenchResult:
     Attributes:
         bundles: Per bundle: label, path, model file and bytes, variant, providers, load
             seconds and first-run ms per thread count, and the memory probe.
-        results: One entry per (threads, batch, sequence, bundle) with :class:`RunStats`
-            fields and the ratio of its median to the first bundle's (with the spread of
-            the per-round paired ratios).
+        results: One entry per (threads, batch, sequence, bundle): latency figures, throughput
+            and the ratio of its median to the first bundle's, with the spread of the
+            per-round paired ratios.
         settings: The sweep and run counts.
         machine: Platform, CPU count, onnxruntime version, load average at the start.
     """
@@ -412,10 +342,11 @@ def _machine() -> dict[str, Any]:
 
 def _first_run(bundle: BundleUnderTest, feeds: dict[str, np.ndarray], batch: int,
                sequence: int) -> float:
-    """The first (timed) run; a run that fails (out of memory, inputs the model refuses) is a
-    one-line error before any timing."""
+    """The first run of a fresh session, timed (what an app's first request costs); a run that
+    fails (out of memory, inputs the model refuses) is a one-line error before any timing."""
     try:
-        return _time_once(bundle.session, feeds)
+        return time_runs([runner(bundle.session, feeds)], Schedule(runs=1, warmup=0)
+                         ).stats().median_ms
     except MemoryError:
         reason = "out of memory"
     except _ORT_RUN_ERRORS as error:
@@ -437,10 +368,32 @@ _ORT_RUN_ERRORS = tuple(
 )
 
 
-def _time_once(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> float:
-    begin = time.perf_counter()
-    session.run(None, feeds)
-    return (time.perf_counter() - begin) * 1e3
+@dataclass(frozen=True)
+class _Sweep:
+    """The settings of one :func:`benchmark_bundles` call, checked before anything opens."""
+
+    paths: list[str | os.PathLike[str]]
+    names: list[str]
+    batches: list[int]
+    threads: list[int | None]
+    schedule: Schedule
+    report: Callable[[str], None]
+
+
+def _check_sweep(paths: Sequence[str | os.PathLike[str]], batches: Sequence[int],
+                 sequences: Sequence[int] | None, threads: Sequence[int | None], warmup: int,
+                 runs: int, labels: Sequence[str] | None) -> None:
+    if not paths:
+        raise BenchInputError("give at least one bundle")
+    if runs < 1 or warmup < 0:
+        raise BenchInputError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    if labels is not None and len(labels) != len(paths):
+        raise BenchInputError(f"got {len(labels)} labels for {len(paths)} bundles")
+    for value in [*batches, *(sequences or ())]:
+        if value < 1:
+            raise BenchInputError(f"batch and sequence sizes must be >= 1, got {value}")
+    for thread_count in threads:  # every setting before the first one runs
+        check_threads(thread_count)
 
 
 def benchmark_bundles(
@@ -456,119 +409,59 @@ def benchmark_bundles(
     memory: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
-    """Benchmark bundles interleaved, run by run, over a sweep of shapes and thread counts.
+    """Benchmark bundles against each other over a sweep of shapes and thread counts.
 
-    For each thread count every bundle is opened (load time measured) and, per (batch,
-    sequence), warmed up, then timed in rounds: each round runs every bundle once, in an order
-    that rotates from round to round, so slow spells of a loaded machine hit all bundles
-    alike. Ratios to the first bundle are taken of the medians; the spread (10th..90th
-    percentile) of the per-round ratios says how much to trust them.
-
-    Peak memory is measured separately per bundle, in a fresh process (see
-    :func:`measure_peak_memory`) at the largest batch x sequence of the sweep.
+    Per thread count every bundle is opened (spinning off); per (batch, sequence) its first
+    run is timed, then all are timed run by run by :func:`~.timing.time_runs`. Ratios to the
+    first bundle are of the medians, with the 10th..90th percentile of the per-round ratios.
+    Peak memory: a fresh process per bundle at the largest batch x sequence.
 
     Args:
         paths: Bundle folders (or model files); the first is the reference for ratios.
         batches: Batch sizes to sweep.
-        sequences: Sequence lengths to sweep (used by text and other sequence inputs); None:
-            the length the bundles fix, else 128 or the fewest positions a bundle has.
+        sequences: Sequence lengths to sweep; None: the length the bundles fix, else 128 or
+            the fewest positions a bundle has.
         threads: Intra-op thread counts to sweep; None keeps onnxruntime's default.
-        warmup: Untimed runs per bundle and configuration; at least one is always made, and
-            the first of a fresh session is reported as its first-run time.
+        warmup: Untimed runs per bundle and configuration, the timed first run included.
         runs: Timed rounds per configuration.
         max_seconds: Stop a configuration's rounds after this long (at least 3 rounds).
         labels: Display names, one per path; default: folder names.
         memory: Run the per-bundle memory probe.
         progress: Called with a one-line status now and then (e.g. print to stderr).
 
-    Returns:
-        The :class:`BenchResult`.
-
     Raises:
         BenchInputError: On a missing bundle, bad sweep values or a shape a bundle fixes.
     """
-    if not paths:
-        raise BenchInputError("give at least one bundle")
-    if runs < 1 or warmup < 0:
-        raise BenchInputError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    if labels is not None and len(labels) != len(paths):
-        raise BenchInputError(f"got {len(labels)} labels for {len(paths)} bundles")
-    for value in [*batches, *(sequences or ())]:
-        if value < 1:
-            raise BenchInputError(f"batch and sequence sizes must be >= 1, got {value}")
-    for thread_count in threads:  # every setting before the first one runs
-        check_threads(thread_count)
-    report = progress or (lambda _: None)
-    names = _unique_labels(paths, labels)
-    bundle_info: list[dict[str, Any]] = [{"label": name} for name in names]
+    _check_sweep(paths, batches, sequences, threads, warmup, runs, labels)
+    sweep = _Sweep(list(paths), _unique_labels(paths, labels), list(batches), list(threads),
+                   Schedule(runs=runs, warmup=max(warmup - 1, 0), max_seconds=max_seconds,
+                            min_rounds=3),
+                   progress or (lambda _: None))
+    bundle_info: list[dict[str, Any]] = [{"label": name} for name in sweep.names]
     results: list[dict[str, Any]] = []
-    step = 0
     configs: list[tuple[int, int]] | None = None
-    for thread_count in threads:
-        thread_key = str(thread_count or "default")
-        opened = [
-            open_for_benchmark(path, threads=thread_count, label=name)
-            for path, name in zip(paths, names, strict=True)
-        ]
+    for thread_count in sweep.threads:
+        opened = [open_for_benchmark(path, threads=thread_count, label=name)
+                  for path, name in zip(sweep.paths, sweep.names, strict=True)]
         if configs is None:  # known once the bundles are open (their fixed shapes, positions)
             sequences = resolve_sequences(opened, sequences)
-            configs = [(b, s) for b in batches for s in sequences]
-            total = len(threads) * len(configs)
+            configs = [(b, s) for b in sweep.batches for s in sequences]
             for bundle in opened:  # every shape before the first one is built or timed
                 for batch, sequence in configs:
                     check_fits(bundle, batch, sequence)
+        thread_key = str(thread_count or "default")
         for info, bundle in zip(bundle_info, opened, strict=True):
             _describe(info, bundle)
             info.setdefault("load_s", {})[thread_key] = bundle.load_s
         for batch, sequence in configs:
-            step += 1
-            prefix = f"[{step}/{total}] threads {thread_key}, batch {batch}, sequence {sequence}"
-            feeds = [bundle_feeds(b, batch, sequence) for b in opened]
-            for info, bundle, feed in zip(bundle_info, opened, feeds, strict=True):
-                report(f"{prefix}: warming up {bundle.label}")
-                # The very first run of a fresh session pays for lazy initialisation: what an
-                # app's first request costs, kept apart from the steady-state figures.
-                first = _first_run(bundle, feed, batch, sequence)
-                info.setdefault("first_run_ms", {}).setdefault(thread_key, first)
-                for _ in range(max(warmup - 1, 0)):
-                    bundle.session.run(None, feed)
-            timings: list[list[float]] = [[] for _ in opened]
-            started = time.perf_counter()
-            for round_index in range(runs):
-                order = [(round_index + k) % len(opened) for k in range(len(opened))]
-                for k in order:
-                    timings[k].append(_time_once(opened[k].session, feeds[k]))
-                if (round_index + 1) % 10 == 0:
-                    report(f"{prefix}: {round_index + 1}/{runs} rounds")
-                elapsed = time.perf_counter() - started
-                if max_seconds is not None and round_index >= 2 and elapsed >= max_seconds:
-                    report(f"{prefix}: stopped after {round_index + 1} rounds ({elapsed:.0f} s)")
-                    break
-            reference = np.asarray(timings[0])
-            for bundle, times in zip(opened, timings, strict=True):
-                stats = run_stats(times, batch)
-                paired = np.asarray(times) / reference
-                results.append(
-                    {
-                        "bundle": bundle.label,
-                        "threads": thread_count,
-                        "batch": batch,
-                        "sequence": sequence,
-                        **stats.to_dict(),
-                        "ratio_vs_first": stats.median_ms / float(np.median(reference)),
-                        "ratio_p10": float(np.percentile(paired, 10)),
-                        "ratio_p90": float(np.percentile(paired, 90)),
-                    }
-                )
-        # Release this thread setting's sessions before the next one opens its own.
-        del opened
+            step = len(results) // len(opened) + 1
+            prefix = (f"[{step}/{len(sweep.threads) * len(configs)}] threads {thread_key}, "
+                      f"batch {batch}, sequence {sequence}")
+            results += _time_setting(sweep, opened, bundle_info, thread_count, batch, sequence,
+                                     prefix)
+        del opened  # released before the next thread setting opens its own sessions
     if memory:
-        batch, sequence = max(configs, key=lambda c: c[0] * c[1])
-        thread_count = max((t for t in threads if t is not None), default=None)
-        for info, path in zip(bundle_info, paths, strict=True):
-            report(f"memory: {info['label']} in a fresh process (batch {batch}, "
-                   f"sequence {sequence})")
-            info["memory"] = measure_peak_memory(path, batch, sequence, threads=thread_count)
+        _probe_memory(sweep, bundle_info, configs)
     settings = {
         "batches": list(batches),
         "sequences": list(sequences),
@@ -578,9 +471,67 @@ def benchmark_bundles(
         "max_seconds": max_seconds,
         "interleaved": True,
         "intra_op_spinning": False,
-        "reference": names[0],
+        "reference": sweep.names[0],
     }
     return BenchResult(bundle_info, results, settings, _machine())
+
+
+def _time_setting(sweep: _Sweep, opened: list[BundleUnderTest],
+                  bundle_info: list[dict[str, Any]], thread_count: int | None, batch: int,
+                  sequence: int, prefix: str) -> list[dict[str, Any]]:
+    """The result rows of one (threads, batch, sequence): first runs, then the rounds."""
+    feeds = [bundle_feeds(b, batch, sequence) for b in opened]
+    thread_key = str(thread_count or "default")
+    for info, bundle, feed in zip(bundle_info, opened, feeds, strict=True):
+        sweep.report(f"{prefix}: warming up {bundle.label}")
+        first = _first_run(bundle, feed, batch, sequence)
+        info.setdefault("first_run_ms", {}).setdefault(thread_key, first)
+
+    def rounds_done(done: int) -> None:
+        if done % 10 == 0:
+            sweep.report(f"{prefix}: {done}/{sweep.schedule.runs} rounds")
+
+    timings = time_runs([runner(b.session, f) for b, f in zip(opened, feeds, strict=True)],
+                        sweep.schedule, progress=rounds_done)
+    if timings.rounds < timings.planned_rounds:
+        sweep.report(f"{prefix}: stopped after {timings.rounds} rounds "
+                     f"({timings.seconds:.0f} s)")
+    return [_result_row(timings, index, bundle.label, thread_count, batch, sequence)
+            for index, bundle in enumerate(opened)]
+
+
+def _result_row(timings: Timings, index: int, label: str, thread_count: int | None,
+                batch: int, sequence: int) -> dict[str, Any]:
+    """One ``results`` entry of the ``--json`` output (schemas/bench.schema.json)."""
+    stats = timings.stats(index)
+    paired = timings.paired_ratios(index)
+    return {
+        "bundle": label,
+        "threads": thread_count,
+        "batch": batch,
+        "sequence": sequence,
+        "median_ms": stats.median_ms,
+        "p90_ms": stats.p90_ms,
+        "p99_ms": stats.p99_ms,
+        "mean_ms": stats.mean_ms,
+        "min_ms": stats.min_ms,
+        "max_ms": stats.max_ms,
+        "runs": stats.runs,
+        "throughput_per_s": stats.throughput(batch),
+        "ratio_vs_first": stats.median_ms / timings.stats(0).median_ms,
+        "ratio_p10": float(np.percentile(paired, 10)),
+        "ratio_p90": float(np.percentile(paired, 90)),
+    }
+
+
+def _probe_memory(sweep: _Sweep, bundle_info: list[dict[str, Any]],
+                  configs: list[tuple[int, int]]) -> None:
+    batch, sequence = max(configs, key=lambda c: c[0] * c[1])
+    thread_count = max((t for t in sweep.threads if t is not None), default=None)
+    for info, path in zip(bundle_info, sweep.paths, strict=True):
+        sweep.report(f"memory: {info['label']} in a fresh process (batch {batch}, "
+                     f"sequence {sequence})")
+        info["memory"] = measure_peak_memory(path, batch, sequence, threads=thread_count)
 
 
 def _unique_labels(
@@ -610,46 +561,3 @@ def _describe(info: dict[str, Any], bundle: BundleUnderTest) -> None:
         provider_message=bundle.provider_message,
         inputs="tokenizer" if bundle.tokenizer_path else "synthetic",
     )
-
-
-# --- peak memory, in a fresh process -----------------------------------------------------------
-
-_PROBE = "lrt_deploy.runtime._memory_probe"
-
-
-def measure_peak_memory(
-    path: str | os.PathLike[str],
-    batch: int,
-    sequence: int,
-    *,
-    threads: int | None = None,
-    runs: int = 3,
-    timeout_s: float = 600.0,
-) -> dict[str, Any]:
-    """Measure a bundle's peak resident memory in a fresh Python process.
-
-    The child imports numpy and onnxruntime, records its resident set, opens the bundle,
-    runs it ``runs`` times at the given shape and records the high-water mark again
-    (``VmHWM`` from ``/proc/self/status`` on Linux, ``ru_maxrss`` elsewhere). The peak is
-    the whole process (interpreter and libraries included); ``model_mb`` = peak - the RSS
-    before the bundle was opened, i.e. what opening and running this bundle added.
-
-    Returns:
-        ``{"peak_rss_mb", "baseline_rss_mb", "model_mb", "source", "batch", "sequence"}``,
-        or ``{"error": ...}`` when the child failed (the benchmark goes on).
-    """
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", _PROBE, str(path), str(batch), str(sequence),
-               str(threads or 0), str(runs)]
-    try:
-        completed = subprocess.run(
-            command, capture_output=True, text=True, env=env, timeout=timeout_s, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"memory probe timed out after {timeout_s:.0f} s"}
-    if completed.returncode != 0:
-        last = (completed.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"memory probe failed: {last}"}
-    return json.loads(completed.stdout.strip().splitlines()[-1])
