@@ -186,19 +186,8 @@ class LinformerSelfAttention(nn.Module):
 class StandardSelfAttention(nn.Module):
     """Multi-head softmax self-attention with ``LinformerSelfAttention``'s call signature.
 
-<<<<<<< HEAD
     Written with ``scaled_dot_product_attention`` so that the exported graph fuses into one
     attention kernel: a fair dense baseline.
-=======
-    Written with ``scaled_dot_product_attention`` so that the exported graph is the one
-    ``lrt_deploy.export.passes.attention_mask`` (and ONNX Runtime) fuses into one attention kernel,
-    which makes it a fair dense baseline.
-
-    Args:
-        hidden_size: Width of the input and output.
-        num_heads: Attention heads; must divide ``hidden_size``.
-        bias: Whether the query, key, value and output maps have biases.
->>>>>>> passes
     """
 
     def __init__(self, hidden_size: int, num_heads: int, bias: bool = True) -> None:
