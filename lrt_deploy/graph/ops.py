@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["INLINE_LIMIT", "count_changes", "cpu_session", "default_opset", "model_bytes",
-           "op_counts"]
+           "op_counts", "with_outputs"]
 
 
 def op_counts(path: str | Path) -> Counter[str]:
@@ -65,3 +65,17 @@ def cpu_session(model: Any, scratch: str | Path) -> Any:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(model.SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
+
+
+def with_outputs(model: Any, names: list[str]) -> Any:
+    """A copy of the ``onnx.ModelProto`` ``model`` that also returns the float tensors ``names``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    outputs = {value.name for value in copy.graph.output}
+    for name in names:
+        if name not in outputs:
+            copy.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return copy
