@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from lrt_deploy.graph.ops import weighted_nodes
 from lrt_deploy.graph.passes import PassContext, PassResult
 from lrt_deploy.quant.rules import int8_weight_scale, uint8_grid
 
@@ -54,20 +55,6 @@ class NodeDamage:
         """JSON-ready fields."""
         return {"node": self.node, "mean_cosine": self.mean_cosine,
                 "worst_cosine": self.worst_cosine}
-
-
-def _probed(model: Any) -> list[tuple[Any, np.ndarray]]:
-    """The MatMuls with a constant 2-D float weight, with that weight."""
-    from lrt_deploy.graph.index import GraphIndex
-
-    index = GraphIndex(model.graph)
-    found = []
-    for node in model.graph.node:
-        weight = (index.constant(node.input[1])
-                  if node.op_type == "MatMul" and len(node.input) == 2 else None)
-        if weight is not None and weight.ndim == 2 and np.issubdtype(weight.dtype, np.floating):
-            found.append((node, weight))
-    return found
 
 
 def activation_ranges(model: Any, calibration: Iterable[Mapping[str, np.ndarray]],
@@ -129,7 +116,7 @@ def build_probe(model: Any, per_channel: bool = True, weight_grid: str = "pair-s
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
-    weights = {node.output[0]: weight for node, weight in _probed(model)}
+    weights = {node.output[0]: weight for node, weight in weighted_nodes(model)}
     nodes: list[Any] = []
     probed: list[str] = []
     extra_inits: list[Any] = []
@@ -204,7 +191,7 @@ def rank_int8_damage(
     ranges = None
     if activations == "static":
         ranges = activation_ranges(model, calibration,
-                                   [node.input[0] for node, _ in _probed(model)])
+                                   [node.input[0] for node, _ in weighted_nodes(model)])
     probed = build_probe(model, per_channel, weight_grid, ranges)
     if not probed:
         return []

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from lrt_deploy.graph.ops import INLINE_LIMIT
+from lrt_deploy.graph.ops import INLINE_LIMIT, weighted_nodes
 from lrt_deploy.graph.passes import PassContext, PassResult
 from lrt_deploy.quant.rules import (
     CALIBRATION_ROWS,
@@ -68,23 +68,6 @@ class SmoothingResult:
         return {"nodes": list(self.nodes), "inputs": self.inputs, "channels": self.channels,
                 "largest_scale": self.largest_scale, "ratio": self.ratio,
                 "target": self.target, "rows": self.rows, "skipped": self.skipped}
-
-
-def _weighted_nodes(model: Any) -> list[tuple[Any, np.ndarray]]:
-    from lrt_deploy.graph.index import GraphIndex
-
-    index = GraphIndex(model.graph)
-    found = []
-    for node in model.graph.node:
-        if node.op_type not in _WEIGHTED_OPS or len(node.input) < 2:
-            continue
-        if node.op_type == "MatMul" and len(node.input) != 2:
-            continue
-        weight = index.constant(node.input[1])
-        if (weight is not None and weight.ndim == 2
-                and np.issubdtype(weight.dtype, np.floating)):
-            found.append((node, weight))
-    return found
 
 
 def _used_names(graph: Any) -> set[str]:
@@ -155,7 +138,7 @@ def smooth_outlier_channels(
 
     check_thresholds(ratio, target_ratio)
     model = onnx.load(str(source))
-    weighted = _weighted_nodes(model)
+    weighted = weighted_nodes(model, _WEIGHTED_OPS)
     result = SmoothingResult(ratio=ratio, target=target_ratio)
     names = sorted({node.input[0] for node, _ in weighted})
     peaks, result.rows = (input_channel_peaks(model, calibration, names, max_rows=max_rows)
