@@ -83,6 +83,7 @@ def test_applying_writes_the_graph_and_the_record_only(tmp_path: Path, recipe: o
         assert record["smoothing"]["channels"] >= 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx", "model.onnx"]
     assert any("keeping the 1 MatMuls" in line for line in lines)
+    assert any(line.startswith("quantising dense to") for line in lines)
 
 
 def test_smoothing_without_calibration_is_recorded_as_skipped(tmp_path: Path) -> None:

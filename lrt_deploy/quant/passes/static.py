@@ -145,6 +145,7 @@ class StaticInt8Pass:
 
     def run(self, model: Path, context: PassContext) -> PassResult:
         """Quantise ``model`` into ``context.output``."""
+        context.progress(f"quantising {context.label} to static int8 QDQ (calibrated)")
         result = quantize_static_int8(model, context.output, context.calibration,
                                       per_channel=self.per_channel,
                                       nodes_to_exclude=list(self.keep_float),
