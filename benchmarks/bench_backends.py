@@ -285,7 +285,7 @@ def _layer_probe(work: Path, seq: int, ranks: list[int], runs: int, wasm_runs: i
     from interleave import interleaved_latency
     from onnx import TensorProto, helper, numpy_helper
 
-    from lrt_deploy.quant.passes.quantize import quantize_int8
+    from lrt_deploy.quant.passes.dynamic import quantize_int8
 
     rng = np.random.default_rng(0)
     rows = []

@@ -59,7 +59,7 @@ def _quantize(source: Path, target: Path, grid: str) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from lrt_deploy._logs import quiet_loggers
-    from lrt_deploy.quant.passes.quantize import quantize_int8
+    from lrt_deploy.quant.passes.dynamic import quantize_int8
 
     if grid in ("full-range", "pair-safe"):
         quantize_int8(source, target, weight_grid=grid)

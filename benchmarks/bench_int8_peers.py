@@ -76,7 +76,7 @@ def _olive_like(loaded: Any, folder: Path) -> Path:
 def _ours(loaded: Any, folder: Path, tag: str, check: dict[str, np.ndarray]) -> tuple[Path, Path]:
     from lrt_deploy.export.onnx_export import export_onnx
     from lrt_deploy.export.passes.fusion import fuse_transformer
-    from lrt_deploy.quant.passes.quantize import quantize_int8
+    from lrt_deploy.quant.passes.dynamic import quantize_int8
 
     raw = export_onnx(loaded, folder / f"{tag}.raw.onnx")
     heads, hidden = loaded.attention_shape

@@ -74,7 +74,7 @@ def export_int8(model: Any, work: Path, key: str) -> tuple[Path, Path]:
     from lrt_deploy.export.onnx_export import export_onnx
     from lrt_deploy.export.passes.fusion import fuse_transformer
     from lrt_deploy.export.targets import Target
-    from lrt_deploy.quant.passes.quantize import quantize_int8
+    from lrt_deploy.quant.passes.dynamic import quantize_int8
     from lrt_deploy.quant.recipes import DynamicInt8
 
     target = Target.from_name("cpu", precision=DynamicInt8())
@@ -94,7 +94,7 @@ def export_int4(model: Any, work: Path, key: str, block_size: int = 32) -> Path:
     blocks (``MatMulNBits``, ``GatherBlockQuantized``). Reuses ``export_int8``'s raw graph."""
     from lrt_deploy.export.passes.fusion import fuse_transformer
     from lrt_deploy.export.targets import Target
-    from lrt_deploy.quant.passes.quantize import quantize_weights_4bit
+    from lrt_deploy.quant.passes.weight_only import quantize_weights_4bit
     from lrt_deploy.quant.recipes import Int4WeightOnly
 
     target = Target.from_name("cpu", precision=Int4WeightOnly(block=block_size))

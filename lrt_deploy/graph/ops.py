@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["INLINE_LIMIT", "count_changes", "cpu_session", "default_opset", "model_bytes",
-           "op_counts"]
+           "op_counts", "weighted_nodes", "with_outputs"]
 
 
 def op_counts(path: str | Path) -> Counter[str]:
@@ -65,3 +65,36 @@ def cpu_session(model: Any, scratch: str | Path) -> Any:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(model.SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
+
+
+def with_outputs(model: Any, names: list[str]) -> Any:
+    """A copy of the ``onnx.ModelProto`` ``model`` that also returns the float tensors ``names``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    outputs = {value.name for value in copy.graph.output}
+    for name in names:
+        if name not in outputs:
+            copy.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return copy
+
+
+def weighted_nodes(model: Any, op_types: tuple[str, ...] = ("MatMul",)) -> list[tuple[Any, Any]]:
+    """(node, weight) of each ``op_types`` node whose input 1 is a constant 2-D float weight."""
+    import numpy as np
+
+    from lrt_deploy.graph.index import GraphIndex
+
+    index = GraphIndex(model.graph)
+    found = []
+    for node in model.graph.node:
+        if node.op_type not in op_types or len(node.input) < 2:
+            continue
+        if node.op_type == "MatMul" and len(node.input) != 2:
+            continue
+        weight = index.constant(node.input[1])
+        if weight is not None and weight.ndim == 2 and np.issubdtype(weight.dtype, np.floating):
+            found.append((node, weight))
+    return found

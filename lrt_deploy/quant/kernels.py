@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.devices import DEVICE_CLASSES
+from lrt_deploy.quant.rules import SAFE_PAIR_BOUND, adjacent_pairs, pair_peaks
+from lrt_deploy.runtime.devices import DEVICE_CLASSES
 
 __all__ = [
     "SAFE_PAIR_BOUND",
@@ -35,9 +36,6 @@ __all__ = [
     "pair_peaks",
     "saturation_by_node",
 ]
-
-SAFE_PAIR_BOUND = 128
-"""Largest pair bound that cannot saturate: ``255 * 128 <= 32767`` and ``-255 * 128 >= -32768``."""
 
 _INT16_MIN, _INT16_MAX = -32768, 32767
 _CHUNK_ELEMENTS = 1 << 22
@@ -65,41 +63,14 @@ def _b_zero_point(zb: np.ndarray, b: np.ndarray) -> np.ndarray:
     return zb
 
 
-def _pairs(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Even and odd slices of ``x`` along ``axis`` (integers as int32, floats kept), an odd
-    length padded with a zero."""
-    x = x.astype(np.int32) if x.dtype.kind in "iub" else x
-    if x.shape[axis] % 2:
-        pad = [(0, 0)] * x.ndim
-        pad[axis] = (0, 1)
-        x = np.pad(x, pad)
-    even = np.take(x, np.arange(0, x.shape[axis], 2), axis=axis)
-    odd = np.take(x, np.arange(1, x.shape[axis], 2), axis=axis)
-    return even, odd
-
-
-def _pair_sums(w0: np.ndarray, w1: np.ndarray) -> np.ndarray:
-    """Per pair, the larger of its positive-part sum and its negative-part magnitude sum."""
-    pos = np.maximum(w0, 0) + np.maximum(w1, 0)
-    neg = np.maximum(-w0, 0) + np.maximum(-w1, 0)
-    return np.maximum(pos, neg)
-
-
-def pair_peaks(values: np.ndarray, axis: int = 0) -> np.ndarray:
-    """Per adjacent pair ``(2j, 2j+1)`` along ``axis`` (an odd length padded with 0), the larger
-    of its positive-part sum and negative-part magnitude sum (int32 for integers, else the
-    values' float type): what a pair can put into the int16 accumulator, per unit activation."""
-    return _pair_sums(*_pairs(np.asarray(values), axis))
-
-
 def _saturation_excess(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``sum_j sat16(t_j) - t_j`` over the K pairs ``t_j = a_2j * b_2j + a_2j+1 * b_2j+1`` of the
     raw operands: what the saturating kernel adds to the exact product (int64, output shape)."""
-    a0, a1 = _pairs(a, -1)
-    b0, b1 = _pairs(b, -2)
+    a0, a1 = adjacent_pairs(a, -1)
+    b0, b1 = adjacent_pairs(b, -2)
     out_shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
     excess = np.zeros(out_shape, np.int64)
-    unsafe = _pair_sums(b0, b1) > SAFE_PAIR_BOUND
+    unsafe = pair_peaks(b, -2) > SAFE_PAIR_BOUND
     pairs = np.flatnonzero(unsafe.reshape(-1, *unsafe.shape[-2:]).any(axis=(0, 2)))
     if pairs.size == 0:
         return excess
@@ -285,10 +256,9 @@ def _qdq_matmuls(model, constants, types) -> list[IntegerNode]:
 
 def integer_nodes(model) -> list[IntegerNode]:
     """Every node of ``model`` (a ModelProto or path) that runs an integer GEMM in onnxruntime's
-    CPU provider, with its weight's pair bound. Weight-only nodes are not listed: MatMulNBits,
-    and DQ(int8 const) -> MatMul with a float activation, which ORT (extended level) fuses into
-    MatMulNBits bits=8, accuracy_level=4: activations rounded to int8 per block of 32 (a small
-    rounding error on every device), no pair saturation (checked with full-range weights)."""
+    CPU provider, with its weight's pair bound. Weight-only nodes (MatMulNBits, and
+    DequantizeLinear(int8 const) -> MatMul on a float activation, which onnxruntime fuses into
+    MatMulNBits) are not listed: they do not saturate."""
     import onnx
 
     if isinstance(model, (str, Path)):

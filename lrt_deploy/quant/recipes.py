@@ -1,12 +1,9 @@
-"""Precision recipes: typed configs, each owning its validation and the pass that applies it.
+"""Precision recipes: frozen, self-validating configs, each mapped to the graph passes that
+apply it.
 
-In the style of torchao's config-type -> handler registry: a recipe is a frozen dataclass
-(:class:`Float16`, :class:`DynamicInt8`, :class:`StaticInt8`, :class:`Int8WeightOnly`,
-:class:`Int4WeightOnly`) that
-checks its own fields, round-trips through a dict (the manifest records it), and has one
-handler registered for its type. :func:`apply_precision` looks the handler up, so the build
-applies whichever recipe a target holds without a chain of conditions, and a new precision is
-one dataclass plus one ``@register_precision`` function.
+A recipe round-trips through a dict (the manifest records it); ``@register_precision`` maps its
+type to ``passes(recipe) -> [GraphPass, ...]`` and :func:`apply_precision` runs that list, so a
+new precision is one dataclass plus one registered function.
 """
 
 from __future__ import annotations
@@ -21,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from lrt_deploy.errors import LrtDeployError
+from lrt_deploy.graph.passes import GraphPass, PassContext, run_passes
 
 __all__ = [
     "DynamicInt8",
@@ -32,6 +30,7 @@ __all__ = [
     "StaticInt8",
     "apply_precision",
     "precision_from_dict",
+    "precision_passes",
     "register_precision",
 ]
 
@@ -54,7 +53,7 @@ class Precision:
         packs_qkv: Whether the fp32 graph it starts from may pack dense Q/K/V into one
             ``Attention`` (whose weight only the int8 quantiser can still reach).
         uses_calibration: True when the pass does better with calibration inputs but runs
-            without them (a non-text model given no ``.npz``).
+            without them.
     """
 
     kind: ClassVar[str] = ""
@@ -88,16 +87,13 @@ class DynamicInt8(Precision):
     """Dynamic int8: int8 weights, activations quantised at run time (``quantize_int8``).
 
     Attributes:
-        per_channel: One scale per output channel (keeps MiniLM at ~0.99 cosine, where one
-            scale per tensor drops it to ~0.96).
+        per_channel: One weight scale per output channel (else one per tensor).
         exclude_sensitive: Keep this many MatMuls fp32: those whose int8 alone lowers the
             model output's cosine most on the calibration data (``rank_int8_damage``).
         smooth: Scale outlier input channels into the weights first
-            (``smooth_outlier_channels``: one ``Mul`` per such input), measured on the
-            calibration data; skipped, and said so, when a model has none.
+            (``smooth_outlier_channels``); recorded as skipped without calibration data.
         weight_grid: ``pair-safe`` (exact on every device class) or ``full-range``
-            ([-127, 127]; wrong on x86 AVX2 / AVX-512 without VNNI), see
-            :mod:`lrt_deploy.quant.rules`.
+            (saturates on x86 AVX2 / AVX-512 without VNNI), see :mod:`lrt_deploy.quant.rules`.
     """
 
     kind: ClassVar[str] = "dynamic-int8"
@@ -109,7 +105,7 @@ class DynamicInt8(Precision):
 
     def __post_init__(self) -> None:
         _check_bool(self.per_channel, "DynamicInt8.per_channel")
-        _check_count(self.exclude_sensitive)
+        _check_count(self.exclude_sensitive, "DynamicInt8.exclude_sensitive")
         _check_bool(self.smooth, "DynamicInt8.smooth")
         _check_grid(self.weight_grid, "DynamicInt8.weight_grid")
 
@@ -132,8 +128,8 @@ class StaticInt8(Precision):
 
     Attributes:
         per_channel: One weight scale per output channel.
-        exclude_sensitive: Keep this many MatMuls, those int8 hurts most on the calibration
-            data (``find_sensitive_nodes``), in fp32.
+        exclude_sensitive: Keep this many MatMuls fp32: those whose static int8 alone lowers
+            the model output's cosine most on the calibration data (``rank_int8_damage``).
         weight_grid: As for :class:`DynamicInt8`.
     """
 
@@ -146,7 +142,7 @@ class StaticInt8(Precision):
 
     def __post_init__(self) -> None:
         _check_bool(self.per_channel, "StaticInt8.per_channel")
-        _check_count(self.exclude_sensitive)
+        _check_count(self.exclude_sensitive, "StaticInt8.exclude_sensitive")
         _check_grid(self.weight_grid, "StaticInt8.weight_grid")
 
     def describe(self) -> str:
@@ -155,10 +151,8 @@ class StaticInt8(Precision):
 
 @dataclass(frozen=True)
 class Int8WeightOnly(Precision):
-    """Int8 weights dequantised by ``DequantizeLinear``, activations float
-    (``quantize_weights_int8``): as small as dynamic int8, and the same embeddings in every
-    ONNX Runtime build (WebAssembly included), since no activation is rounded at run time.
-    """
+    """Int8 weights, activations float (``quantize_weights_int8``): no activation is rounded at
+    run time, so every onnxruntime build gives the same outputs up to float rounding."""
 
     kind: ClassVar[str] = "int8-weight-only"
     suffix: ClassVar[str] = "int8"
@@ -169,14 +163,13 @@ class Int8WeightOnly(Precision):
 
 @dataclass(frozen=True)
 class Int4WeightOnly(Precision):
-    """4-bit weight-only ``MatMulNBits`` in blocks along the input dimension
-    (``quantize_weights_4bit``); activations stay float, no calibration needed. Its fp32 graph
-    keeps Q/K/V as three MatMuls (``packs_qkv`` False) so they are 4-bit too.
+    """4-bit weight-only ``MatMulNBits`` blocks along the input dimension
+    (``quantize_weights_4bit``); Q/K/V stay three MatMuls (``packs_qkv`` False) so they are 4-bit.
 
     Attributes:
         block: Weights per scale; a power of two >= 16 (ONNX Runtime's kernel requires it).
         embeddings: Embedding tables to 4-bit blocks along the hidden dimension too
-            (``GatherBlockQuantized``): half of a small encoder's weights are its tables.
+            (``GatherBlockQuantized``).
     """
 
     kind: ClassVar[str] = "int4-weight-only"
@@ -190,9 +183,9 @@ class Int4WeightOnly(Precision):
         if (isinstance(block, bool) or not isinstance(block, int) or block < 16
                 or block & (block - 1)):
             raise LrtDeployError(
-                f"Int4WeightOnly block must be a power of two >= 16, got {block!r}: e.g. 32"
+                f"Int4WeightOnly.block must be a power of two >= 16, got {block!r}: e.g. 32"
             )
-        _check_bool(self.embeddings, "Int4WeightOnly embeddings")
+        _check_bool(self.embeddings, "Int4WeightOnly.embeddings")
 
     def describe(self) -> str:
         tables = " and embedding tables (GatherBlockQuantized)" if self.embeddings else ""
@@ -201,13 +194,8 @@ class Int4WeightOnly(Precision):
 
 @dataclass(frozen=True)
 class PrecisionContext:
-    """Plain values a precision pass may need besides its source and destination.
-
-    Attributes:
-        calibration: Named input arrays per batch (recipes with ``needs_calibration``).
-        label: Which model this is (``dense``, ``LRT``), for progress lines.
-        progress: Called with a short line as the pass starts and at notable steps.
-    """
+    """What a precision's passes may use besides their input graph: calibration batches, the
+    model's label for progress lines, and the progress callback."""
 
     calibration: Sequence[Mapping[str, np.ndarray]] = ()
     label: str = "model"
@@ -215,40 +203,54 @@ class PrecisionContext:
 
 
 _P = TypeVar("_P", bound=Precision)
-Handler = Callable[[Any, Path, Path, PrecisionContext], dict[str, Any]]
-_HANDLERS: dict[type[Precision], Handler] = {}
+PassList = Callable[[Any], list[GraphPass]]
+_PASSES: dict[type[Precision], PassList] = {}
 _KINDS: dict[str, type[Precision]] = {}
 
 
 def register_precision(
     config_type: type[_P],
-) -> Callable[[Callable[[_P, Path, Path, PrecisionContext], dict[str, Any]]], Handler]:
-    """Register the pass for ``config_type``: ``handler(recipe, source, target, context)``
-    writes ``target`` from the fp32 graph ``source`` and returns what it did (a dict)."""
+) -> Callable[[Callable[[_P], list[GraphPass]]], PassList]:
+    """Register ``passes(recipe) -> [GraphPass, ...]``, the passes that apply ``config_type``."""
 
-    def decorate(handler: Handler) -> Handler:
-        _HANDLERS[config_type] = handler
+    def decorate(passes: PassList) -> PassList:
+        _PASSES[config_type] = passes
         _KINDS[config_type.kind] = config_type
-        return handler
+        return passes
 
     return decorate
+
+
+def precision_passes(precision: Precision) -> list[GraphPass]:
+    """The graph passes that apply ``precision``, in order."""
+    passes = _PASSES.get(type(precision))
+    if passes is None:
+        raise LrtDeployError(
+            f"no precision pass is registered for {type(precision).__name__}: register one "
+            "with lrt_deploy.quant.recipes.register_precision"
+        )
+    return passes(precision)
 
 
 def apply_precision(
     precision: Precision, source: Path, target: Path, context: PrecisionContext
 ) -> dict[str, Any]:
-    """Apply ``precision``'s registered pass to ``source``, writing ``target``.
-
-    Raises:
-        LrtDeployError: No pass is registered for the recipe's type.
-    """
-    handler = _HANDLERS.get(type(precision))
-    if handler is None:
-        raise LrtDeployError(
-            f"no precision pass is registered for {type(precision).__name__}: register one "
-            "with lrt_deploy.quant.recipes.register_precision"
-        )
-    return handler(precision, Path(source), Path(target), context)
+    """Run ``precision``'s passes from ``source`` to ``target``; returns the manifest record
+    (the last pass's, with the records of the passes before it that have a ``record_as`` key)."""
+    source, target = Path(source), Path(target)
+    passes = precision_passes(precision)
+    results = run_passes(passes, source, PassContext(
+        output=target, label=context.label, calibration=context.calibration,
+        progress=context.progress))
+    record = results[-1].to_dict()
+    for graph_pass, result in zip(passes[:-1], results[:-1], strict=True):
+        key = getattr(graph_pass, "record_as", None)
+        if key:
+            record[key] = result.to_dict()
+        if result.output not in (source, target):
+            for path in (result.output, result.output.with_name(result.output.name + ".data")):
+                path.unlink(missing_ok=True)
+    return record
 
 
 def _check_grid(grid: object, what: str) -> None:
@@ -261,12 +263,9 @@ def _check_grid(grid: object, what: str) -> None:
         )
 
 
-def _check_count(count: object) -> None:
+def _check_count(count: object, what: str) -> None:
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise LrtDeployError(
-            f"exclude_sensitive is a count of MatMuls >= 0, got {count!r}: e.g. "
-            "--exclude-sensitive 6"
-        )
+        raise LrtDeployError(f"{what} is a count of MatMuls >= 0, got {count!r}: e.g. 6")
 
 
 def precision_from_dict(data: Mapping[str, Any] | None) -> Precision | None:
@@ -284,110 +283,64 @@ def precision_from_dict(data: Mapping[str, Any] | None) -> Precision | None:
     unknown = sorted(set(fields) - known)
     if unknown:
         raise LrtDeployError(f"unknown {config_type.__name__} fields {unknown}")
-    if config_type is Int4WeightOnly:
-        # Written before the tables were quantised too: those int4 bundles kept them float.
-        fields.setdefault("embeddings", False)
-    if config_type is DynamicInt8:
-        # Written before outlier smoothing: those int8 bundles were quantised plainly.
-        fields.setdefault("smooth", False)
-    if config_type in (DynamicInt8, StaticInt8):
-        # Written before the pair-safe grid: those weights span [-127, 127].
-        fields.setdefault("weight_grid", "full-range")
+    # Fields a manifest may lack, with the value such a manifest's bundle was built with.
+    for field_name, value in _OMITTED_MEANS.get(config_type, {}).items():
+        fields.setdefault(field_name, value)
     return config_type(**fields)
 
 
 @register_precision(Float16)
-def _float16(recipe: Float16, source: Path, target: Path, context: PrecisionContext) -> dict:
-    from lrt_deploy.quant.passes.float16 import convert_float16
+def _float16(recipe: Float16) -> list[GraphPass]:
+    from lrt_deploy.quant.passes.float16 import Float16Pass
 
-    context.progress(f"converting {context.label} to fp16 (LayerNorm/Softmax kept fp32)")
-    return convert_float16(source, target).to_dict()
+    return [Float16Pass()]
 
 
 @register_precision(DynamicInt8)
-def _dynamic_int8(
-    recipe: DynamicInt8, source: Path, target: Path, context: PrecisionContext
-) -> dict:
-    import tempfile
+def _dynamic_int8(recipe: DynamicInt8) -> list[GraphPass]:
+    from lrt_deploy.quant.passes.dynamic import DynamicInt8Pass
+    from lrt_deploy.quant.passes.sensitivity import ExcludeSensitive
+    from lrt_deploy.quant.passes.smoothing import SmoothingPass
 
-    from lrt_deploy.quant.passes.quantize import quantize_int8
-    from lrt_deploy.quant.passes.sensitivity import rank_int8_damage
-    from lrt_deploy.quant.passes.smoothing import SmoothingResult, smooth_outlier_channels
-
-    with tempfile.TemporaryDirectory(prefix="lrt-int8-", dir=target.parent) as scratch:
-        smoothing = None
-        if recipe.smooth and context.calibration:
-            context.progress(f"measuring {context.label}'s MatMul input channels for outliers")
-            smoothed = Path(scratch) / "smoothed.onnx"
-            smoothing = smooth_outlier_channels(source, smoothed, context.calibration)
-            source = smoothed
-            context.progress(
-                f"smoothed {smoothing.channels} outlier channels on {smoothing.inputs} inputs "
-                f"({len(smoothing.nodes)} MatMuls)")
-        elif recipe.smooth:
-            smoothing = SmoothingResult(skipped="no calibration data: a non-text model needs "
-                                                "--calibration inputs.npz")
-            context.progress(f"outlier smoothing skipped: {smoothing.skipped}")
-        excluded: list[str] = []
-        if recipe.exclude_sensitive:
-            context.progress(
-                f"measuring what int8 of each MatMul alone does to {context.label}'s output")
-            ranked = rank_int8_damage(source, context.calibration,
-                                      per_channel=recipe.per_channel,
-                                      weight_grid=recipe.weight_grid, progress=context.progress)
-            excluded = [entry.node for entry in ranked[: recipe.exclude_sensitive]]
-            context.progress(
-                f"keeping the {len(excluded)} MatMuls int8 hurts most fp32 (alone, mean cosine "
-                + ", ".join(f"{entry.mean_cosine:.4f}" for entry in ranked[: len(excluded)])
-                + ")"
-            )
-        context.progress(
-            f"quantising {context.label} to int8 (per_channel={recipe.per_channel})")
-        details = quantize_int8(source, target, per_channel=recipe.per_channel,
-                                nodes_to_exclude=excluded,
-                                weight_grid=recipe.weight_grid).to_dict()
-    if smoothing is not None:
-        details["smoothing"] = smoothing.to_dict()
-    return details
+    kept: list[str] = []
+    return [
+        *([SmoothingPass()] if recipe.smooth else []),
+        *([ExcludeSensitive(recipe.exclude_sensitive, kept, recipe.per_channel,
+                            recipe.weight_grid)] if recipe.exclude_sensitive else []),
+        DynamicInt8Pass(recipe.per_channel, recipe.weight_grid, keep_float=kept),
+    ]
 
 
 @register_precision(StaticInt8)
-def _static_int8(
-    recipe: StaticInt8, source: Path, target: Path, context: PrecisionContext
-) -> dict:
-    from lrt_deploy.quant.passes.quantize import find_sensitive_nodes, quantize_static_int8
+def _static_int8(recipe: StaticInt8) -> list[GraphPass]:
+    from lrt_deploy.quant.passes.sensitivity import ExcludeSensitive
+    from lrt_deploy.quant.passes.static import StaticInt8Pass
 
-    context.progress(f"quantising {context.label} to static int8 QDQ (calibrated)")
-    calibration = list(context.calibration)
-    excluded: list[str] = []
-    if recipe.exclude_sensitive:
-        ranked = find_sensitive_nodes(source, calibration)
-        excluded = [entry.node for entry in ranked[: recipe.exclude_sensitive]]
-        context.progress(
-            f"keeping the {len(excluded)} most int8-sensitive MatMuls of {context.label} fp32"
-        )
-    return quantize_static_int8(
-        source, target, calibration, per_channel=recipe.per_channel, nodes_to_exclude=excluded,
-        weight_grid=recipe.weight_grid,
-    ).to_dict()
+    kept: list[str] = []
+    return [
+        *([ExcludeSensitive(recipe.exclude_sensitive, kept, recipe.per_channel,
+                            recipe.weight_grid, activations="static")]
+          if recipe.exclude_sensitive else []),
+        StaticInt8Pass(recipe.per_channel, recipe.weight_grid, keep_float=kept),
+    ]
 
 
 @register_precision(Int8WeightOnly)
-def _int8_weight_only(
-    recipe: Int8WeightOnly, source: Path, target: Path, context: PrecisionContext
-) -> dict:
-    from lrt_deploy.quant.passes.quantize import quantize_weights_int8
+def _int8_weight_only(recipe: Int8WeightOnly) -> list[GraphPass]:
+    from lrt_deploy.quant.passes.weight_only import Int8WeightOnlyPass
 
-    context.progress(f"quantising {context.label} weights to int8 (weight-only)")
-    return quantize_weights_int8(source, target).to_dict()
+    return [Int8WeightOnlyPass()]
 
 
 @register_precision(Int4WeightOnly)
-def _int4_weight_only(
-    recipe: Int4WeightOnly, source: Path, target: Path, context: PrecisionContext
-) -> dict:
-    from lrt_deploy.quant.passes.quantize import quantize_weights_4bit
+def _int4_weight_only(recipe: Int4WeightOnly) -> list[GraphPass]:
+    from lrt_deploy.quant.passes.weight_only import Int4WeightOnlyPass
 
-    context.progress(f"quantising {context.label} to {recipe.describe()}")
-    return quantize_weights_4bit(source, target, block_size=recipe.block,
-                                 embeddings=recipe.embeddings).to_dict()
+    return [Int4WeightOnlyPass(recipe.block, recipe.embeddings)]
+
+
+_OMITTED_MEANS: dict[type[Precision], dict[str, Any]] = {
+    Int4WeightOnly: {"embeddings": False},
+    DynamicInt8: {"smooth": False, "weight_grid": "full-range"},
+    StaticInt8: {"weight_grid": "full-range"},
+}

@@ -1,22 +1,11 @@
-"""Quantisation in the healing loop: the student computes as the exported int8 or 4-bit graph
-will, so healing absorbs the rounding the export adds as well as the truncation.
+"""The export's rounding in torch, for quantisation-aware healing: each ``nn.Linear`` and
+``nn.Embedding`` computes on fake-quantised values (rounded to the export's grid, scaled back,
+straight-through gradient), so training moves the float weights the export will round.
 
-Each ``nn.Linear`` (the factors of a low-rank pair included) and ``nn.Embedding`` of the student
-runs on fake-quantised values: rounded to the integer grid ONNX Runtime's quantisers use, then
-scaled back to float, with a straight-through gradient (the rounding's gradient taken as 1), so
-Adam still moves the float weights the export will round.
-
-``"int8"`` mirrors :func:`lrt_deploy.quant.passes.quantize.quantize_int8` (dynamic, per channel):
-weights int8 symmetric per output channel on the export's grid (``pair-safe``, see
-:mod:`lrt_deploy.quant.rules`, or ``full-range`` ``[-127, 127]``), each MatMul's input uint8 with a
-scale and zero point taken from that tensor's own range at run time (``DynamicQuantizeLinear``),
-embedding tables int8 symmetric per tensor; with ``smooth`` it mirrors the export's outlier
-smoothing too (:mod:`lrt_deploy.quant.passes.smoothing`): outlier input channels, found on the
-export's calibration rows by the same rule (:func:`lrt_deploy.quant.outliers.outlier_scales`),
-are divided by a power of two before the input is rounded, and the weight columns reading
-them multiplied by it before the weight is. ``"int4"`` mirrors 4-bit weight-only
-``MatMulNBits`` / ``GatherBlockQuantized`` (symmetric blocks of ``block`` values along the input
-dimension of a weight and along the hidden dimension of a table; activations stay float).
+``"int8"`` is dynamic int8: weights per output channel on the export's int8 grid, tables per
+tensor, each Linear's input uint8 over its own range; with ``smooth`` the outlier channels are
+scaled first. ``"int4"`` is 4-bit weight-only blocks. The scales are torch mirrors of
+:mod:`lrt_deploy.quant.rules`, kept equal to it by tests.
 """
 
 from __future__ import annotations
@@ -31,8 +20,13 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from lrt_deploy.quant.outliers import CALIBRATION_ROWS, channel_peak, outlier_scales
-from lrt_deploy.quant.rules import INT8_WEIGHT_GRIDS
+from lrt_deploy.quant.rules import (
+    CALIBRATION_ROWS,
+    INT8_WEIGHT_GRIDS,
+    SAFE_PAIR_BOUND,
+    channel_peak,
+    outlier_scales,
+)
 
 __all__ = [
     "QUANTIZATIONS",
@@ -41,6 +35,8 @@ __all__ = [
     "fake_int8_per_channel",
     "fake_int8_per_tensor",
     "fake_uint8_dynamic",
+    "int4_block_scale",
+    "int8_row_scale",
     "pair_safe_row_scale",
     "quantization_aware",
     "smoothing_scales",
@@ -57,10 +53,9 @@ class FakeQuantization:
     Attributes:
         kind: ``"int8"`` (dynamic int8, per-channel weights) or ``"int4"`` (4-bit weights).
         block: Values per scale for ``"int4"`` (the export's block size).
-        smooth: ``"int8"`` only: the export smooths outlier input channels first (its
-            default); the scales are measured by :func:`smoothing_scales`.
-        weight_grid: ``"int8"`` only: the export's int8 weight grid (``pair-safe`` or
-            ``full-range``).
+        smooth: ``"int8"`` only: outlier input channels are smoothed first
+            (scales from :func:`smoothing_scales`).
+        weight_grid: ``"int8"`` only: one of :data:`lrt_deploy.quant.rules.INT8_WEIGHT_GRIDS`.
     """
 
     kind: str = "int8"
@@ -93,38 +88,43 @@ def _straight_through(value: torch.Tensor, rounded: torch.Tensor) -> torch.Tenso
     return value + (rounded - value).detach()
 
 
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
 def pair_safe_row_scale(weight: torch.Tensor) -> torch.Tensor:
-    """Per output row of ``weight`` (out x in), the pair-safe int8 scale of
-    :func:`lrt_deploy.quant.rules.pair_safe_scale` (pairs along the input axis)."""
+    """Per output row of ``weight`` (out x in): :func:`lrt_deploy.quant.rules.pair_safe_scale`."""
     values = weight.detach()
     if values.shape[1] % 2:
         values = functional.pad(values, (0, 1))
     even, odd = values[:, 0::2], values[:, 1::2]
     positive = even.clamp(min=0) + odd.clamp(min=0)
     negative = (-even).clamp(min=0) + (-odd).clamp(min=0)
-    pairs = torch.maximum(positive, negative).amax(dim=1, keepdim=True) / 128.0
-    return torch.maximum(values.abs().amax(dim=1, keepdim=True) / 127.0, pairs).clamp(min=1e-12)
+    pairs = torch.maximum(positive, negative).amax(dim=1, keepdim=True) / SAFE_PAIR_BOUND
+    return _nonzero(torch.maximum(values.abs().amax(dim=1, keepdim=True) / 127.0, pairs))
+
+
+def int8_row_scale(weight: torch.Tensor, weight_grid: str = "pair-safe") -> torch.Tensor:
+    """Per output row of ``weight`` (out x in): :func:`lrt_deploy.quant.rules.int8_weight_scale`."""
+    if weight_grid == "pair-safe":
+        return pair_safe_row_scale(weight)
+    return _nonzero(weight.detach().abs().amax(dim=1, keepdim=True) / 127.0)
 
 
 def fake_int8_per_channel(weight: torch.Tensor, weight_grid: str = "pair-safe") -> torch.Tensor:
-    """``weight`` (out x in) through symmetric int8 with one scale per output row, on the
-    export's grid (``pair-safe`` or ``full-range``)."""
-    if weight_grid == "pair-safe":
-        scale = pair_safe_row_scale(weight)
-    else:
-        scale = weight.detach().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+    """``weight`` (out x in) through int8 per output row on ``weight_grid``."""
+    scale = int8_row_scale(weight, weight_grid)
     return _straight_through(weight, torch.round(weight / scale).clamp(-127, 127) * scale)
 
 
 def fake_int8_per_tensor(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` through symmetric int8 with one scale for the whole tensor."""
-    scale = weight.detach().abs().amax().clamp(min=1e-12) / 127.0
+    """``weight`` through full-range int8 with one scale for the whole tensor."""
+    scale = _nonzero(weight.detach().abs().amax() / 127.0)
     return _straight_through(weight, torch.round(weight / scale).clamp(-127, 127) * scale)
 
 
 def fake_uint8_dynamic(x: torch.Tensor) -> torch.Tensor:
-    """``x`` through ``DynamicQuantizeLinear``: uint8, the range (widened to hold 0) of this
-    very tensor mapped to [0, 255], zero point rounded to an integer, round half to even."""
+    """``x`` through ``DynamicQuantizeLinear``: uint8 over its own range widened to hold 0."""
     values = x.detach()
     low = values.amin().clamp(max=0.0)
     high = values.amax().clamp(min=0.0)
@@ -134,20 +134,22 @@ def fake_uint8_dynamic(x: torch.Tensor) -> torch.Tensor:
     return _straight_through(x, (rounded - zero_point) * scale)
 
 
-def fake_int4_blocks(weight: torch.Tensor, block: int) -> torch.Tensor:
-    """``weight`` (rows x columns) through symmetric 4-bit blocks of ``block`` columns: the
-    value of largest magnitude in a block maps to -8, the rest round to [-8, 7] (ONNX
-    Runtime's blockwise quantiser; a last partial block is padded with zeros)."""
+def int4_block_scale(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """Per block of ``weight`` (rows x columns): :func:`lrt_deploy.quant.rules.int4_block_scale`."""
     rows, columns = weight.shape
     pad = (-columns) % block
-    padded = functional.pad(weight, (0, pad)) if pad else weight
-    blocks = padded.reshape(rows, -1, block)
-    detached = blocks.detach()
-    index = detached.abs().argmax(dim=-1, keepdim=True)
-    signed_max = detached.gather(-1, index)
-    scale = torch.where(signed_max == 0, torch.ones_like(signed_max), signed_max / -8.0)
-    rounded = torch.round(blocks / scale).clamp(-8, 7) * scale
-    rounded = rounded.reshape(rows, -1)[:, :columns]
+    blocks = (functional.pad(weight, (0, pad)) if pad else weight).detach().reshape(rows, -1, block)
+    signed_peak = blocks.gather(-1, blocks.abs().argmax(dim=-1, keepdim=True))
+    return torch.where(signed_peak == 0, torch.ones_like(signed_peak), signed_peak / -8.0)
+
+
+def fake_int4_blocks(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """``weight`` (rows x columns) through :func:`lrt_deploy.quant.rules.int4_blocks`."""
+    rows, columns = weight.shape
+    pad = (-columns) % block
+    blocks = (functional.pad(weight, (0, pad)) if pad else weight).reshape(rows, -1, block)
+    scale = int4_block_scale(weight, block)
+    rounded = (torch.round(blocks / scale).clamp(-8, 7) * scale).reshape(rows, -1)[:, :columns]
     return _straight_through(weight, rounded)
 
 
@@ -157,10 +159,7 @@ def _as_spec(spec: FakeQuantization | str) -> FakeQuantization:
 
 def _fake_weight(layer: nn.Linear | nn.Embedding, spec: FakeQuantization,
                  scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The layer's weight as the export rounds it: 4-bit blocks, or int8 per output channel
-    (a Linear's MatMul) or per tensor (an embedding table's Gather). ``scale`` (per input
-    channel, from outlier smoothing) multiplies the weight's columns before rounding and
-    divides them after: the rounded weight in the unsmoothed frame."""
+    """The layer's weight as the export rounds it, in the unsmoothed frame when ``scale`` is set."""
     weight = layer.weight.float()
     if spec.kind == "int4":
         return fake_int4_blocks(weight, spec.block)
@@ -202,18 +201,8 @@ def quantization_aware(
     spec: FakeQuantization | str,
     scales: Mapping[nn.Module, torch.Tensor] | None = None,
 ) -> Iterator[int]:
-    """Within the block, every ``nn.Linear`` and ``nn.Embedding`` in ``module`` computes on
-    fake-quantised values (see the module docstring); their forwards are restored on exit.
-
-    Args:
-        module: The model.
-        spec: The simulated precision.
-        scales: Outlier-smoothing scales per Linear (:func:`smoothing_scales`), read at each
-            call, so a caller may refresh the mapping in place; for ``spec.smooth``.
-
-    Yields:
-        How many layers were switched.
-    """
+    """Within the block, ``module``'s Linear and Embedding layers compute as ``spec`` rounds;
+    yields how many were switched. ``scales`` (:func:`smoothing_scales`) is read at each call."""
     spec = _as_spec(spec)
     if spec.smooth and scales is None:
         raise ValueError("a smoothed int8 simulation needs the scales (smoothing_scales)")
@@ -257,20 +246,8 @@ def smoothing_scales(
     *,
     max_rows: int = CALIBRATION_ROWS,
 ) -> dict[nn.Module, torch.Tensor]:
-    """The outlier-smoothing scales the export will use, per ``nn.Linear``: each input
-    channel's peak ``|x|`` on the first ``max_rows`` rows of ``batches`` (padded tokens left
-    out), measured in float as the export measures its fp32 graph, through the export's rule
-    (:func:`lrt_deploy.quant.outliers.outlier_scales`).
-
-    Args:
-        module: The model (float; a simulation in force is paused while measuring).
-        batches: The export's calibration batches, as model keyword inputs (torch tensors),
-            in the order the export reads them.
-        max_rows: Rows to measure on (the export's smoothing reads 64).
-
-    Returns:
-        ``{linear: scales}`` for the layers that have outlier channels.
-    """
+    """Per ``nn.Linear`` with outlier input channels, the export's smoothing scales, measured
+    in float on the first ``max_rows`` rows of the export's calibration ``batches``."""
     peaks: dict[nn.Module, np.ndarray] = {}
     mask: list[np.ndarray | None] = [None]
 
@@ -309,22 +286,8 @@ def smoothing_scales(
 def snap_to_grid_(module: nn.Module, spec: FakeQuantization | str,
                   only: set[int] | None = None,
                   scales: Mapping[nn.Module, torch.Tensor] | None = None) -> int:
-    """Replace weights by their fake-quantised values, in place: what the export will round
-    them to anyway, so the float model equals the simulated one and stays so when stored in
-    fp16 or quantised again (the same grid comes back). Weights trained with rounding in the
-    loop gather near rounding boundaries, where storing them in fp16 alone flips ~1% of them
-    (measured: -0.006 mean cosine for a 4-bit MiniLM).
-
-    Args:
-        module: The model.
-        spec: The simulated precision.
-        only: ``id()`` of the parameters to snap (e.g. those healing trained); None: all.
-        scales: Outlier-smoothing scales per Linear (:func:`smoothing_scales`): a smoothed
-            weight is snapped to the grid of its smoothed columns.
-
-    Returns:
-        How many weight tensors were snapped.
-    """
+    """Replace weights (those whose ``id()`` is in ``only``, or all) by their fake-quantised
+    values in place, so the float model rounds to the same grid again; returns how many."""
     spec = _as_spec(spec)
     snapped = 0
     with torch.no_grad():

@@ -409,7 +409,7 @@ def test_report_rows_for_a_pt2_lrt_model(tmp_path: Path) -> None:
     from lrt_deploy.export.passes.optimize import optimize_graph
     from lrt_deploy.graph.ops import model_bytes
     from lrt_deploy.nn.equivalents import DENSE_EQUIVALENT_NOTE
-    from lrt_deploy.quant.passes.quantize import quantize_int8
+    from lrt_deploy.quant.passes.dynamic import quantize_int8
     from lrt_deploy.report import ComparisonReport, VariantResult
     from lrt_deploy.runtime import Schedule, Session, runner, time_runs
 

@@ -30,7 +30,7 @@ from lrt_deploy.export.validate import validate_onnx  # noqa: E402
 from lrt_deploy.graph.ops import count_changes, model_bytes, op_counts  # noqa: E402
 from lrt_deploy.load import load_model, parse_input_spec  # noqa: E402
 from lrt_deploy.nn import LowRankLinear  # noqa: E402
-from lrt_deploy.quant.passes.quantize import quantize_int8  # noqa: E402
+from lrt_deploy.quant.passes.dynamic import quantize_int8  # noqa: E402
 from lrt_deploy.quant.recipes import DynamicInt8  # noqa: E402
 
 SENTENCES = [

@@ -21,7 +21,7 @@ from lrt_deploy.export.passes.attention_mask import attention_mask_to_index  # n
 from lrt_deploy.export.passes.fusion import fuse_transformer, max_output_difference  # noqa: E402
 from lrt_deploy.graph.ops import op_counts  # noqa: E402
 from lrt_deploy.load import load_model  # noqa: E402
-from lrt_deploy.quant.passes.quantize import quantize_int8  # noqa: E402
+from lrt_deploy.quant.passes.dynamic import quantize_int8  # noqa: E402
 
 # tests/tiny_models.py: hidden 32, 2 heads, 2 layers, intermediate 64.
 HEADS, HIDDEN, LAYERS = 2, 32, 2

@@ -21,7 +21,8 @@ from lrt_deploy.quant.kernels import (  # noqa: E402
     matmul_integer,
     pair_bound,
 )
-from lrt_deploy.quant.passes.quantize import quantize_int8, quantize_static_int8  # noqa: E402
+from lrt_deploy.quant.passes.dynamic import quantize_int8  # noqa: E402
+from lrt_deploy.quant.passes.static import quantize_static_int8  # noqa: E402
 from lrt_deploy.quant.recipes import DynamicInt8, StaticInt8, precision_from_dict  # noqa: E402
 from lrt_deploy.quant.simulate import pair_safe_row_scale  # noqa: E402
 from lrt_deploy.runtime.devices import DEVICE_CLASSES  # noqa: E402

@@ -17,9 +17,10 @@ from torch import nn
 from lrt_deploy.compress import LowRankConfig, factorize_, heal_
 from lrt_deploy.compress.factor_shards import load_lowrank_factors, save_lowrank_factors
 from lrt_deploy.compress.fidelity import cosine_per_row
-from lrt_deploy.quant.outliers import outlier_scales
-from lrt_deploy.quant.passes.quantize import quantize_int8, quantize_weights_4bit
+from lrt_deploy.quant.passes.dynamic import quantize_int8
 from lrt_deploy.quant.passes.smoothing import smooth_outlier_channels
+from lrt_deploy.quant.passes.weight_only import quantize_weights_4bit
+from lrt_deploy.quant.rules import outlier_scales
 from lrt_deploy.quant.simulate import (
     FakeQuantization,
     fake_int4_blocks,

@@ -13,10 +13,10 @@ import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from lrt_deploy.graph.ops import model_bytes, op_counts  # noqa: E402
-from lrt_deploy.quant.passes.quantize import (  # noqa: E402
-    find_sensitive_nodes,
-    quantize_int8,
-    quantize_static_int8,
+from lrt_deploy.quant.passes.dynamic import quantize_int8  # noqa: E402
+from lrt_deploy.quant.passes.sensitivity import rank_int8_damage  # noqa: E402
+from lrt_deploy.quant.passes.static import quantize_static_int8  # noqa: E402
+from lrt_deploy.quant.passes.weight_only import (  # noqa: E402
     quantize_weights_4bit,
     quantize_weights_int8,
 )
@@ -112,11 +112,11 @@ def test_static_qdq_excludes_named_nodes(chain: Path, tmp_path: Path) -> None:
 
 
 def test_sensitivity_ranks_the_outlier_node_first(chain: Path, tmp_path: Path) -> None:
-    ranked = find_sensitive_nodes(chain, _batches(outlier=True))
+    ranked = rank_int8_damage(chain, _batches(outlier=True), activations="static")
     assert [s.node for s in ranked][0] == "mm_in"
     assert sorted(s.node for s in ranked) == sorted(SHAPES)
-    assert ranked[0].sqnr_db < ranked[-1].sqnr_db
-    assert all(a.sqnr_db <= b.sqnr_db for a, b in zip(ranked, ranked[1:], strict=False))
+    assert ranked[0].mean_cosine < ranked[-1].mean_cosine
+    assert all(a.mean_cosine <= b.mean_cosine for a, b in zip(ranked, ranked[1:], strict=False))
     assert ranked[0].to_dict()["node"] == "mm_in"
     # Excluding the worst node improves the end result.
     plain, kept = tmp_path / "plain.onnx", tmp_path / "kept.onnx"

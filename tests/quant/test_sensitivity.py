@@ -1,5 +1,6 @@
-"""Tests for the end-to-end int8 damage ranking (``rank_int8_damage``): its simulated int8 is
-ONNX Runtime's own, and it sees what a node-local SQNR cannot."""
+"""Tests for the int8 damage ranking (``rank_int8_damage``) and the pass that keeps the worst
+nodes float: its simulated int8 is ONNX Runtime's own (dynamic and static), and it sees what a
+node-local SQNR cannot."""
 
 from __future__ import annotations
 
@@ -12,12 +13,17 @@ onnx = pytest.importorskip("onnx")
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from lrt_deploy.quant.passes.quantize import find_sensitive_nodes, quantize_int8  # noqa: E402
+from lrt_deploy.graph.passes import PassContext, run_passes  # noqa: E402
+from lrt_deploy.quant.passes.dynamic import DynamicInt8Pass, quantize_int8  # noqa: E402
 from lrt_deploy.quant.passes.sensitivity import (  # noqa: E402
     MASK_INPUT,
+    ExcludeSensitive,
+    activation_ranges,
     build_probe,
     rank_int8_damage,
 )
+from lrt_deploy.quant.passes.static import quantize_static_int8  # noqa: E402
+from lrt_deploy.quant.rules import symmetric_int8, uint8_grid  # noqa: E402
 
 
 def _save(nodes: list, inits: list, inputs: list[str], path: Path) -> Path:
@@ -63,6 +69,18 @@ def _run(path: Path, feeds: list[dict]) -> np.ndarray:
     return np.concatenate([session.run(["y"], f)[0] for f in feeds])
 
 
+def _local_sqnr(source: Path, feeds: list[dict], node: str, x: str, w: str) -> float:
+    """SQNR (dB) of one MatMul's own output with its input and weight rounded through int8."""
+    model = onnx.load(str(source))
+    weight = next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == w)
+    inputs = np.concatenate([f[x] for f in feeds]).astype(np.float64)
+    scale, zero = uint8_grid(inputs.min(), inputs.max())
+    rounded = (np.clip(np.rint(inputs / scale) + zero, 0, 255) - zero) * scale
+    codes, w_scale = symmetric_int8(weight, k_axis=0)
+    exact, approx = inputs @ weight, rounded @ (codes * w_scale)
+    return 10 * np.log10((exact**2).sum() / ((exact - approx) ** 2).sum())
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
@@ -105,7 +123,7 @@ def test_damage_ranks_what_hurts_the_output_not_the_node(tmp_path: Path) -> None
              numpy_helper.from_array(np.array(1e-3, np.float32), "tiny")]
     source = _save(nodes, inits, ["x", "z"], tmp_path / "two.onnx")
     feeds = _feeds(5, outlier=True, names=("x", "z"))
-    assert find_sensitive_nodes(source, feeds)[0].node == "p"
+    assert _local_sqnr(source, feeds, "p", "x", "wp") < _local_sqnr(source, feeds, "q", "z", "wq")
     ranked = rank_int8_damage(source, feeds)
     assert [d.node for d in ranked] == ["q", "p"]
     assert ranked[0].mean_cosine < ranked[1].mean_cosine <= 1.0
@@ -126,3 +144,39 @@ def test_excluding_the_worst_node_helps_the_quantised_model(tmp_path: Path) -> N
     lost_kept = 1.0 - _cosine(reference, _run(kept, held)).mean()
     lost_plain = 1.0 - _cosine(reference, _run(plain, held)).mean()
     assert 10 * lost_kept < lost_plain  # measured: 2e-5 against 3e-3
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_static_probe_is_onnx_runtimes_own_qdq(tmp_path: Path, per_channel: bool) -> None:
+    source = _chain(tmp_path / "chain.onnx")
+    feeds = _feeds(4)
+    probe = onnx.load(str(source))
+    ranges = activation_ranges(probe, feeds, ["x", "ta", "rb"])
+    probed = build_probe(probe, per_channel, ranges=ranges)
+    path = tmp_path / "probe.onnx"
+    onnx.save(probe, str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for i, name in enumerate(probed):
+        quantized = tmp_path / f"qdq-{name}.onnx"
+        quantize_static_int8(source, quantized, feeds, per_channel=per_channel,
+                             nodes_to_exclude=[other for other in probed if other != name])
+        mask = np.array([j == i for j in range(3)])
+        got = np.concatenate([session.run(["y"], {**f, MASK_INPUT: mask})[0] for f in feeds])
+        np.testing.assert_allclose(got, _run(quantized, feeds), rtol=1e-4, atol=1e-5)
+
+
+def test_exclusion_pass_hands_the_worst_node_to_the_quantiser(tmp_path: Path) -> None:
+    source = _chain(tmp_path / "chain.onnx")
+    kept: list[str] = []
+    passes = [ExcludeSensitive(1, kept), DynamicInt8Pass(keep_float=kept)]
+    lines: list[str] = []
+    results = run_passes(passes, source, PassContext(
+        output=tmp_path / "q.onnx", calibration=_feeds(1, outlier=True), progress=lines.append))
+    assert kept == ["mm_a"] and results[0].output == source
+    assert results[-1].details["excluded_nodes"] == ["mm_a"]
+    assert any("keeping the 1 MatMuls" in line for line in lines)
+
+
+def test_unknown_activation_rounding_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="activations"):
+        rank_int8_damage(_chain(tmp_path / "chain.onnx"), _feeds(1), activations="float")

@@ -14,7 +14,7 @@ import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from lrt_deploy.graph.ops import op_counts  # noqa: E402
-from lrt_deploy.quant.passes.quantize import quantize_int8  # noqa: E402
+from lrt_deploy.quant.passes.dynamic import quantize_int8  # noqa: E402
 from lrt_deploy.quant.passes.smoothing import (  # noqa: E402
     input_channel_peaks,
     smooth_outlier_channels,

@@ -1,8 +1,7 @@
-"""fp16 weights and compute for the cuda target, with precision-sensitive ops kept in fp32.
+"""fp16 weights and compute, with normalisation, softmax and reductions kept in fp32.
 
-Normalisation and softmax reduce over many values, where fp16's 10-bit mantissa and 65504 range
-lose the most (variance sums, exp of large logits); they stay fp32 with Casts around them. Inputs
-and outputs keep their types (``keep_io_types``), so the app's feeds do not change.
+Those ops reduce over many values, where fp16's 10-bit mantissa and 65504 range lose the most;
+they stay fp32 with Casts around them. Inputs and outputs keep their types, so feeds do not change.
 """
 
 from __future__ import annotations
@@ -10,11 +9,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from lrt_deploy.graph.ops import count_changes, op_counts
+from lrt_deploy.graph.passes import PassContext, PassResult
 
-__all__ = ["FP32_OPS", "Float16Result", "convert_float16"]
+__all__ = ["FP32_OPS", "Float16Pass", "Float16Result", "convert_float16"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class Float16Result:
     changes: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest's ``quantization`` record of an fp16 variant."""
         return {
             "kept_fp32_ops": self.kept_fp32_ops,
             "casts_added": self.casts_added,
@@ -59,18 +60,8 @@ def convert_float16(
     keep_fp32_ops: tuple[str, ...] = FP32_OPS,
     keep_io_types: bool = True,
 ) -> Float16Result:
-    """Convert ``source`` to fp16, keeping ``keep_fp32_ops`` (and ONNX Runtime's own default
-    block list) in fp32.
-
-    Args:
-        source: fp32 ONNX file (fused or not; fuse first for the CUDA attention kernels).
-        target: Where the fp16 ONNX file goes.
-        keep_fp32_ops: Op types computed in fp32.
-        keep_io_types: Graph inputs and outputs stay fp32 (Casts are inserted inside).
-
-    Returns:
-        Ops kept in fp32, Casts added, fp16 initializer count.
-    """
+    """Write ``target``: ``source`` in fp16 but for ``keep_fp32_ops`` and onnxruntime's own
+    block list; with ``keep_io_types`` inputs and outputs stay fp32."""
     import onnx
     from onnx import TensorProto
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -94,3 +85,16 @@ def convert_float16(
     logger.info("converted to fp16: %d initializers, %d Casts, fp32 kept for %s",
                 result.fp16_initializers, result.casts_added, present)
     return result
+
+
+@dataclass(frozen=True)
+class Float16Pass:
+    """Graph pass: :func:`convert_float16` with its defaults."""
+
+    name: ClassVar[str] = "float16"
+
+    def run(self, model: Path, context: PassContext) -> PassResult:
+        """Convert ``model`` into ``context.output``."""
+        context.progress(f"converting {context.label} to fp16 (LayerNorm/Softmax kept fp32)")
+        return PassResult(self.name, context.output,
+                          convert_float16(model, context.output).to_dict())

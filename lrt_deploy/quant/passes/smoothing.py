@@ -1,25 +1,8 @@
-"""Outlier-channel smoothing before dynamic int8.
-
-ONNX Runtime's dynamic int8 rounds each MatMul's input with ONE scale per tensor
-(``DynamicQuantizeLinear``). Trained transformers feed some MatMuls activations where a few
-channels reach 10-50x the others (all-mpnet-base-v2: channel 288 of block 7's GELU output
-peaks at 100 where the median channel peaks at 1.7, mostly on a few tokens); the int8 step
-that must cover them rounds every other channel coarsely, and plain int8 drops that model's
-sentence embeddings to ~0.92 mean cosine. Keeping whole MatMuls fp32 (``--exclude-sensitive``)
-repairs it at 1.8x the size.
-
-This pass moves the range instead, as SmoothQuant does: for an input whose channel ``j``
-peaks above ``ratio`` times the median channel's peak on calibration data, ``x_j`` is divided
-by ``s_j`` (one ``Mul`` per input tensor, shared by the MatMuls reading it) and row ``j`` of
-each weight reading it is multiplied by ``s_j``, so the float product is unchanged and the
-channel now peaks near ``target`` times the median (``s_j`` is a power of two: the rule,
-:func:`lrt_deploy.quant.outliers.outlier_scales`, is shared with the healing loop's
-simulation of this export). Only outlier channels move (``s`` is 1 elsewhere), so the weights'
-per-column int8 scales barely change. ORT's own SmoothQuant is
-for static QDQ only and needs Intel's neural-compressor; this is the dynamic-int8 form.
-
-The defaults (``ratio`` 8, ``target`` 3) were chosen on ``heldout.txt`` with all-mpnet-base-v2
-and checked on all-MiniLM-L6-v2 and on the other-domain held-out text (see the README).
+"""Outlier-channel smoothing before dynamic int8: outlier input channels of each MatMul are
+divided by a power of two (one ``Mul`` per input tensor) and the weight rows reading them
+multiplied by it, so the float product is unchanged and the per-tensor int8 step of the input
+shrinks. The rule is :func:`lrt_deploy.quant.rules.outlier_scales`, shared with the healing
+loop's simulation.
 """
 
 from __future__ import annotations
@@ -29,12 +12,13 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from lrt_deploy.graph.ops import INLINE_LIMIT
-from lrt_deploy.quant.outliers import (
+from lrt_deploy.graph.ops import INLINE_LIMIT, weighted_nodes
+from lrt_deploy.graph.passes import PassContext, PassResult
+from lrt_deploy.quant.rules import (
     CALIBRATION_ROWS,
     OUTLIER_RATIO,
     TARGET_RATIO,
@@ -44,7 +28,7 @@ from lrt_deploy.quant.outliers import (
 )
 
 __all__ = [
-    "OUTLIER_RATIO", "TARGET_RATIO", "SmoothingResult", "input_channel_peaks",
+    "OUTLIER_RATIO", "TARGET_RATIO", "SmoothingPass", "SmoothingResult", "input_channel_peaks",
     "smooth_outlier_channels",
 ]
 
@@ -80,26 +64,10 @@ class SmoothingResult:
     skipped: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest's ``smoothing`` record."""
         return {"nodes": list(self.nodes), "inputs": self.inputs, "channels": self.channels,
                 "largest_scale": self.largest_scale, "ratio": self.ratio,
                 "target": self.target, "rows": self.rows, "skipped": self.skipped}
-
-
-def _weighted_nodes(model: Any) -> list[tuple[Any, np.ndarray]]:
-    from lrt_deploy.graph.index import GraphIndex
-
-    index = GraphIndex(model.graph)
-    found = []
-    for node in model.graph.node:
-        if node.op_type not in _WEIGHTED_OPS or len(node.input) < 2:
-            continue
-        if node.op_type == "MatMul" and len(node.input) != 2:
-            continue
-        weight = index.constant(node.input[1])
-        if (weight is not None and weight.ndim == 2
-                and np.issubdtype(weight.dtype, np.floating)):
-            found.append((node, weight))
-    return found
 
 
 def _used_names(graph: Any) -> set[str]:
@@ -120,31 +88,11 @@ def input_channel_peaks(
     *,
     max_rows: int = CALIBRATION_ROWS,
 ) -> tuple[dict[str, np.ndarray], int]:
-    """Per channel (last axis), the largest ``|x|`` of each tensor in ``names`` over the
-    calibration rows, run one row at a time. Padded tokens (``attention_mask`` 0) are left out
-    when the tensor's leading axes are the mask's.
+    """Per channel, the peak ``|x|`` of each tensor in ``names`` over the first ``max_rows``
+    calibration rows (padded tokens left out), and the rows run."""
+    from lrt_deploy.graph.ops import cpu_session, with_outputs
 
-    Args:
-        model: An ``onnx.ModelProto`` (not modified).
-        calibration: Named numpy input batches.
-        names: Intermediate tensors to measure.
-        max_rows: Rows read from the calibration batches.
-
-    Returns:
-        ``{name: peaks}`` and the number of rows run.
-    """
-    import onnx
-    from onnx import TensorProto, helper
-
-    from lrt_deploy.graph.ops import cpu_session
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    outputs = {value.name for value in probe.graph.output}
-    for name in names:
-        if name not in outputs:
-            probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
-                                                                    None))
+    probe = with_outputs(model, names)
     with tempfile.TemporaryDirectory(prefix="lrt-smooth-") as scratch:
         session = cpu_session(probe, scratch)
         del probe
@@ -174,27 +122,23 @@ def smooth_outlier_channels(
     target_ratio: float = TARGET_RATIO,
     max_rows: int = CALIBRATION_ROWS,
 ) -> SmoothingResult:
-    """Scale the outlier input channels of every MatMul/Attention with a constant weight into
-    its weight rows (see the module docstring); the float model's outputs are unchanged up to
-    rounding. Writes ``target`` (a copy of ``source`` when nothing is an outlier).
+    """Write ``target``: ``source`` with the outlier input channels of every MatMul/Attention
+    with a constant weight scaled into its weight rows; float outputs are unchanged.
 
     Args:
-        source: fp32 ONNX file (optimised or not).
+        source: fp32 ONNX file.
         target: Where the smoothed fp32 ONNX file goes (external weights beside it when large).
         calibration: Named numpy input batches.
         ratio: Outlier threshold, as a multiple of the median channel's peak.
-        target_ratio: The peak outlier channels are brought to, same unit (< ``ratio``).
+        target_ratio: Where outlier peaks are brought, same unit (at most ``ratio``).
         max_rows: Calibration rows to measure on.
-
-    Returns:
-        What was scaled.
     """
     import onnx
     from onnx import helper, numpy_helper
 
     check_thresholds(ratio, target_ratio)
     model = onnx.load(str(source))
-    weighted = _weighted_nodes(model)
+    weighted = weighted_nodes(model, _WEIGHTED_OPS)
     result = SmoothingResult(ratio=ratio, target=target_ratio)
     names = sorted({node.input[0] for node, _ in weighted})
     peaks, result.rows = (input_channel_peaks(model, calibration, names, max_rows=max_rows)
@@ -244,3 +188,26 @@ def smooth_outlier_channels(
     logger.info("smoothed %d outlier channels on %d inputs (%d nodes, largest scale %.1f)",
                 result.channels, result.inputs, len(result.nodes), result.largest_scale)
     return result
+
+
+@dataclass(frozen=True)
+class SmoothingPass:
+    """Graph pass: :func:`smooth_outlier_channels` on the context's calibration batches; without
+    any it records why and leaves the graph as it is."""
+
+    name: ClassVar[str] = "smooth"
+    record_as: ClassVar[str] = "smoothing"
+
+    def run(self, model: Path, context: PassContext) -> PassResult:
+        """Smooth ``model`` into ``context.output``, or return ``model`` when skipped."""
+        if not context.calibration:
+            result = SmoothingResult(skipped="no calibration data (a model without text "
+                                             "inputs needs calibration inputs)")
+            context.progress(f"outlier smoothing skipped: {result.skipped}")
+            return PassResult(self.name, model, result.to_dict())
+        context.progress(f"measuring {context.label}'s MatMul input channels for outliers")
+        result = smooth_outlier_channels(model, context.output, context.calibration)
+        context.progress(
+            f"smoothed {result.channels} outlier channels on {result.inputs} inputs "
+            f"({len(result.nodes)} MatMuls)")
+        return PassResult(self.name, context.output, result.to_dict())
