@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from lrt_deploy.compress.recipe import CompressionOutcome
-    from lrt_deploy.export.build import Variant
+    from lrt_deploy.export.build import ProviderReport, Variant
     from lrt_deploy.export.targets import Target
     from lrt_deploy.load import LoadedModel
 
@@ -108,6 +108,7 @@ def measure_variants(
     )
     interleave = sum(model_bytes(v.onnx_path) for v in variants) <= INTERLEAVE_MAX_BYTES
     from lrt_deploy.compress.fidelity import output_fidelity
+    from lrt_deploy.export.build import ProviderReport
     from lrt_deploy.runtime.session import Session
     from lrt_deploy.runtime.timing import Schedule, runner, time_runs
 
@@ -120,7 +121,7 @@ def measure_variants(
                               threads=settings.threads)
             outputs = [session.run(batch, [reference.output])[reference.output]
                        for batch in reference.feeds]
-        _record(variant, index, session.provider_report(),
+        _record(variant, index, ProviderReport.from_dict(session.provider_report()),
                 output_fidelity(kind, reference.outputs, outputs, reference.masks), progress)
         if interleave:
             sessions.append(runner(session, feeds))
@@ -138,13 +139,13 @@ def measure_variants(
     return INTERLEAVED.format(runs=settings.runs, rounds=min(ROUNDS, settings.runs))
 
 
-def _record(variant: Variant, index: int, provider: dict[str, Any], fidelity: Any,
+def _record(variant: Variant, index: int, provider: ProviderReport, fidelity: dict[str, float],
             progress: ProgressFn) -> None:
     variant.provider = provider
     variant.fidelity = fidelity
     variant.file_bytes = model_bytes(variant.onnx_path)
-    if index == 0 and provider.get("fell_back"):
-        progress(f"provider fallback: {provider.get('message')}")
+    if index == 0 and provider.fell_back:
+        progress(f"provider fallback: {provider.message}")
 
 
 def judge_deployed_floor(

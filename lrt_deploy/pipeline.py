@@ -31,7 +31,7 @@ from lrt_deploy.export.targets import Target
 if TYPE_CHECKING:
     from lrt_deploy.compress import FactorizationResult, LowRankConfig
     from lrt_deploy.compress.recipe import CompressionOutcome
-    from lrt_deploy.export.build import Variant
+    from lrt_deploy.export.build import ModelKind, Variant
     from lrt_deploy.load import LoadedModel
 
 __all__ = ["BenchmarkSettings", "BundleResult", "export_bundle"]
@@ -184,6 +184,7 @@ def export_bundle(
         verify_devices,
     )
     from lrt_deploy.report.summary import baseline_description
+    from lrt_deploy.report.writer import write_report
 
     # Checked before any work: a precision the healing loop cannot simulate is one line now.
     simulation = simulated_quantization(target.precision) if heal_quantized else None
@@ -286,13 +287,12 @@ def export_bundle(
         latency_method = measure_variants(variants, loaded.kind, reference, feeds,
                                           target.providers, settings, progress)
         # Standard attention is not the Linformer's function: its cosine would mislead.
-        incomparable = [
-            v.label for v in variants
-            if by_design is not None and not by_design.fidelity_comparable
-            and v.key.startswith("dense")
-        ]
+        incomparable = (
+            [ModelKind.DENSE]
+            if by_design is not None and not by_design.fidelity_comparable else []
+        )
         for variant in variants:
-            if variant.label in incomparable:
+            if variant.model in incomparable:
                 variant.fidelity = {}
         if outcome is not None and outcome.selection_fidelity is not None:
             judge_deployed_floor(outcome, deployed, dense, loaded, target, settings, feeds,
@@ -323,7 +323,7 @@ def export_bundle(
                                  run=verify_on_devices, progress=progress)
         report = _report(loaded, target, variants, settings, outcome, design_layers,
                          baseline_text, incomparable, feeds, latency_method, devices)
-        report.write(staging)
+        write_report(report, staging)
         shutil.rmtree(work)
         commit(staging, out_dir)
     factorization = outcome.factorization if outcome is not None else None
@@ -338,7 +338,7 @@ def _report(
     outcome: CompressionOutcome | None,
     design_layers: list[dict[str, Any]],
     baseline: str | None = None,
-    incomparable: list[str] | None = None,
+    incomparable: list[ModelKind] | None = None,
     feeds: dict[str, Any] | None = None,
     latency_method: str | None = None,
     devices: dict[str, Any] | None = None,

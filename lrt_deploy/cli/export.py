@@ -215,6 +215,7 @@ def _run(args: argparse.Namespace) -> int:
     from lrt_deploy.export.targets import Target
     from lrt_deploy.load import load_model, parse_input_spec
     from lrt_deploy.pipeline import BenchmarkSettings, export_bundle
+    from lrt_deploy.report import to_markdown
 
     _check_ranges(args)
     started = time.perf_counter()
@@ -316,7 +317,7 @@ def _run(args: argparse.Namespace) -> int:
         heal_corpus=args.heal_corpus,
         verify_on_devices=not args.no_verify_devices,
     )
-    print(result.report.to_markdown())
+    print(to_markdown(result.report))
     progress(f"bundle written to {result.out_dir}")
     _judge_devices(result.devices, args, result.out_dir)
     verdict = result.compression.floor_verdict if result.compression is not None else None

@@ -5,7 +5,7 @@
 compares bundles: table, size by component, latency vs sequence length (from ``lrt-bench
 --json``), fidelity vs size with the Pareto front. Only parses arguments and calls
 :class:`~lrt_deploy.report.bundles.BundleComparison` and
-:class:`~lrt_deploy.report.comparison.ComparisonReport`.
+:class:`~lrt_deploy.report.model.ComparisonReport`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 from lrt_deploy.cli.base import EXIT_OK, Parser, print_error
 from lrt_deploy.errors import LrtDeployError
 from lrt_deploy.report.bundles import BundleComparison, ReportInputError, read_report
-from lrt_deploy.report.comparison import _write_atomic
+from lrt_deploy.report.render.markdown import to_markdown
+from lrt_deploy.runtime.files import write_atomic as _write_atomic
 
 __all__ = ["build_parser", "main", "rebuild_report"]
 
@@ -77,8 +78,8 @@ def rebuild_report(bundle: str | Path, output: str | Path) -> Path:
     report = read_report(path)
     out = Path(output)
     if _is_markdown(out):
-        return write_output(out, report.to_markdown())
-    from lrt_deploy.report.html import to_html
+        return write_output(out, to_markdown(report))
+    from lrt_deploy.report.render.html import to_html
 
     return write_output(out, to_html(report))
 

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from lrt_deploy.load import LoadedModel
 
 __all__ = [
-    "ModelKind", "Variant", "build_by_design_variants", "build_variants", "count_params",
-    "export_passes", "raw_path",
+    "ModelKind", "PrecisionRecord", "ProviderReport", "Variant", "build_by_design_variants",
+    "build_variants", "count_params", "export_passes", "raw_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -53,13 +53,62 @@ class ModelKind(Enum):
         return self in (ModelKind.LRT, ModelKind.LINFORMER)
 
 
+@dataclass(frozen=True)
+class PrecisionRecord:
+    """What a precision pass did: its record as the manifest stores it, read through names."""
+
+    details: Mapping[str, Any]
+
+    @property
+    def mode(self) -> str | None:
+        """``dynamic``, ``static``, ``weight-only`` ... as the pass named it, or None."""
+        return self.details.get("mode")
+
+    @property
+    def excluded_nodes(self) -> tuple[str, ...]:
+        """The MatMuls the pass left in float."""
+        return tuple(self.details.get("excluded_nodes") or ())
+
+    @property
+    def smoothing(self) -> Mapping[str, Any] | None:
+        """What outlier smoothing did before quantising, or None when it did not run."""
+        return self.details.get("smoothing")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The pass's record, keys in the order it wrote them."""
+        return dict(self.details)
+
+
+@dataclass(frozen=True)
+class ProviderReport:
+    """Which execution providers a measuring session asked for and ran on."""
+
+    requested: tuple[str, ...] = ()
+    available: tuple[str, ...] = ()
+    active: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    fell_back: bool = False
+    message: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProviderReport:
+        """From ``Session.provider_report()``."""
+        return cls(**{key: tuple(value) if isinstance(value, list) else value
+                      for key, value in data.items() if key in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``Session.provider_report()`` returns it (lists of names)."""
+        return {"requested": list(self.requested), "available": list(self.available),
+                "active": list(self.active), "missing": list(self.missing),
+                "fell_back": self.fell_back, "message": self.message}
+
+
 @dataclass
 class Variant:
-    """One built graph and what was measured on it.
+    """One built graph and what was measured on it; ``key`` and ``label`` are rendered from
+    ``model`` and ``precision``.
 
     Attributes:
-        key: File-name stem, e.g. ``dense-fp32``, ``lrt-int8``.
-        label: Display name, e.g. ``LRT int8`` (rendered from ``model`` and ``precision``).
         onnx_path: The graph (in the run's work folder).
         model: The model it was built from.
         precision: ``fp32`` or the precision recipe's suffix (``int8``, ``fp16``, ``int4``).
@@ -69,27 +118,35 @@ class Variant:
         optimization: What graph optimisation/fusion did.
         quantization: What the precision pass did (``None`` for fp32).
         fidelity: Metric -> value against the reference PyTorch outputs (after measuring).
-        latency: ``LatencyStats.to_dict()`` (after measuring).
+        latency: The latency statistics' ``to_dict()`` (after measuring).
         file_bytes: Size of the graph and its external data.
         params: Parameter count of the source module, when known.
-        provider: ``Session.provider_report()`` of the measuring session.
+        provider: The providers of the measuring session.
     """
 
-    key: str
-    label: str
     onnx_path: Path
-    model: ModelKind = ModelKind.DENSE
+    model: ModelKind
     precision: str = "fp32"
     is_baseline: bool = False
     deployed: bool = False
     validation: list[dict[str, Any]] = field(default_factory=list)
     optimization: dict[str, Any] | None = None
-    quantization: dict[str, Any] | None = None
+    quantization: PrecisionRecord | None = None
     fidelity: dict[str, float] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)
     file_bytes: int = 0
     params: int | None = None
-    provider: dict[str, Any] = field(default_factory=dict)
+    provider: ProviderReport = field(default_factory=ProviderReport)
+
+    @property
+    def key(self) -> str:
+        """File-name stem, e.g. ``dense-fp32``, ``lrt-int8``."""
+        return f"{self.model.key}-{self.precision}"
+
+    @property
+    def label(self) -> str:
+        """Display name, e.g. ``LRT int8``."""
+        return f"{self.model.label} {self.precision}"
 
 
 def count_params(module: Any) -> int | None:
@@ -137,8 +194,7 @@ def build_variants(
     fp32, optimization = results[-1].output, results[0].details
     params = count_params(model.module)
     variants = [Variant(
-        key=f"{key}-fp32", label=f"{label} fp32", onnx_path=fp32, model=kind,
-        is_baseline=is_baseline,
+        onnx_path=fp32, model=kind, is_baseline=is_baseline,
         validation=checks, optimization=optimization, params=params,
     )]
     precision = target.precision
@@ -150,9 +206,9 @@ def build_variants(
         )
         details = apply_precision(precision, fp32, path, context)
         variants.append(Variant(
-            key=f"{key}-{suffix}", label=f"{label} {suffix}", onnx_path=path, model=kind,
-            precision=suffix, optimization=_fused_after_precision(optimization, path),
-            quantization=details, params=params,
+            onnx_path=path, model=kind, precision=suffix,
+            optimization=_fused_after_precision(optimization, path),
+            quantization=PrecisionRecord(details), params=params,
         ))
     return variants
 

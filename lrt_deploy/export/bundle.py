@@ -271,7 +271,7 @@ def write_bundle(
         "runtimes": supported_runtimes(model),
         "opset": default_opset(model),
         "variant": deployed.label,
-        "quantization": deployed.quantization,
+        "quantization": deployed.quantization.to_dict() if deployed.quantization else None,
         "optimization": deployed.optimization,
         "lowrank": lowrank,
         "fidelity": deployed.fidelity,

@@ -18,16 +18,12 @@ from typing import Any
 
 from lrt_deploy.errors import LrtDeployError
 
-from .comparison import ComparisonReport, _markdown_table, _metric_title
 from .components import COMPONENTS, size_by_component
-from .html import (
-    _STYLE,
-    _html_table,
-    line_chart_svg,
-    pareto_front,
-    pareto_svg,
-    stacked_bar_svg,
-)
+from .model import ComparisonReport
+from .render.html import html_page, html_table
+from .render.markdown import markdown_table
+from .render.svg import line_chart_svg, pareto_front, pareto_svg, stacked_bar_svg
+from .render.tables import metric_title
 
 __all__ = ["BundleComparison", "BundleSummary", "ReportInputError", "load_bundle"]
 
@@ -296,7 +292,7 @@ class BundleComparison:
         point = self._bench_point()
         headers = ["Bundle", "Variant", "File", "Size (MB)", "Size vs first",
                    *(f"{_COMPONENT_TITLES[c]} (MB)" for c in COMPONENTS), "Params",
-                   *(_metric_title(m) for m in metrics)]
+                   *(metric_title(m) for m in metrics)]
         if point:
             batch, sequence, threads = point
             headers += [f"Median (ms) b{batch} s{sequence}", "Latency vs first"]
@@ -399,9 +395,9 @@ class BundleComparison:
         names, points = self.pareto_points()
         if points:
             charts.append(pareto_svg(
-                f"{_metric_title(self.metric)} vs size: Pareto front",
+                f"{metric_title(self.metric)} vs size: Pareto front",
                 names, points, x_label="model file size (MB)",
-                y_label=_metric_title(self.metric),
+                y_label=metric_title(self.metric),
             ))
         return charts
 
@@ -418,7 +414,7 @@ class BundleComparison:
         front = [names[i] for i in pareto_front(points)] if points else []
         if front:
             lines.append(
-                f"Pareto front ({_metric_title(self.metric)} vs size, nothing both smaller and "
+                f"Pareto front ({metric_title(self.metric)} vs size, nothing both smaller and "
                 f"better): {', '.join(front)}."
             )
         if self.bench:
@@ -435,11 +431,11 @@ class BundleComparison:
 
     def to_markdown(self) -> str:
         """Render the comparison as Markdown (tables and explanations, no charts)."""
-        lines = ["# Bundle comparison", "", _markdown_table(*self.table()), ""]
+        lines = ["# Bundle comparison", "", markdown_table(*self.table()), ""]
         lines += [f"- {line}" for line in self._explanations()] + [""]
         bench = self.bench_table()
         if bench:
-            lines += ["## lrt-bench", "", _markdown_table(*bench), ""]
+            lines += ["## lrt-bench", "", markdown_table(*bench), ""]
         return "\n".join(lines)
 
     def to_html(self) -> str:
@@ -447,19 +443,15 @@ class BundleComparison:
         title = "Bundle comparison: " + ", ".join(b.label for b in self.bundles)
         body = [
             f"<h1>{escape(title)}</h1>",
-            f'<div id="comparison">{_html_table(*self.table())}</div>',
+            f'<div id="comparison">{html_table(*self.table())}</div>',
             f'<div class="charts">{"".join(self.charts())}</div>',
             "<ul>" + "".join(f"<li>{escape(line)}</li>" for line in self._explanations())
             + "</ul>",
         ]
         bench = self.bench_table()
         if bench:
-            body += ["<h2>lrt-bench</h2>", f'<div id="bench">{_html_table(*bench)}</div>']
-        return (
-            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n"
-            + "\n".join(body) + "\n</body></html>\n"
-        )
+            body += ["<h2>lrt-bench</h2>", f'<div id="bench">{html_table(*bench)}</div>']
+        return html_page(title, body)
 
 
 def _format_metric(value: Any) -> str:
@@ -468,6 +460,6 @@ def _format_metric(value: Any) -> str:
 
 def _fidelity_source(bundles: Sequence[BundleSummary]) -> str:
     for bundle in bundles:
-        if bundle.report and bundle.report.settings.get("fidelity_inputs"):
-            return str(bundle.report.settings["fidelity_inputs"])
+        if bundle.report and bundle.report.settings.fidelity_inputs:
+            return str(bundle.report.settings.fidelity_inputs)
     return "as measured by lrt-export against the dense model"

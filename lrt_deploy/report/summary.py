@@ -2,16 +2,19 @@
 
 :func:`run_report` turns the measured variants (``export.build.Variant``), the compression
 outcome (``compress.recipe.CompressionOutcome``) and how things were measured into a
-:class:`~lrt_deploy.report.comparison.ComparisonReport`, with the wording of its header,
-its fidelity line and its notes.
+:class:`~lrt_deploy.report.model.ComparisonReport`, with the wording of its header, its
+fidelity line and its notes. Variants are told apart by their model kind and precision.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .comparison import ComparisonReport, VariantResult
+from lrt_deploy.export.build import ModelKind, PrecisionRecord
+from lrt_deploy.runtime.devices import host_class, host_cpu_name
+
+from .model import ComparisonReport, DeviceSection, LayerRow, ReportSettings, VariantResult
 
 if TYPE_CHECKING:
     from lrt_deploy.compress.heal import HealResult
@@ -48,8 +51,7 @@ _COMPARED = {
 def fidelity_description(
     kind: str, output_name: str, is_text: bool, compressed: bool, by_design: bool = False
 ) -> str:
-    """What the fidelity columns compare, on which inputs, against which reference
-    (``by_design``: a low-rank/Linformer-by-design model measured against its baseline)."""
+    """What the fidelity columns compare, on which inputs, against which reference model."""
     what = _COMPARED.get(kind, f"output '{output_name}' rows")
     source = (
         "the shipped held-out sentences (heldout.txt, never used for calibration)"
@@ -119,8 +121,7 @@ def compression_notes(outcome: CompressionOutcome | None) -> list[str]:
 
 
 def floor_notes(outcome: CompressionOutcome | None) -> list[str]:
-    """The fidelity floor's verdict on the deployed variant, one line per dataset and a
-    warning when a held-out figure is below the floor."""
+    """The fidelity floor's verdict on the deployed variant, one line per dataset."""
     if outcome is None or outcome.floor_verdict is None:
         return []
     return outcome.floor_verdict.lines()
@@ -130,8 +131,6 @@ def floor_notes(outcome: CompressionOutcome | None) -> list[str]:
 #: its precision, in the same run, before the report says so (run-to-run noise is ~2-5%).
 SLOWER_THAN_DENSE = 1.05
 _PACKED_ATTENTION = ("Attention", "QAttention")
-#: Labels of the variants built from the low-rank model (``export.build``).
-_LOW_RANK_LABELS = ("LRT", "healed")
 
 
 def _packs_attention(variant: Variant) -> bool:
@@ -140,32 +139,27 @@ def _packs_attention(variant: Variant) -> bool:
 
 
 def speed_notes(variants: Sequence[Variant]) -> list[str]:
-    """A line under the deployed low-rank variant when it ran slower than the dense model at
-    the same precision in this run, with the causes this project measured
-    (``benchmarks/bench_backends.py``): a low-rank pair is two matmuls, and in dynamic int8 each
-    rounds its own input, which on CPUs with fast int8 units costs more than the products it
-    saves; factorized Q/K/V projections keep attention from being packed into one node."""
-    deployed = next((v for v in variants
-                     if v.deployed and v.label.startswith(_LOW_RANK_LABELS)), None)
+    """A line under the deployed low-rank variant when it ran slower than the dense variant of
+    its precision in this run, naming the causes that apply."""
+    deployed = next((v for v in variants if v.deployed and v.model.low_rank), None)
     if deployed is None:
         return []
-    precision = deployed.label.split()[-1]
-    dense = next((v for v in variants if v.label == f"dense {precision}"), None)
+    dense = _twin(variants, ModelKind.DENSE, deployed.precision)
     mine = deployed.latency.get("median_ms")
     theirs = dense.latency.get("median_ms") if dense is not None else None
-    if not mine or not theirs or mine <= theirs * SLOWER_THAN_DENSE:
+    if dense is None or not mine or not theirs or mine <= theirs * SLOWER_THAN_DENSE:
         return []
     causes = []
     if _packs_attention(dense) and not _packs_attention(deployed):
         causes.append("its factorized query/key/value projections keep the attention from "
                       "being packed into one Attention/QAttention node")
-    if precision == "int8":
+    if deployed.precision == "int8":
         causes.append("each low-rank pair quantises its activations twice, which on CPUs with "
                       "fast int8 units (AVX-512 VNNI, AMX) costs more than the multiply-adds it "
                       "saves; fewer parameters pay in time in fp32 and in WebAssembly "
                       "(benchmarks/bench_backends.py)")
     why = f": {'; '.join(causes)}" if causes else ""
-    return [f"{mine / theirs:.2f}x the latency of dense {precision} in this run "
+    return [f"{mine / theirs:.2f}x the latency of {dense.label} in this run "
             f"({mine:.2f} vs {theirs:.2f} ms median){why}"]
 
 
@@ -174,28 +168,23 @@ INT8_COSINE_LOSS = 0.01
 
 
 def int8_notes(variants: Sequence[Variant]) -> list[str]:
-    """Lines under the deployed int8 variant: what outlier smoothing did (when it scaled
-    anything or could not run), and, when int8 costs the output more than
-    :data:`INT8_COSINE_LOSS` of mean cosine against the fp32 variant of the same model in this
-    run, the fix: smoothing if it was off, else keeping the MatMuls int8 hurts most in fp32
-    (``--exclude-sensitive``). On all-mpnet-base-v2, plain dynamic int8 gives 0.88 where
-    all-MiniLM-L6-v2 keeps 0.99."""
+    """Lines under the deployed int8 variant: what outlier smoothing did, and the fix when int8
+    costs more than :data:`INT8_COSINE_LOSS` of mean cosine against the same model's fp32."""
     deployed = next((v for v in variants if v.deployed), None)
-    if deployed is None or not deployed.label.endswith(" int8"):
+    if deployed is None or deployed.precision != "int8":
         return []
-    quantization = deployed.quantization or {}
-    smoothing = quantization.get("smoothing")
+    quantization = deployed.quantization or PrecisionRecord({})
+    smoothing = quantization.smoothing
     lines = _smoothing_lines(smoothing)
-    twin = next((v for v in variants
-                 if v.label == deployed.label.removesuffix(" int8") + " fp32"), None)
+    twin = _twin(variants, deployed.model, "fp32")
     mine = deployed.fidelity.get("mean_cosine")
     theirs = twin.fidelity.get("mean_cosine") if twin is not None else None
-    if mine is None or theirs is None or not theirs - mine > INT8_COSINE_LOSS:
+    if twin is None or mine is None or theirs is None or not theirs - mine > INT8_COSINE_LOSS:
         return lines
-    kept = len(quantization.get("excluded_nodes") or [])
+    kept = len(quantization.excluded_nodes)
     line = (f"int8 costs this model {theirs - mine:.3f} of mean cosine ({mine:.4f} against "
             f"{theirs:.4f} for {twin.label})")
-    if quantization.get("mode") == "dynamic" and smoothing is None:
+    if quantization.mode == "dynamic" and smoothing is None:
         return lines + [line + ": drop --no-smoothing (outlier smoothing took "
                         "all-mpnet-base-v2 from 0.92 to 0.995), or --exclude-sensitive N"]
     if kept:
@@ -205,14 +194,21 @@ def int8_notes(variants: Sequence[Variant]) -> list[str]:
                     "0.994)"]
 
 
-def _quantisation_section(quantization: Mapping[str, Any]) -> dict[str, Any]:
-    """The report's quantisation settings: the smoothed MatMuls counted, not listed (the
-    manifest keeps their names)."""
-    smoothing = quantization.get("smoothing")
+def _quantisation_section(quantization: PrecisionRecord | None) -> dict[str, Any]:
+    """The report's quantisation settings, smoothed MatMuls counted (the manifest names them)."""
+    if quantization is None:
+        return {}
+    details = quantization.to_dict()
+    smoothing = quantization.smoothing
     if not smoothing or "nodes" not in smoothing:
-        return dict(quantization)
+        return details
     compact = {key: value for key, value in smoothing.items() if key != "nodes"}
-    return {**quantization, "smoothing": {"matmuls": len(smoothing["nodes"]), **compact}}
+    return {**details, "smoothing": {"matmuls": len(smoothing["nodes"]), **compact}}
+
+
+def _twin(variants: Sequence[Variant], model: ModelKind, precision: str) -> Variant | None:
+    """The variant of ``model`` at ``precision`` in this run, if it was built."""
+    return next((v for v in variants if v.model is model and v.precision == precision), None)
 
 
 def _smoothing_lines(smoothing: Mapping[str, Any] | None) -> list[str]:
@@ -231,18 +227,29 @@ def _smoothing_lines(smoothing: Mapping[str, Any] | None) -> list[str]:
 
 def _layer_rows(
     outcome: CompressionOutcome | None, design_layers: Sequence[Mapping[str, Any]]
-) -> list[dict[str, Any]]:
+) -> list[LayerRow]:
     if outcome is not None:
-        return [
-            {"name": d.name, "shape": list(d.shape), "rank": d.rank, "action": d.action,
-             "reason": d.reason}
-            for d in outcome.factorization.layers
-        ]
+        return [LayerRow(d.name, list(d.shape), d.rank, d.action, d.reason)
+                for d in outcome.factorization.layers]
     return [
-        {"name": layer["name"], "shape": layer.get("shape"), "rank": layer.get("rank"),
-         "action": layer.get("action", "low-rank by design"), "reason": layer.get("reason", "")}
+        LayerRow(layer["name"], layer.get("shape"), layer.get("rank"),
+                 layer.get("action", "low-rank by design"), layer.get("reason", ""))
         for layer in design_layers
     ]
+
+
+def _settings(variants: Sequence[Variant], measured_on: Mapping[str, Any],
+              **how: str | int | None) -> ReportSettings:
+    """How the run measured: inputs, ``how``, the first variant's providers and this CPU."""
+    provider = variants[0].provider
+    return ReportSettings.from_dict({
+        **measured_on,
+        **how,
+        "provider_requested": list(provider.requested) or None,
+        "provider_active": list(provider.active) or None,
+        "cpu": host_cpu_name(),
+        "device_class": host_class(),
+    })
 
 
 def run_report(
@@ -255,11 +262,11 @@ def run_report(
     compression: CompressionOutcome | None = None,
     design_layers: Sequence[Mapping[str, Any]] = (),
     baseline: str | None = None,
-    incomparable: Sequence[str] = (),
+    incomparable: Collection[ModelKind] = (),
     latency_method: str | None = None,
     devices: Mapping[str, Any] | None = None,
 ) -> ComparisonReport:
-    """The comparison report of one run.
+    """The comparison report of one run, measured on this machine's CPU.
 
     Args:
         title: Header, e.g. ``"all-MiniLM-L6-v2 (huggingface) -> target cpu"``.
@@ -267,15 +274,15 @@ def run_report(
         measured_on: ``{"batch", "sequence"}`` for text models, ``{"inputs"}`` otherwise.
         threads: Intra-op threads of every measurement.
         fidelity_inputs: :func:`fidelity_description` of the fidelity columns.
-        compression: How the low-rank model was made (its notes go under its first row).
+        compression: How the compressed model was made (its notes go under its first row).
         design_layers: Low-rank-by-design layers when nothing was factorized.
         baseline: How the baseline was made, when it is not the user's dense model.
-        incomparable: Labels of variants whose fidelity is not comparable (blank, with a note).
+        incomparable: Models whose variants' fidelity is not comparable (blank, with a note).
         latency_method: How the latency columns were timed (interleaved or one by one).
         devices: The manifest's ``devices`` section (exact classes, verification table).
     """
-    # Notes on how the low-rank model was made are shown once, under its first row.
-    first_lrt = next((v for v in variants if v.label.startswith(_LOW_RANK_LABELS)), None)
+    # Notes on how the compressed model was made are shown once, under its first row.
+    first_compressed = next((v for v in variants if v.model is not ModelKind.DENSE), None)
     notes = compression_notes(compression)
     # The floor is judged on what ships, so its verdict goes under the deployed row.
     floors = floor_notes(compression)
@@ -287,34 +294,26 @@ def run_report(
             is_baseline=v.is_baseline,
             params=v.params,
             latency=v.latency,
-            fidelity={} if v.label in incomparable else v.fidelity,
-            provider_report=v.provider,
-            notes=(list(notes) if v is first_lrt else [])
-            + ([INCOMPARABLE_NOTE] if v.label in incomparable else [])
+            fidelity={} if v.model in incomparable else v.fidelity,
+            provider_report=v.provider.to_dict(),
+            notes=(list(notes) if v is first_compressed else [])
+            + ([INCOMPARABLE_NOTE] if v.model in incomparable else [])
             + (floors + slower if v.deployed else []),
         )
         for v in variants
     ]
-    provider = variants[0].provider
-    messages = sorted({v.provider.get("message") for v in variants if v.provider.get("message")})
     return ComparisonReport(
         model=title,
         variants=results,
-        settings={
-            **measured_on,
-            "threads": threads,
-            "provider_requested": provider.get("requested"),
-            "provider_active": provider.get("active"),
-            "fidelity_inputs": fidelity_inputs,
-            **({"baseline": baseline} if baseline else {}),
-            **({"latency": latency_method} if latency_method else {}),
-        },
+        settings=_settings(variants, measured_on, threads=threads,
+                           fidelity_inputs=fidelity_inputs, baseline=baseline or None,
+                           latency=latency_method or None),
         layers=_layer_rows(compression, design_layers),
         optimisation={
             v.label: v.optimization.get("fused", {}) for v in variants if v.optimization
         },
         quantisation=_quantisation_section(
-            next((v.quantization for v in variants if v.quantization), {}) or {}),
-        provider_messages=messages,
-        devices=dict(devices) if devices else None,
+            next((v.quantization for v in variants if v.quantization is not None), None)),
+        provider_messages=sorted({v.provider.message for v in variants if v.provider.message}),
+        devices=DeviceSection.from_dict(devices) if devices else None,
     )

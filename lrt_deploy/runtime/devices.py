@@ -14,7 +14,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEVICE_CLASSES", "DeviceClass", "classify_cpu", "device_class", "host_class"]
+__all__ = [
+    "DEVICE_CLASSES", "DeviceClass", "classify_cpu", "device_class", "host_class", "host_cpu_name",
+]
 
 
 @dataclass(frozen=True)
@@ -123,3 +125,18 @@ def host_class() -> str | None:
     if sys.platform == "darwin" and machine.lower() == "arm64":
         return classify_cpu(machine, _darwin_flags())
     return None
+
+
+@functools.cache
+def host_cpu_name() -> str | None:
+    """This machine's CPU model name (``/proc/cpuinfo``'s ``model name``, else
+    ``platform.processor()``), or None when neither says."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "model name" and value.strip():
+            return " ".join(value.split())
+    return platform.processor().strip() or None

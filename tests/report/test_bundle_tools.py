@@ -30,7 +30,7 @@ from lrt_deploy.cli.export import main as export_main  # noqa: E402
 from lrt_deploy.cli.report import main as report_main  # noqa: E402
 from lrt_deploy.report.bundles import BundleComparison  # noqa: E402
 from lrt_deploy.report.components import size_by_component  # noqa: E402
-from lrt_deploy.report.html import pareto_front  # noqa: E402
+from lrt_deploy.report.render.svg import pareto_front  # noqa: E402
 from lrt_deploy.runtime.contract import (  # noqa: E402
     SUPPORTED_FORMAT_VERSION,
     BundleContractError,

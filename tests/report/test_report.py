@@ -13,8 +13,19 @@ from typing import Any
 import pytest
 from fake_reports import CPU_REPORT, FALLBACK_REPORT, make_report  # noqa: E402
 
-from lrt_deploy.report import ComparisonReport, VariantResult, format_table, to_html
-from lrt_deploy.report.comparison import MAX_LAYER_ROWS, layer_table
+from lrt_deploy.export.build import ModelKind, PrecisionRecord, ProviderReport, Variant
+from lrt_deploy.report import (
+    ComparisonReport,
+    VariantResult,
+    format_table,
+    to_html,
+    to_markdown,
+    write_json,
+    write_report,
+)
+from lrt_deploy.report.render.tables import MAX_LAYER_ROWS, layer_table
+
+DENSE, LRT = ModelKind.DENSE, ModelKind.LRT
 
 
 def variant_entry(data: dict, name: str) -> dict:
@@ -46,7 +57,7 @@ def test_ratios_follow_the_data_not_constants():
 
 
 def test_markdown_table():
-    markdown = make_report().to_markdown()
+    markdown = to_markdown(make_report())
     assert "batch 1 · sequence 128 · threads 2 · provider CPUExecutionProvider" in markdown
     assert (
         "| Variant | Size (MB) | Size vs baseline | Median (ms) | p90 (ms) | Speedup "
@@ -68,8 +79,8 @@ def test_fallback_line_when_provider_fell_back():
     report = make_report(FALLBACK_REPORT)
     expected = "requested XnnpackExecutionProvider, ran on CPUExecutionProvider (fallback)"
     assert report.fallback_line() == expected
-    assert f"**Provider fallback:** {expected}" in report.to_markdown()
-    assert FALLBACK_REPORT["message"] in report.to_markdown()
+    assert f"**Provider fallback:** {expected}" in to_markdown(report)
+    assert FALLBACK_REPORT["message"] in to_markdown(report)
     assert report.to_dict()["provider_fallback"] == expected
 
 
@@ -95,7 +106,7 @@ def test_no_baseline_shows_no_ratios():
     data = report.to_dict()
     assert data["baseline"] is None
     assert all(v["size_ratio"] is None and v["speedup"] is None for v in data["variants"])
-    assert "No variant is marked as baseline" in report.to_markdown()
+    assert "No variant is marked as baseline" in to_markdown(report)
 
 
 def test_validation():
@@ -112,14 +123,14 @@ def test_validation():
 def test_json_round_trip(tmp_path):
     report = make_report(FALLBACK_REPORT)
     report.variants[2].fidelity["sqnr_db"] = math.nan
-    path = report.to_json(tmp_path / "report.json")
+    path = write_json(report, tmp_path / "report.json")
     data = json.loads(path.read_text())
     assert data == json.loads(json.dumps(report.to_dict()))
     assert variant_entry(data, "LRT int8")["fidelity"]["sqnr_db"] is None
     assert variant_entry(data, "LRT fp32")["size_ratio"] == 0.5
     rebuilt = ComparisonReport.from_dict(data)
     assert rebuilt.to_dict() == data
-    assert "SQNR (dB)" in rebuilt.to_markdown()
+    assert "SQNR (dB)" in to_markdown(rebuilt)
 
 
 def test_layer_table_groups_repeated_blocks():
@@ -140,7 +151,7 @@ def test_layer_table_groups_repeated_blocks():
     ]
     layers[0] = {**layers[0], "rank": 64}
     assert len(layers) > MAX_LAYER_ROWS
-    _, rows = layer_table(layers)
+    _, rows = layer_table(make_report(layers=layers).layers)
     names = [row[0] for row in rows]
     assert names == [
         "encoder.layer.0.attention.self.query",  # a group of one keeps its real name
@@ -149,14 +160,14 @@ def test_layer_table_groups_repeated_blocks():
         "encoder.layer.*.attention.self.query (x11)",
     ]
     assert rows[0][2] == "64" and rows[3][2] == "96"
-    markdown = make_report(layers=layers).to_markdown()
+    markdown = to_markdown(make_report(layers=layers))
     assert "| encoder.layer.*.intermediate.dense (x12) | 384x384 | 128 | factorized |" in markdown
-    assert len(layer_table(layers[:MAX_LAYER_ROWS])[1]) == MAX_LAYER_ROWS
+    assert len(layer_table(make_report(layers=layers[:MAX_LAYER_ROWS]).layers)[1]) == MAX_LAYER_ROWS
 
 
 def test_write_creates_all_files(tmp_path):
     report = make_report(FALLBACK_REPORT)
-    written = report.write(tmp_path / "out")
+    written = write_report(report, tmp_path / "out")
     assert set(written) == {"json", "markdown", "html"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "report.html",
@@ -164,11 +175,11 @@ def test_write_creates_all_files(tmp_path):
         "report.md",
     ]
     assert json.loads(written["json"].read_text())["model"] == "tiny-minilm"
-    assert written["markdown"].read_text() == report.to_markdown()
+    assert written["markdown"].read_text() == to_markdown(report)
     page = written["html"].read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 2
     assert "Provider fallback" in page and "0.5x" in page
-    without_html = report.write(tmp_path / "plain", html=False)
+    without_html = write_report(report, tmp_path / "plain", html=False)
     assert set(without_html) == {"json", "markdown"}
 
 
@@ -188,34 +199,50 @@ def test_report_does_not_import_torch():
     assert completed.returncode == 0, completed.stderr
 
 
-def test_layer_table_elides_numbers_of_differing_reasons():
-    layers = [
-        {
-            "name": f"encoder.layer.{i}.output.dense",
-            "shape": [384, 1536],
-            "rank": None,
-            "action": "kept_dense",
-            "reason": f"budget: dense is worth its parameters (rank 307, keeps only 99.{i}% of "
-            f"whitened energy) (output gain 0.00{i}1)",
-        }
-        for i in range(MAX_LAYER_ROWS + 1)
-    ]
-    _, rows = layer_table(layers)
+def _kept_dense(block: int, rank: int, energy: str, gain: str) -> dict[str, Any]:
+    return {
+        "name": f"encoder.layer.{block}.output.dense",
+        "shape": [384, 1536],
+        "rank": None,
+        "action": "kept_dense",
+        "reason": f"budget: dense is worth its parameters (rank {rank}, keeps only {energy}% "
+        f"of whitened energy) (output gain {gain})",
+    }
+
+
+def test_grouped_layer_rows_show_the_range_of_each_number():
+    figures = [(96, "97.5", "1.8"), (128, "91.2", "3.1"), (112, "94", "2.25")]
+    layers = [_kept_dense(i, *figures[i % 3]) for i in range(MAX_LAYER_ROWS + 1)]
+    _, rows = layer_table(make_report(layers=layers).layers)
     assert len(rows) == 1
     assert rows[0][0] == f"encoder.layer.*.output.dense (x{MAX_LAYER_ROWS + 1})"
     assert rows[0][4] == (
-        "budget: dense is worth its parameters (rank …, keeps only …% of whitened energy) "
-        "(output gain …)"
+        "budget: dense is worth its parameters (rank 96-128, keeps only 91.2-97.5% of whitened "
+        "energy) (output gain 1.8-3.1)"
     )
+    # A number every member shares is shown once; the shape's numbers are not a range.
+    same = [_kept_dense(i, 307, "99.1", f"0.00{i % 9 + 1}") for i in range(MAX_LAYER_ROWS + 1)]
+    (row,) = layer_table(make_report(layers=same).layers)[1]
+    assert row[4].startswith("budget: dense is worth its parameters (rank 307, keeps only 99.1%")
+    assert row[4].endswith("(output gain 0.001-0.009)") and "…" not in row[4]
 
 
-def _built(label: str, median_ms: float, fused: dict[str, int], *, deployed: bool = False) -> Any:
-    from lrt_deploy.export.build import Variant
+def test_layers_whose_reasons_are_worded_differently_are_not_merged():
+    layers = [_kept_dense(i, 96, "97.5", "1.8") for i in range(MAX_LAYER_ROWS + 1)]
+    layers[3] = {**layers[3], "reason": "skipped by pattern 'output'"}
+    _, rows = layer_table(make_report(layers=layers).layers)
+    assert [row[0] for row in rows] == [
+        f"encoder.layer.*.output.dense (x{MAX_LAYER_ROWS})", "encoder.layer.3.output.dense"
+    ]
+    assert rows[1][4] == "skipped by pattern 'output'"
 
-    return Variant(key=label.replace(" ", "-"), label=label, onnx_path=Path(f"{label}.onnx"),
-                   is_baseline=label == "dense fp32", deployed=deployed,
-                   optimization={"fused": fused}, latency={"median_ms": median_ms},
-                   provider=CPU_REPORT)
+
+def _built(model: ModelKind, precision: str, median_ms: float, fused: dict[str, int], *,
+           deployed: bool = False) -> Variant:
+    return Variant(onnx_path=Path(f"{model.key}-{precision}.onnx"), model=model,
+                   precision=precision, is_baseline=(model, precision) == (DENSE, "fp32"),
+                   deployed=deployed, optimization={"fused": fused},
+                   latency={"median_ms": median_ms}, provider=ProviderReport.from_dict(CPU_REPORT))
 
 
 def test_report_says_when_the_deployed_lrt_model_is_slower_than_dense_and_why() -> None:
@@ -224,10 +251,10 @@ def test_report_says_when_the_deployed_lrt_model_is_slower_than_dense_and_why() 
     from lrt_deploy.report.summary import run_report, speed_notes
 
     variants = [
-        _built("dense fp32", 13.7, {"Attention": 6}),
-        _built("dense int8", 5.86, {"QAttention": 6}),
-        _built("LRT fp32", 13.6, {"MultiHeadAttention": 6}),
-        _built("LRT int8", 7.32, {"MultiHeadAttention": 6}, deployed=True),
+        _built(DENSE, "fp32", 13.7, {"Attention": 6}),
+        _built(DENSE, "int8", 5.86, {"QAttention": 6}),
+        _built(LRT, "fp32", 13.6, {"MultiHeadAttention": 6}),
+        _built(LRT, "int8", 7.32, {"MultiHeadAttention": 6}, deployed=True),
     ]
     (line,) = speed_notes(variants)
     assert line.startswith("1.25x the latency of dense int8 in this run (7.32 vs 5.86 ms")
@@ -241,22 +268,23 @@ def test_report_says_when_the_deployed_lrt_model_is_slower_than_dense_and_why() 
 def test_report_is_silent_when_lrt_is_as_fast_or_has_no_dense_twin() -> None:
     from lrt_deploy.report.summary import SLOWER_THAN_DENSE, speed_notes
 
-    dense = _built("dense int8", 6.0, {"QAttention": 6})
-    within_noise = _built("LRT int8", 6.0 * SLOWER_THAN_DENSE, {"QAttention": 6}, deployed=True)
+    dense = _built(DENSE, "int8", 6.0, {"QAttention": 6})
+    within_noise = _built(LRT, "int8", 6.0 * SLOWER_THAN_DENSE, {"QAttention": 6}, deployed=True)
     assert speed_notes([dense, within_noise]) == []
-    assert speed_notes([dense, _built("LRT int8", 5.0, {}, deployed=True)]) == []
+    assert speed_notes([dense, _built(LRT, "int8", 5.0, {}, deployed=True)]) == []
     # fp32 deployed: compared with dense fp32, not dense int8; no int8 cause is named.
-    fp32 = [_built("dense fp32", 10.0, {"Attention": 6}), dense,
-            _built("LRT fp32", 12.0, {"Attention": 6}, deployed=True)]
+    fp32 = [_built(DENSE, "fp32", 10.0, {"Attention": 6}), dense,
+            _built(LRT, "fp32", 12.0, {"Attention": 6}, deployed=True)]
     (line,) = speed_notes(fp32)
     assert line == "1.20x the latency of dense fp32 in this run (12.00 vs 10.00 ms median)"
-    assert speed_notes([_built("LRT int8", 9.0, {}, deployed=True)]) == []
+    assert speed_notes([_built(LRT, "int8", 9.0, {}, deployed=True)]) == []
 
 
-def _scored(label: str, cosine: float, excluded: int = 0, deployed: bool = False) -> Any:
-    variant = _built(label, 5.0, {}, deployed=deployed)
+def _scored(model: ModelKind, precision: str, cosine: float, excluded: int = 0,
+            deployed: bool = False) -> Variant:
+    variant = _built(model, precision, 5.0, {}, deployed=deployed)
     variant.fidelity = {"mean_cosine": cosine}
-    variant.quantization = {"excluded_nodes": [f"mm{i}" for i in range(excluded)]}
+    variant.quantization = PrecisionRecord({"excluded_nodes": [f"mm{i}" for i in range(excluded)]})
     return variant
 
 
@@ -264,7 +292,7 @@ def test_report_says_when_int8_costs_the_output_and_what_to_do() -> None:
     """The all-mpnet-base-v2 case: plain dynamic int8 at 0.8777 against 1.0 for fp32."""
     from lrt_deploy.report.summary import run_report
 
-    variants = [_scored("dense fp32", 1.0), _scored("dense int8", 0.8777, deployed=True)]
+    variants = [_scored(DENSE, "fp32", 1.0), _scored(DENSE, "int8", 0.8777, deployed=True)]
     report = run_report(title="t", variants=variants, measured_on={"batch": 1, "sequence": 8},
                         threads=2, fidelity_inputs="x")
     (line,) = report.variants[-1].notes
@@ -278,19 +306,19 @@ def test_int8_note_compares_with_the_same_models_fp32_and_knows_exclusions() -> 
     from lrt_deploy.report.summary import INT8_COSINE_LOSS, int8_notes
 
     # The quick start's MiniLM: LRT int8 0.9902 against LRT fp32 0.9968: silent.
-    assert int8_notes([_scored("dense fp32", 1.0), _scored("dense int8", 0.9929),
-                       _scored("LRT fp32", 0.9968),
-                       _scored("LRT int8", 0.9902, deployed=True)]) == []
+    assert int8_notes([_scored(DENSE, "fp32", 1.0), _scored(DENSE, "int8", 0.9929),
+                       _scored(LRT, "fp32", 0.9968),
+                       _scored(LRT, "int8", 0.9902, deployed=True)]) == []
     # A factorization's loss is not int8's: LRT fp32 0.95, LRT int8 0.945.
-    assert int8_notes([_scored("dense fp32", 1.0), _scored("LRT fp32", 0.95),
-                       _scored("LRT int8", 0.945, deployed=True)]) == []
-    (line,) = int8_notes([_scored("dense fp32", 1.0),
-                          _scored("dense int8", 0.97, excluded=4, deployed=True)])
+    assert int8_notes([_scored(DENSE, "fp32", 1.0), _scored(LRT, "fp32", 0.95),
+                       _scored(LRT, "int8", 0.945, deployed=True)]) == []
+    (line,) = int8_notes([_scored(DENSE, "fp32", 1.0),
+                          _scored(DENSE, "int8", 0.97, excluded=4, deployed=True)])
     assert line.endswith("with 4 MatMuls kept fp32: raise --exclude-sensitive")
     edge = 1.0 - INT8_COSINE_LOSS
-    assert int8_notes([_scored("dense fp32", 1.0), _scored("dense int8", edge + 1e-6,
+    assert int8_notes([_scored(DENSE, "fp32", 1.0), _scored(DENSE, "int8", edge + 1e-6,
                                                            deployed=True)]) == []
-    assert int8_notes([_scored("dense fp32", 1.0), _scored("dense fp16", 0.5,
+    assert int8_notes([_scored(DENSE, "fp32", 1.0), _scored(DENSE, "fp16", 0.5,
                                                            deployed=True)]) == []
 
 
@@ -300,10 +328,10 @@ def test_report_says_what_outlier_smoothing_did_and_when_it_was_off() -> None:
     smoothing = {"nodes": ["mm_a", "mm_b", "mm_c"], "inputs": 2, "channels": 5,
                  "largest_scale": 19.2, "ratio": 8.0, "target": 3.0, "rows": 64,
                  "skipped": None}
-    variants = [_scored("dense fp32", 1.0), _scored("dense int8", 0.9942, deployed=True)]
+    variants = [_scored(DENSE, "fp32", 1.0), _scored(DENSE, "int8", 0.9942, deployed=True)]
     variants[0].quantization = None  # fp32 variants have none
-    variants[1].quantization = {"mode": "dynamic", "excluded_nodes": [],
-                                "smoothing": smoothing}
+    variants[1].quantization = PrecisionRecord({"mode": "dynamic", "excluded_nodes": [],
+                                                "smoothing": smoothing})
     report = run_report(title="t", variants=variants, measured_on={"batch": 1, "sequence": 8},
                         threads=2, fidelity_inputs="x")
     (line,) = report.variants[-1].notes
@@ -313,11 +341,65 @@ def test_report_says_what_outlier_smoothing_did_and_when_it_was_off() -> None:
     assert report.quantisation["smoothing"]["matmuls"] == 3
     assert "nodes" not in report.quantisation["smoothing"]
     # all-mpnet-base-v2 with --no-smoothing: the fix named first is to smooth.
-    variants[1].quantization = {"mode": "dynamic", "excluded_nodes": []}
+    variants[1].quantization = PrecisionRecord({"mode": "dynamic", "excluded_nodes": []})
     variants[1].fidelity = {"mean_cosine": 0.9191}
     (line,) = int8_notes(variants)
     assert line.startswith("int8 costs this model 0.081") and "drop --no-smoothing" in line
     # A non-text model without an .npz: smoothing could not measure, and says so.
-    variants[1].quantization = {"mode": "dynamic", "smoothing": {"skipped": "no data"}}
+    variants[1].quantization = PrecisionRecord({"mode": "dynamic",
+                                                "smoothing": {"skipped": "no data"}})
     variants[1].fidelity = {"mean_cosine": 0.995}
     assert int8_notes(variants) == ["int8 outlier smoothing skipped: no data"]
+
+
+def test_variant_key_and_label_are_rendered_from_model_and_precision() -> None:
+    variant = Variant(onnx_path=Path("x.onnx"), model=ModelKind.LINFORMER, precision="int8")
+    assert (variant.key, variant.label) == ("lrt-int8", "Linformer int8")
+    assert Variant(onnx_path=Path("y.onnx"), model=DENSE).label == "dense fp32"
+
+
+def test_incomparable_models_get_no_fidelity_and_a_note() -> None:
+    from lrt_deploy.report.summary import INCOMPARABLE_NOTE, run_report
+
+    variants = [_scored(DENSE, "fp32", 0.5), _scored(ModelKind.LINFORMER, "fp32", 1.0,
+                                                     deployed=True)]
+    report = run_report(title="t", variants=variants, measured_on={"batch": 1, "sequence": 8},
+                        threads=2, fidelity_inputs="x", incomparable={DENSE})
+    dense, linformer = report.variants
+    assert dense.fidelity == {} and dense.notes == [INCOMPARABLE_NOTE]
+    assert linformer.fidelity == {"mean_cosine": 1.0} and INCOMPARABLE_NOTE not in linformer.notes
+
+
+def test_the_report_names_the_cpu_it_was_measured_on(monkeypatch, tmp_path) -> None:
+    from lrt_deploy.report import summary
+    from lrt_deploy.report.summary import run_report
+
+    monkeypatch.setattr(summary, "host_cpu_name", lambda: "Example CPU 9000 @ 3.00GHz")
+    monkeypatch.setattr(summary, "host_class", lambda: "x86-avx2")
+    variants = [_scored(DENSE, "fp32", 1.0, deployed=True)]
+    report = run_report(title="t", variants=variants, measured_on={"batch": 1, "sequence": 8},
+                        threads=2, fidelity_inputs="x")
+    line = "Measured on Example CPU 9000 @ 3.00GHz (device class x86-avx2)"
+    assert line in to_markdown(report).splitlines()[:6]
+    assert f"<p>{line}</p>" in to_html(report)
+    data = json.loads(write_json(report, tmp_path / "report.json").read_text())
+    assert data["settings"]["cpu"] == "Example CPU 9000 @ 3.00GHz"
+    assert data["settings"]["device_class"] == "x86-avx2"
+    assert ComparisonReport.from_dict(data).to_dict() == data
+    # A report written before the CPU was recorded shows no such line.
+    assert "Measured on" not in to_markdown(make_report())
+
+
+def test_host_cpu_name_reads_cpuinfo_then_falls_back(monkeypatch, tmp_path) -> None:
+    from lrt_deploy.runtime import devices
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example  CPU\t9000\nflags\t: avx2\n")
+    monkeypatch.setattr(devices, "Path", lambda _path: cpuinfo)
+    assert devices.host_cpu_name.__wrapped__() == "Example CPU 9000"
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: asimd\n")  # ARM64 Linux names no model
+    monkeypatch.setattr(devices.platform, "processor", lambda: "aarch64")
+    assert devices.host_cpu_name.__wrapped__() == "aarch64"
+    monkeypatch.setattr(devices, "Path", lambda _path: tmp_path / "missing")
+    monkeypatch.setattr(devices.platform, "processor", lambda: "")
+    assert devices.host_cpu_name.__wrapped__() is None

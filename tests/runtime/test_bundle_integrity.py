@@ -27,6 +27,7 @@ from test_runtime_hardening import _bundle, _rewrite_manifest, _sha  # noqa: E40
 from lrt_deploy.cli.bench import main as bench_main  # noqa: E402
 from lrt_deploy.cli.report import main as report_main  # noqa: E402
 from lrt_deploy.errors import BundleError  # noqa: E402
+from lrt_deploy.report import write_json  # noqa: E402
 from lrt_deploy.runtime import Session, TextEncoder  # noqa: E402
 from lrt_deploy.runtime.bundle import external_data_names  # noqa: E402
 
@@ -59,7 +60,7 @@ def _bench(bundle: Path, *extra) -> tuple[int, str, str]:
 def _report_bundle(folder: Path, *, text: dict | None = None, model: str | None = None) -> Path:
     """A checksummed bundle of the tiny encoder with a report.json, as lrt-export lays it out."""
     _bundle(folder, text=text)
-    make_report().to_json(folder / "report.json")
+    write_json(make_report(), folder / "report.json")
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"]["report"] = "report.json"
     (folder / "manifest.json").write_text(json.dumps(manifest))

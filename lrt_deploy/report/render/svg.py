@@ -1,19 +1,11 @@
-"""A self-contained HTML page for a :class:`~lrt_deploy.report.comparison.ComparisonReport`.
-
-Charts are inline SVG drawn here, so the page needs no plotting library, no scripts and no
-network to view.
-"""
+"""Charts as inline SVG, so a report page needs no plotting library, scripts or network."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from html import escape
-from typing import TYPE_CHECKING, Any
-
-from .comparison import device_table, exactness_line, format_value, layer_table, variant_table
-
-if TYPE_CHECKING:
-    from .comparison import ComparisonReport
+from typing import Any
 
 __all__ = [
     "PALETTE",
@@ -22,19 +14,10 @@ __all__ = [
     "pareto_front",
     "pareto_svg",
     "stacked_bar_svg",
-    "to_html",
 ]
 
 _BASELINE_COLOUR = "#8c8c8c"
 _VARIANT_COLOUR = "#2b6cb0"
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 80rem; color: #222; }
-table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
-th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }
-th:first-child, td:first-child { text-align: left; white-space: nowrap; }
-.fallback { background: #fff4e5; border-left: 4px solid #dd6b20; padding: 0.5rem 1rem; }
-.charts { display: flex; flex-wrap: wrap; gap: 2rem; }
-"""
 
 
 def bar_chart_svg(
@@ -85,92 +68,6 @@ def bar_chart_svg(
     return "\n".join(parts)
 
 
-def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{escape(cell)}</th>" for cell in headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def to_html(report: ComparisonReport) -> str:
-    """Render the report as one HTML page with size and latency charts.
-
-    Args:
-        report: The comparison to render.
-
-    Returns:
-        A complete HTML document.
-    """
-    labels = [variant.name for variant in report.variants]
-    baseline = next((i for i, v in enumerate(report.variants) if v.is_baseline), None)
-    charts = [
-        bar_chart_svg(
-            "Model size",
-            labels,
-            [v.size_mb for v in report.variants],
-            unit=" MB",
-            highlight=baseline,
-        ),
-        bar_chart_svg(
-            "Median latency",
-            labels,
-            [v.median_ms for v in report.variants],
-            unit=" ms",
-            highlight=baseline,
-        ),
-    ]
-    body = [
-        f"<h1>Compression report: {escape(report.model)}</h1>",
-        f"<p>{escape(report.settings_line())}</p>",
-    ]
-    fallback = report.fallback_line()
-    if fallback:
-        body.append(
-            f'<p class="fallback"><strong>Provider fallback:</strong> {escape(fallback)}</p>'
-        )
-    if report.settings.get("fidelity_inputs"):
-        body.append(
-            f"<p>Fidelity measured on: {escape(str(report.settings['fidelity_inputs']))}</p>"
-        )
-    if report.settings.get("baseline"):
-        body.append(f"<p>Baseline: {escape(str(report.settings['baseline']))}</p>")
-    if report.settings.get("latency"):
-        body.append(f"<p>Latency timed {escape(str(report.settings['latency']))}</p>")
-    body += [
-        _html_table(*variant_table(report)),
-        f'<div class="charts">{"".join(charts)}</div>',
-    ]
-    notes = [f"{v.name}: {note}" for v in report.variants for note in v.notes]
-    notes += list(report.provider_messages)
-    if notes:
-        items = "".join(f"<li>{escape(note)}</li>" for note in notes)
-        body.append(f"<h2>Notes</h2><ul>{items}</ul>")
-    if report.devices:
-        body += ["<h2>Device classes</h2>", f"<p>{escape(exactness_line(report.devices))}</p>"]
-        table = device_table(report.devices)
-        if table is not None:
-            body += [_html_table(*table[:2]), f"<p>{escape(table[2])}</p>"]
-    if report.quantisation:
-        rows = [[str(key), format_value(value)] for key, value in report.quantisation.items()]
-        body += ["<h2>Quantisation</h2>", _html_table(["Setting", "Value"], rows)]
-    if report.optimisation:
-        rows = [
-            [name, ", ".join(f"{op} {count}" for op, count in counts.items())]
-            for name, counts in report.optimisation.items()
-        ]
-        body += ["<h2>Graph optimisation</h2>", _html_table(["Variant", "Op counts"], rows)]
-    if report.layers:
-        body += ["<h2>Per-layer ranks</h2>", _html_table(*layer_table(report.layers))]
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{escape(report.model)} compression report</title>"
-        f"<style>{_STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
-
-
-# --- charts for comparing bundles --------------------------------------------------------------
-
 #: Colours for series (bundles) and components, distinguishable in print and for most
 #: colour-vision deficiencies (Okabe-Ito).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
@@ -178,8 +75,6 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F
 
 def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     """About ``count`` round tick values covering ``low``..``high``."""
-    import math
-
     if high <= low:
         high = low + 1.0
     raw = (high - low) / max(count, 1)
@@ -266,8 +161,6 @@ def _axes(
     x_log: bool = False,
 ) -> tuple[list[str], Any, Any]:
     """Frame, ticks and labels of an x/y chart; returns markup and the two scale functions."""
-    import math
-
     left, top, width, height = box
     x_low, x_high = x_ticks[0], x_ticks[-1]
     y_low, y_high = y_ticks[0], y_ticks[-1]
