@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Quick start, command one: set up, then LRT-compress the shipped all-MiniLM-L6-v2, export it for
-# ONNX Runtime Mobile with int8 weights, and print the comparison with the dense model.
+# Quick start, command one: install what exporting needs (scripts/setup.sh), then LRT-compress
+# the shipped all-MiniLM-L6-v2, export it for ONNX Runtime Mobile with int8 weights, and print
+# the comparison with the dense model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

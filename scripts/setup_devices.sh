@@ -20,8 +20,9 @@
 # wheels 37 MB; the sysroot takes 165 MB in .devices/ (+14 MB for qemu 10). Measured on a 2-core
 # Zen 3 VM with a fast mirror: ~30 s in all (+3 s for qemu 10), the sysroot 8 s of it; a few
 # hundredths of a second when everything is there.
-# Idempotent; output goes to .venv/setup-devices.log, shown only on failure. Without apt-get
-# (not Debian/Ubuntu) it skips, and the emulation tests skip and say why.
+# Run by scripts/setup_tests.sh. Idempotent; output goes to .venv/setup-devices.log, shown only
+# on failure. Without apt-get (not Debian/Ubuntu) it skips, and the emulation tests skip and say
+# why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v apt-get > /dev/null; then

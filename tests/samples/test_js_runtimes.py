@@ -2,7 +2,7 @@
 headless Chromium) and the Android app's contract, against the Python runtime.
 
 Needs ``node`` with ``npm ci`` run in samples/js, and Debian's ``chromium`` for the page;
-``scripts/setup.sh`` installs both. The tests skip only when node or chromium is absent.
+``scripts/setup_tests.sh`` installs both. The tests skip only when node or chromium is absent.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ KOTLIN_CONTRACT = (
     SAMPLES / "android/app/src/main/java/ai/lrtdeploy/sample/BundleContract.kt"
 )
 NODE = shutil.which("node")
+NPM = shutil.which("npm")
 
 
 def _load(name: str) -> Any:
@@ -41,10 +42,12 @@ def _load(name: str) -> Any:
 
 compare = _load("compare")
 compare_layers = _load("compare_layers")
-needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed (scripts/setup.sh)")
+needs_node = pytest.mark.skipif(
+    NODE is None, reason="node is not installed (scripts/setup_tests.sh)"
+)
 needs_chromium = pytest.mark.skipif(
     not Path(compare.CHROMIUM).is_file(),
-    reason=f"{compare.CHROMIUM} is missing (scripts/setup.sh installs Debian's chromium)",
+    reason=f"{compare.CHROMIUM} is missing (scripts/setup_tests.sh installs Debian's chromium)",
 )
 
 
@@ -52,7 +55,7 @@ needs_chromium = pytest.mark.skipif(
 def node_modules() -> Path:
     folder = JS_DIR / "node_modules"
     if NODE is not None and not (folder / "onnxruntime-node").is_dir():
-        pytest.fail("samples/js/node_modules is missing: run scripts/setup.sh (npm ci)")
+        pytest.fail("samples/js/node_modules is missing: run scripts/setup_tests.sh (npm ci)")
     return folder
 
 
@@ -99,6 +102,19 @@ def _node_eval(script: str) -> Any:
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+@needs_node
+@pytest.mark.skipif(NPM is None, reason="npm is not installed (scripts/setup_tests.sh)")
+def test_npm_test_passes(node_modules: Path) -> None:
+    """samples/js's own suite (node --test) passes against its committed fixture bundle."""
+    assert NPM is not None
+    proc = subprocess.run(
+        [NPM, "test", "--silent"], cwd=JS_DIR, capture_output=True, text=True, timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert re.search(r"^# fail 0$", proc.stdout, re.MULTILINE), proc.stdout[-2000:]
 
 
 # --- the contract: one JSON, the JS module and the Kotlin app agree --------------------------
