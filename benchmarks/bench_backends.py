@@ -22,7 +22,7 @@ against the ``--ffn-ranks`` pairs, fp32 and int8, on both runtimes: what the pro
 costs once the rest of the model is gone.
 
 Writes ``results/backends-minilm.json`` and ``.png``. WebAssembly needs node and
-``samples/js/node_modules`` (``scripts/setup.sh``); without them those columns are skipped.
+``samples/js/node_modules`` (``scripts/setup_tests.sh``); without them those columns are skipped.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def wasm_available(runs: int = 1) -> bool:
         return False
     if shutil.which("node") and (JS_DIR / "node_modules" / "onnxruntime-web").is_dir():
         return True
-    print("node or samples/js/node_modules missing (scripts/setup.sh): native only",
+    print("node or samples/js/node_modules missing (scripts/setup_tests.sh): native only",
           file=sys.stderr)
     return False
 

@@ -15,7 +15,7 @@ on both runtimes; the share of native kernel time in weight-matrix nodes; and, f
 manifest, how the bundle was healed (device, steps, seconds, batch, learning rate).
 
 Writes ``results/bundles-minilm.json`` and ``.png``. WebAssembly needs node and
-``samples/js/node_modules`` (``scripts/setup.sh``); without them those columns are skipped.
+``samples/js/node_modules`` (``scripts/setup_tests.sh``); without them those columns are skipped.
 """
 
 from __future__ import annotations

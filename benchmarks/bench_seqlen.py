@@ -25,7 +25,7 @@ round, and its min-max over rounds is the spread), and peak memory
 (resident-set growth of a fresh process from opening the session to the end of one run).
 ORT runs with 2 intra-op threads and spinning off (``session.intra_op.allow_spinning = 0``).
 
-    python benchmarks/bench_seqlen.py                 # full sweep -> samples/seqlen-sweep/
+    python benchmarks/bench_seqlen.py   # full sweep -> benchmarks/results/seqlen-sweep/
     python benchmarks/bench_seqlen.py --lengths 128 512 --rounds 3
     python benchmarks/bench_seqlen.py --profile 4096  # ORT op profile, dense vs linformer-k128
 """
@@ -50,7 +50,7 @@ LENGTHS = (128, 256, 512, 1024, 2048, 4096)
 VARIANTS = (
     "dense", "lrt-0.5", "lrt-0.25", "linformer-k128", "linformer-k256", "lrt-0.25+linformer-k128",
 )
-OUT = Path(__file__).resolve().parent.parent / "samples" / "seqlen-sweep"
+OUT = Path(__file__).resolve().parent / "results" / "seqlen-sweep"
 
 
 def _variant_spec(name: str) -> tuple[float | None, int | None]:

@@ -30,7 +30,7 @@ __all__ = ["EMULATED", "NOT_EMULATED", "EmulatedRuns", "EmulationError", "Emulat
            "devices_dir", "qemu_binary", "run_model", "unavailable"]
 
 WORKER = Path(__file__).with_name("worker.py")
-SETUP = "run scripts/setup_devices.sh"
+SETUP = "run scripts/setup_devices.sh in a checkout (LRT_DEVICES_DIR names its .devices)"
 
 
 class EmulationError(LrtDeployError):

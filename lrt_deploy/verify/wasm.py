@@ -32,8 +32,8 @@ def wasm_unavailable() -> str | None:
     if shutil.which("node") is None:
         return "node not found: install Node 20+ to run the WebAssembly class"
     if not (js_dir() / "node_modules" / "onnxruntime-web").is_dir():
-        return (f"onnxruntime-web is not installed in {js_dir()}: run npm ci there "
-                "(scripts/setup.sh does)")
+        return (f"onnxruntime-web is not installed in {js_dir()}: run npm ci in a checkout's "
+                "samples/js (scripts/setup_tests.sh does) and point LRT_JS_DIR at it")
     return None
 
 
