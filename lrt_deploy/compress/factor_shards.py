@@ -114,8 +114,8 @@ def load_lowrank_factors(module: nn.Module, folder: str | Path) -> list[dict[str
     """
     from safetensors.torch import load_file
 
-    from lrt_deploy.compress.config import LowRankConfig
     from lrt_deploy.compress.factorize import factorize_
+    from lrt_deploy.config.lowrank import LowRankConfig
     from lrt_deploy.nn.lowrank import lowrank_layers_in_weights
 
     paths = sorted(Path(folder).glob("lowrank-*.safetensors"))

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lrt_deploy.compress.config import LowRankConfig
 from lrt_deploy.compress.solvers import (
     Spectrum,
     embedding_spectrum,
     svd_spectrum,
     whitened_spectrum,
 )
+from lrt_deploy.config.lowrank import LowRankConfig
 from lrt_deploy.nn.lowrank import LowRankEmbedding, LowRankLinear
 
 __all__ = [

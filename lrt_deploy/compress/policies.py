@@ -1,32 +1,32 @@
-"""Rank policies: choose each layer's rank from its spectrum.
-
-``factorize_`` computes every candidate layer's :class:`~lrt_deploy.compress.solvers.Spectrum`
-once and hands the layers to a policy here; the chosen ranks are then built from the same
-spectra. Policies see plain numbers (spectra and parameter costs), never modules, so they are
-easy to test and to add to.
-
-With activation-aware whitening a layer's discarded squared singular values are exactly the mean
-squared error its output makes on the calibration inputs, so the budget policy can trade rank
-between layers by comparing error removed per parameter spent.
-"""
+"""Rank-policy handlers: each policy type mapped to how it chooses ranks from spectra."""
 
 from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any
 
-from lrt_deploy.compress.config import LowRankConfigError
 from lrt_deploy.compress.solvers import Spectrum
+from lrt_deploy.config.ranks import (
+    BudgetRank,
+    EnergyRank,
+    LowRankConfigError,
+    UniformRank,
+    resolve_rank,
+)
 
 __all__ = [
+    "PolicyHandler",
     "RankChoice",
     "RankedLayer",
     "budget_ranks",
     "energy_ranks",
     "max_saving_rank",
+    "policy_handler",
+    "register_policy",
     "spectrum_measure",
 ]
 
@@ -175,30 +175,17 @@ def _hull_segments(position: int, layer: RankedLayer) -> list[_Segment]:
 
 
 def budget_ranks(layers: Sequence[RankedLayer], params_budget: float) -> dict[str, RankChoice]:
-    """Spread ``params_budget`` parameters over the layers with the least total error.
-
-    Every layer starts at rank 1; hull segments (see :func:`_hull_segments`) are then bought in
-    order of error removed per parameter, a layer stopping at its first segment that no longer
-    fits. Single ranks then fill what is left, best first, so the layers end within one rank
-    step (``rows + cols`` parameters) of the budget.
-
-    Args:
-        layers: Layers to choose for.
-        params_budget: Parameters the layers may have in total.
-
-    Returns:
-        Layer name -> choice; a layer whose best use of the budget is all its parameters stays
-        dense.
-
-    Raises:
-        LowRankConfigError: Even rank 1 everywhere exceeds the budget.
-    """
+    """Spread ``params_budget`` parameters over the layers with the least total error, ending
+    within one rank step of it; a layer best kept whole stays dense (rank None)."""
+    # Every layer starts at rank 1; hull segments are bought by error removed per parameter, a
+    # layer stopping at its first segment that no longer fits; single ranks then fill the rest.
     ranks: list[int | None] = [1] * len(layers)
     spent = sum(layer.params_at(1) for layer in layers)
     if spent > params_budget:
         raise LowRankConfigError(
             f"the budget leaves {params_budget:,.0f} parameters for the layers it allocates, "
-            f"but rank 1 everywhere already needs {spent:,}: raise budget, or skip fewer layers"
+            f"but rank 1 everywhere already needs {spent:,}: raise BudgetRank.budget, or skip "
+            "fewer layers"
         )
     segments = sorted(
         (s for position, layer in enumerate(layers) for s in _hull_segments(position, layer)),
@@ -256,3 +243,60 @@ def budget_ranks(layers: Sequence[RankedLayer], params_budget: float) -> dict[st
         "budget policy: %s of %s parameters allocated", f"{spent:,}", f"{params_budget:,.0f}"
     )
     return choices
+
+
+@dataclass(frozen=True)
+class PolicyHandler:
+    """What ``factorize_`` asks of one rank-policy type."""
+
+    #: (policy, full_rank) -> (rank, reason) when the policy fixes a layer's rank alone, or
+    #: None when ``choose`` picks it across the layers.
+    layer_rank: Callable[[Any, int], tuple[int, str] | None]
+    #: (policy, layers, params_total, params_fixed) -> a choice per layer left to the policy.
+    choose: Callable[[Any, Sequence[RankedLayer], int, int], dict[str, RankChoice]]
+    #: policy -> the budget at which each layer's output gain is measured, or None (no gains).
+    gain_probe: Callable[[Any], float | None] = lambda _policy: None
+
+
+_HANDLERS: dict[type, PolicyHandler] = {}
+
+
+def register_policy(policy_type: type, handler: PolicyHandler) -> None:
+    """Make ``factorize_`` apply ``policy_type`` configs with ``handler``."""
+    _HANDLERS[policy_type] = handler
+
+
+def policy_handler(policy: Any) -> PolicyHandler:
+    """The handler registered for ``policy``'s type."""
+    handler = _HANDLERS.get(type(policy))
+    if handler is None:
+        raise LowRankConfigError(
+            f"factorize_ cannot apply {type(policy).__name__} directly: a FidelityFloor is "
+            "searched (compress_model or search_budget turn it into a BudgetRank); registered "
+            f"policies: {', '.join(t.__name__ for t in _HANDLERS)}"
+        )
+    return handler
+
+
+def _uniform_rank(policy: UniformRank, full_rank: int) -> tuple[int, str]:
+    rank = resolve_rank(policy.rank, full_rank)
+    return rank, f"uniform rank {rank}"
+
+
+def _no_choices(*_args: Any) -> dict[str, RankChoice]:
+    return {}
+
+
+def _budget_choices(policy: BudgetRank, layers: Sequence[RankedLayer], total: int,
+                    fixed: int) -> dict[str, RankChoice]:
+    return budget_ranks(layers, policy.budget * total - fixed)
+
+
+register_policy(UniformRank, PolicyHandler(_uniform_rank, _no_choices))
+register_policy(EnergyRank, PolicyHandler(
+    lambda _policy, _full: None, lambda policy, layers, *_: energy_ranks(layers, policy.energy)
+))
+register_policy(BudgetRank, PolicyHandler(
+    lambda _policy, _full: None, _budget_choices,
+    lambda policy: policy.budget if policy.budget_error == "output" else None,
+))
