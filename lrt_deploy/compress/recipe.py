@@ -26,6 +26,7 @@ __all__ = [
     "CompressionOutcome",
     "HealingData",
     "check_compressible",
+    "check_simulatable",
     "compress_model",
     "lowrank_by_design",
     "simulated_quantization",
@@ -100,32 +101,29 @@ def text_healing_data(
 
 @dataclass
 class CompressionOutcome:
-    """What :func:`compress_model` did.
+    """What :func:`compress_model` did."""
 
-    Attributes:
-        factorization: Per-layer decisions and parameter counts.
-        dense: The model as it was before factorizing (a deep copy), to compare with.
-        config: The config factorized with (the searched budget filled in); None when
-            nothing was factorized (quantisation-aware healing of the dense model alone).
-        budget_search: The fidelity-floor search, when one ran.
-        healing: The distillation run, when one ran.
-        heal_steps: Steps healing was asked for.
-        healing_data: Where healing trained and chose its step, when not on the calibration
-            list (None: trained on the first four fifths, chosen on the last fifth).
-        selection_fidelity: With a fidelity floor, ``{"mean_cosine", "worst_cosine"}`` of the
-            final (factorized, healed) model on the selection batches, in PyTorch.
-        floor_verdict: Whether the floor held on held-out text, set by the caller once the
-            deployed variant is measured (:func:`lrt_deploy.compress.search.judge_floor`).
-    """
-
+    #: Per-layer decisions and parameter counts.
     factorization: FactorizationResult
+    #: The model as it was before factorizing (a deep copy), to compare with.
     dense: LoadedModel
+    #: The config factorized with (the searched budget filled in); None when nothing was factorized
+    #: (quantisation-aware healing of the dense model alone).
     config: LowRankConfig
+    #: The fidelity-floor search, when one ran.
     budget_search: BudgetSearchResult | None = None
+    #: The distillation run, when one ran.
     healing: HealResult | None = None
+    #: Steps healing was asked for.
     heal_steps: int = 0
+    #: Where healing trained and chose its step, when not on the calibration list (None: trained on
+    #: the first four fifths, chosen on the last fifth).
     healing_data: HealingData | None = None
+    #: With a fidelity floor, ``{"mean_cosine", "worst_cosine"}`` of the final (factorized, healed)
+    #: model on the selection batches, in PyTorch.
     selection_fidelity: dict[str, float] | None = None
+    #: Whether the floor held on held-out text, set by the caller once the deployed variant is
+    #: measured (:func:`lrt_deploy.compress.search.judge_floor`).
     floor_verdict: FloorVerdict | None = None
     heal_options: dict[str, Any] = field(default_factory=dict)
 
@@ -174,14 +172,14 @@ class CompressionOutcome:
         }
 
 
-def check_compressible(loaded: LoadedModel) -> None:
-    """Raise :class:`UnsupportedOperationError` when ``loaded`` has no layers to swap."""
+def check_compressible(loaded: Any) -> None:
+    """Raise :class:`UnsupportedOperationError` when ``loaded`` (a LoadedModel or its facts)
+    has no layers to swap."""
     if not loaded.can_compress:
         raise UnsupportedOperationError(
-            f"compress=LowRankConfig(...) needs an nn.Module to factorize, but '{loaded.name}' "
-            f"is a {loaded.format} graph whose layers cannot be swapped: export it without "
-            "compress=, or load the original module (.pt with trust_pickle=True, or a Hugging "
-            "Face folder)"
+            f"factorizing needs an nn.Module, but '{loaded.name}' is a {loaded.format} graph "
+            "whose layers cannot be swapped: export it without compress=, or load the original "
+            "module (.pt with trust_pickle=True, or a Hugging Face folder)"
         )
 
 
@@ -274,22 +272,32 @@ def _simulation_options(quantization: Any) -> dict[str, Any]:
     return {"quantization": quantization.describe(), "trainable": "layers"}
 
 
-def simulated_quantization(precision: Any) -> Any:
-    """The healing loop's exact simulation of a precision recipe (dynamic int8 per channel, or
-    4-bit weight-only with tables); other recipes and fp32 raise."""
+def check_simulatable(precision: Any) -> None:
+    """Raise unless healing can simulate ``precision`` exactly (dynamic int8 per channel, or
+    4-bit weight-only with tables); pure: imports no torch."""
     from lrt_deploy.quant.recipes import DynamicInt8, Int4WeightOnly
-    from lrt_deploy.quant.simulate import FakeQuantization
 
     if isinstance(precision, DynamicInt8) and precision.per_channel:
-        return FakeQuantization("int8", smooth=precision.smooth,
-                                weight_grid=precision.weight_grid)
+        return
     if isinstance(precision, Int4WeightOnly) and precision.embeddings:
-        return FakeQuantization("int4", precision.block)
+        return
     what = "an fp32 target" if precision is None else precision.describe()
     raise ConfigError(
         f"HealConfig.quantized=True simulates dynamic int8 per channel and int4, not {what}: "
         "use precision=DynamicInt8(per_channel=True) or precision=Int4WeightOnly()"
     )
+
+
+def simulated_quantization(precision: Any) -> Any:
+    """The healing loop's exact simulation of ``precision`` (see :func:`check_simulatable`)."""
+    from lrt_deploy.quant.recipes import DynamicInt8
+    from lrt_deploy.quant.simulate import FakeQuantization
+
+    check_simulatable(precision)
+    if isinstance(precision, DynamicInt8):
+        return FakeQuantization("int8", smooth=precision.smooth,
+                                weight_grid=precision.weight_grid)
+    return FakeQuantization("int4", precision.block)
 
 
 def _fidelity(model: Any, dense: Any, batches: list[dict[str, Any]]) -> dict[str, float]:
@@ -324,9 +332,7 @@ def _heal(
     loaded: LoadedModel, dense: LoadedModel, data: HealingData, heal: HealConfig,
     progress: Callable[[str], None], quantization: Any, smoothing_batches: list[dict[str, Any]],
 ) -> HealResult:
-    """Distil the factorized model towards the dense one on ``data.train``, keeping the step
-    that does best on ``data.selection`` (a smoothed int8 simulation measures its scales on
-    ``smoothing_batches``, the export's calibration batches)."""
+    """Heal the factorized model towards the dense one on ``data``, with progress lines."""
     from lrt_deploy.compress.heal import Healer
 
     source = (f"{len(data.train)} calibration batches" if isinstance(data.train, list)

@@ -265,7 +265,7 @@ def _check_count(count: object) -> None:
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise LrtDeployError(
             f"exclude_sensitive is a count of MatMuls >= 0, got {count!r}: e.g. "
-            "--exclude-sensitive 6"
+            "exclude_sensitive=6"
         )
 
 
