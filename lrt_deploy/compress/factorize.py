@@ -46,32 +46,29 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LayerDecision:
-    """What ``factorize_`` did with one candidate layer.
+    """What ``factorize_`` did with one candidate layer."""
 
-    Attributes:
-        name: Qualified module name.
-        kind: Registered kind, e.g. ``"linear"`` or ``"embedding"``.
-        shape: Weight shape: ``(out, in)`` for linear, ``(num, dim)`` for embedding.
-        rank: Rank used or considered; None when the layer was skipped before choosing one.
-        full_rank: ``min(shape)``.
-        params_dense: Parameters of the dense layer (weight and bias).
-        params_after: Parameters after the decision (``params_dense`` when kept dense).
-        action: ``"factorized"`` or ``"kept_dense"``.
-        reason: Human-readable why, including why this rank.
-        energy_kept: Fraction of the layer's spectrum energy the rank keeps (whitened for
-            ``"asvd"`` linears, frequency-weighted for embeddings); None when no spectrum was
-            computed (kept dense before a rank was chosen, or a handler without one).
-    """
-
+    #: Qualified module name.
     name: str
+    #: Registered kind, e.g. ``"linear"`` or ``"embedding"``.
     kind: str
+    #: Weight shape: ``(out, in)`` for linear, ``(num, dim)`` for embedding.
     shape: tuple[int, int]
+    #: Rank used or considered; None when the layer was skipped before choosing one.
     rank: int | None
+    #: ``min(shape)``.
     full_rank: int
+    #: Parameters of the dense layer (weight and bias).
     params_dense: int
+    #: Parameters after the decision (``params_dense`` when kept dense).
     params_after: int
+    #: ``"factorized"`` or ``"kept_dense"``.
     action: str
+    #: Human-readable why, including why this rank.
     reason: str
+    #: Fraction of the layer's spectrum energy the rank keeps (whitened for ``"asvd"`` linears,
+    #: frequency-weighted for embeddings); None when no spectrum was computed (kept dense before a
+    #: rank was chosen, or a handler without one).
     energy_kept: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,14 +80,11 @@ class LayerDecision:
 
 @dataclass
 class FactorizationResult:
-    """Per-layer decisions of one ``factorize_`` call.
+    """Per-layer decisions of one ``factorize_`` call."""
 
-    Attributes:
-        layers: One decision per candidate layer, in model order.
-        already_lowrank: Names of modules that were low-rank units before the call.
-    """
-
+    #: One decision per candidate layer, in model order.
     layers: list[LayerDecision] = field(default_factory=list)
+    #: Names of modules that were low-rank units before the call.
     already_lowrank: list[str] = field(default_factory=list)
 
     @property
@@ -319,15 +313,11 @@ def _measure_output_gains(
     batches: list[Mapping[str, torch.Tensor]],
     budget: float,
 ) -> dict[str, float]:
-    """Model-output squared error per unit of each policy layer's own spectrum error.
-
-    Layers differ in how much of their error reaches the output (a residual stream and a
-    LayerNorm downstream shrink it, a wide projection can amplify it), so the raw errors of two
-    layers are not comparable. Each layer is truncated alone at its probe rank on ``batches``
-    and the ratio of the output's mean squared error to the layer's predicted error is its
-    gain; the budget policy then minimises the gain-weighted total error, a first-order model
-    of the output error.
-    """
+    """Model-output squared error per unit of each policy layer's own spectrum error."""
+    # Layers differ in how much of their error reaches the output (a residual stream and a
+    # LayerNorm shrink it, a wide projection amplifies it): each is truncated alone at its probe
+    # rank, and the output's error over its predicted error is its gain, which the budget
+    # policy weights its error by (a first-order model of the output error).
     device = next(model.parameters(), torch.empty(0)).device
     inputs = [
         {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -109,9 +109,9 @@ def _as_module(model: Any, role: str) -> nn.Module:
 
 
 def layer_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
-    """What ``trainable="layers"`` trains, by qualified name: every floating parameter but the
-    embedding tables (a table row moves only when its token is in the training text, so tuning
-    tables would fit them to the corpus's vocabulary)."""
+    """What ``trainable="layers"`` trains: every floating parameter but the embedding tables."""
+    # A table row moves only when its token is in the training text: tuning tables would fit
+    # them to the corpus's vocabulary.
     tables = {id(p) for m in module.modules() if isinstance(m, nn.Embedding)
               for p in m.parameters()}
     return {name: p for name, p in module.named_parameters()
@@ -175,13 +175,8 @@ def _relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def select_device(device: str | torch.device | None = "auto") -> torch.device:
-    """The device healing runs on: ``"auto"`` (or None) is CUDA when PyTorch sees a GPU, else
-    the CPU; ``"cpu"``/``"cuda"``/``"cuda:N"`` are taken as given.
-
-    Raises:
-        LrtDeployError: ``"cuda"`` was asked for but PyTorch sees no CUDA device, or the name
-            is not a device.
-    """
+    """The device healing runs on: ``"auto"`` (or None) is CUDA when PyTorch sees a GPU, else the
+    CPU; ``"cpu"``/``"cuda"``/``"cuda:N"`` are taken as given."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -201,11 +196,7 @@ def select_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``: None means plain fp32.
-
-    ``"auto"`` is bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on the CPU (CPU
-    autocast is slower than fp32 for these small matrices).
-    """
+    """The autocast dtype for ``precision`` on ``device``: None means plain fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
@@ -230,9 +221,8 @@ def lr_multiplier(step: int, steps: int, warmup_steps: int, final_fraction: floa
 
 
 def _batch_stream(batches: Iterable[Batch]) -> Iterator[tuple[int | None, Batch]]:
-    """(cache key, batch) forever: a Sequence is cycled (key = its index, so the teacher's
-    targets can be cached); any other iterable is re-iterated pass after pass (key None: targets
-    are computed on the fly and dropped). A one-shot iterator ends when it runs dry."""
+    """(cache key, batch) forever: a Sequence cycled (key: its index), another iterable
+    re-read pass after pass (key None); a one-shot iterator ends when it runs dry."""
     if isinstance(batches, Sequence):
         while True:
             yield from enumerate(batches)

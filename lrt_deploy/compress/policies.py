@@ -41,18 +41,7 @@ def spectrum_measure(spectrum: Spectrum) -> str:
 
 
 def max_saving_rank(rows: int, cols: int, extra: int, min_param_saving: float = 0.0) -> int:
-    """Largest rank whose low-rank form saves parameters (0 when none does).
-
-    Args:
-        rows: Weight rows.
-        cols: Weight columns.
-        extra: Parameters kept whatever the rank (a bias).
-        min_param_saving: Required saving, as in ``LowRankConfig``.
-
-    Returns:
-        The largest ``r <= min(rows, cols)`` with ``r * (rows + cols) + extra`` strictly below
-        the dense count and at most ``(1 - min_param_saving)`` of it.
-    """
+    """Largest rank whose low-rank form saves parameters (0 when none does)."""
     dense = rows * cols + extra
     per_rank = rows + cols
     strictly_below = (rows * cols - 1) // per_rank
@@ -62,22 +51,19 @@ def max_saving_rank(rows: int, cols: int, extra: int, min_param_saving: float = 
 
 @dataclass(frozen=True)
 class RankedLayer:
-    """A layer a policy chooses a rank for.
+    """A layer a policy chooses a rank for."""
 
-    Attributes:
-        name: Qualified module name.
-        spectrum: The layer's spectrum; its errors are what the policy trades.
-        params_per_rank: Parameters one more rank costs: ``rows + cols``.
-        params_fixed: Parameters kept whatever the rank (a bias).
-        params_dense: Parameters of the dense layer.
-        max_rank: Largest rank that saves parameters (see :func:`max_saving_rank`), >= 1.
-    """
-
+    #: Qualified module name.
     name: str
+    #: The layer's spectrum; its errors are what the policy trades.
     spectrum: Spectrum
+    #: Parameters one more rank costs: ``rows + cols``.
     params_per_rank: int
+    #: Parameters kept whatever the rank (a bias).
     params_fixed: int
+    #: Parameters of the dense layer.
     params_dense: int
+    #: Largest rank that saves parameters (see :func:`max_saving_rank`), >= 1.
     max_rank: int
 
     def params_at(self, rank: int | None) -> int:
@@ -89,31 +75,18 @@ class RankedLayer:
 
 @dataclass(frozen=True)
 class RankChoice:
-    """A policy's choice for one layer.
+    """A policy's choice for one layer."""
 
-    Attributes:
-        rank: The rank, or None to keep the layer dense.
-        energy_kept: Fraction of the spectrum energy kept (1.0 when dense).
-        reason: Why, for the report.
-    """
-
+    #: The rank, or None to keep the layer dense.
     rank: int | None
+    #: Fraction of the spectrum energy kept (1.0 when dense).
     energy_kept: float
+    #: Why, for the report.
     reason: str
 
 
 def energy_ranks(layers: Sequence[RankedLayer], energy: float) -> dict[str, RankChoice]:
-    """Per layer, the smallest rank keeping ``energy`` of its spectrum energy.
-
-    A layer whose rank would save no parameters stays dense.
-
-    Args:
-        layers: Layers to choose for.
-        energy: Fraction in (0, 1].
-
-    Returns:
-        Layer name -> choice.
-    """
+    """Per layer, the smallest rank keeping ``energy`` of its spectrum energy."""
     choices = {}
     for layer in layers:
         rank = layer.spectrum.rank_for_energy(energy)
@@ -146,13 +119,10 @@ class _Segment:
 
 
 def _hull_segments(position: int, layer: RankedLayer) -> list[_Segment]:
-    """Segments of the lower convex hull of the layer's (parameters, error) options.
-
-    The options are ranks ``1..max_rank`` and dense (zero error). Error falls convexly with rank,
-    but the last jump to dense can be cheaper per unit of error than the ranks before it; on
-    the hull every layer's efficiency only falls, so one global greedy pass over all segments
-    sorted by efficiency is optimal up to the last segment that does not fit.
-    """
+    """Segments of the lower convex hull of the layer's (parameters, error) options."""
+    # Options: ranks 1..max_rank and dense (zero error). On the hull every layer's efficiency
+    # only falls, so one greedy pass over all segments by efficiency is optimal up to the last
+    # segment that does not fit.
     options: list[tuple[int, float, int | None]] = [
         (layer.params_at(rank), layer.spectrum.error(rank), rank)
         for rank in range(1, layer.max_rank + 1)

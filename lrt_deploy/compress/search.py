@@ -28,30 +28,27 @@ Batch = Mapping[str, Any]
 
 @dataclass
 class BudgetSearchResult:
-    """Outcome of :func:`search_budget`.
+    """Outcome of :func:`search_budget`."""
 
-    Attributes:
-        floor: The required mean cosine to the dense model's primary output.
-        budget: The smallest tried budget that met the floor.
-        mean_cosine: Its mean cosine on the selection batches.
-        trials: Every budget tried with its mean cosine (and ``probe_mean_cosine``) and
-            parameters kept, in order.
-        margin: What was added to the floor on the selection data: the largest drop measured
-            from the selection data to the probe data over the trials (0 without a probe).
-        target: ``floor + margin``, what the selection data had to reach.
-        probe_mean_cosine: The chosen budget's mean cosine on the probe data.
-        selection_data: What the selection batches were, for the report.
-        probe_data: What the probe batches were, or None.
-    """
-
+    #: The required mean cosine to the dense model's primary output.
     floor: float
+    #: The smallest tried budget that met the floor.
     budget: float
+    #: Its mean cosine on the selection batches.
     mean_cosine: float
+    #: Every budget tried with its mean cosine (and ``probe_mean_cosine``) and parameters kept, in
+    #: order.
     trials: list[dict[str, float]] = field(default_factory=list)
+    #: What was added to the floor on the selection data: the largest drop measured from the
+    #: selection data to the probe data over the trials (0 without a probe).
     margin: float = 0.0
+    #: ``floor + margin``, what the selection data had to reach.
     target: float = 0.0
+    #: The chosen budget's mean cosine on the probe data.
     probe_mean_cosine: float | None = None
+    #: What the selection batches were, for the report.
     selection_data: str = "selection batches"
+    #: What the probe batches were, or None.
     probe_data: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,21 +173,18 @@ def search_budget(
 
 @dataclass
 class FloorVerdict:
-    """Whether a fidelity floor held, dataset by dataset.
+    """Whether a fidelity floor held, dataset by dataset."""
 
-    Attributes:
-        floor: The required mean cosine.
-        figures: Dataset name -> ``{"mean_cosine", "worst_cosine"}`` of the judged model.
-        met_on: Datasets whose mean cosine reached the floor.
-        missed_on: Datasets whose mean cosine fell below it.
-        selection_data: The data the budget was chosen on (its figure shows in ``figures``
-            when given, but only held-out data decides ``met``).
-    """
-
+    #: The required mean cosine.
     floor: float
+    #: Dataset name -> ``{"mean_cosine", "worst_cosine"}`` of the judged model.
     figures: dict[str, dict[str, float]]
+    #: Datasets whose mean cosine reached the floor.
     met_on: list[str]
+    #: Datasets whose mean cosine fell below it.
     missed_on: list[str]
+    #: The data the budget was chosen on (its figure shows in ``figures`` when given, but only
+    #: held-out data decides ``met``).
     selection_data: str | None = None
 
     @property
@@ -232,23 +226,7 @@ def judge_floor(
     *,
     selection_data: str | None = None,
 ) -> FloorVerdict:
-    """Judge a fidelity floor on measured figures.
-
-    A floor counts as kept only when the mean cosine of every held-out dataset reaches it;
-    the selection data's own figure (if passed, named by ``selection_data``) is reported but
-    never decides, since the budget was chosen to meet it there.
-
-    Args:
-        floor: The required mean cosine.
-        figures: Dataset name -> ``{"mean_cosine": ..., "worst_cosine": ...}``.
-        selection_data: Which entry of ``figures`` (if any) is the selection data.
-
-    Returns:
-        The verdict; ``verdict.met`` is False when a held-out figure missed the floor.
-
-    Raises:
-        ValueError: No held-out figure to judge on.
-    """
+    """Judge a fidelity floor on measured figures."""
     held_out = [name for name in figures if name != selection_data]
     if not held_out:
         raise ValueError("judge_floor needs at least one held-out figure besides the selection")
