@@ -354,11 +354,7 @@ def _judge_devices(devices: dict | None, args: argparse.Namespace, out_dir: Path
 
 
 def _precision(args: argparse.Namespace) -> Precision | None:
-    """The precision recipe the quantisation flags ask for, or ``None`` (fp32, or the preset's).
-
-    Raises:
-        LrtDeployError: ``--exclude-sensitive`` without int8 activations.
-    """
+    """The precision recipe the quantisation flags ask for, or None (fp32, or the preset's)."""
     from lrt_deploy.quant.recipes import (
         DynamicInt8,
         Int4WeightOnly,
