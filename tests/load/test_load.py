@@ -104,7 +104,7 @@ def test_torchscript_with_wrong_shape_raises_example_inputs_error(torchscript_fi
 def test_pickled_module_refused_without_trust_and_code_not_run(tmp_path: Path) -> None:
     path = tmp_path / "trap.pt"
     torch.save(TrapEncoder(), path)
-    with pytest.raises(UntrustedPickleError, match="trust-pickle") as info:
+    with pytest.raises(UntrustedPickleError, match="trust_pickle=True") as info:
         load_model(path)
     _one_line(info.value)
     assert tiny_models.TRAP_FIRED == [], "unpickling ran the file's code without --trust-pickle"
