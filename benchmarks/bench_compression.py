@@ -27,14 +27,16 @@ from pathlib import Path
 
 from common import MODELS, add_measurement_args, load, measure, print_table, size_fidelity_chart
 
+from lrt_deploy.config import BudgetRank
+
 CONFIGS = {
     "rank0.5": ({"rank": 0.5}, 0),
-    "budget0.9e": ({"policy": "budget", "budget": 0.9, "factorize_embeddings": True}, 0),
-    "budget0.85e": ({"policy": "budget", "budget": 0.85, "factorize_embeddings": True}, 0),
-    "budget0.85e-heal": ({"policy": "budget", "budget": 0.85, "factorize_embeddings": True}, 300),
-    "budget0.8e": ({"policy": "budget", "budget": 0.8, "factorize_embeddings": True}, 0),
-    "budget0.7e": ({"policy": "budget", "budget": 0.7, "factorize_embeddings": True}, 0),
-    "budget0.7e-heal": ({"policy": "budget", "budget": 0.7, "factorize_embeddings": True}, 200),
+    "budget0.9e": ({"policy": BudgetRank(0.9), "factorize_embeddings": True}, 0),
+    "budget0.85e": ({"policy": BudgetRank(0.85), "factorize_embeddings": True}, 0),
+    "budget0.85e-heal": ({"policy": BudgetRank(0.85), "factorize_embeddings": True}, 300),
+    "budget0.8e": ({"policy": BudgetRank(0.8), "factorize_embeddings": True}, 0),
+    "budget0.7e": ({"policy": BudgetRank(0.7), "factorize_embeddings": True}, 0),
+    "budget0.7e-heal": ({"policy": BudgetRank(0.7), "factorize_embeddings": True}, 200),
 }
 
 

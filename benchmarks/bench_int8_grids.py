@@ -36,13 +36,14 @@ def _fp32_graphs(work: Path) -> tuple[dict[str, Path], object, list]:
     """The fused fp32 graphs of dense and LRT MiniLM, the loaded dense model, calibration."""
     from lrt_deploy import load_model
     from lrt_deploy.compress import LowRankConfig
+    from lrt_deploy.config import BudgetRank
     from lrt_deploy.data import readers
     from lrt_deploy.export.targets import Target
     from lrt_deploy.pipeline import export_bundle
 
     graphs = {}
     for name, compress in (("dense", None), ("LRT", LowRankConfig(
-            policy="budget", budget=0.9, solver="asvd", factorize_embeddings=True))):
+            BudgetRank(0.9), solver="asvd", factorize_embeddings=True))):
         loaded = load_model("all-MiniLM-L6-v2")
         out = work / name
         print(f"== exporting {name} fp32", file=sys.stderr, flush=True)

@@ -57,13 +57,14 @@ def measure(
     heal_steps: int = 0,
 ) -> tuple[list[dict[str, Any]], Any]:
     """One export_bundle run; rows for every variant with ratios against its dense fp32."""
+    from lrt_deploy.config import HealConfig
     from lrt_deploy.pipeline import export_bundle
 
     print(f"== {tag}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         result = export_bundle(
             loaded_factory(), Path(tmp) / "bundle", target, compress=compress, settings=settings,
-            heal_steps=heal_steps,
+            heal=HealConfig(heal_steps) if heal_steps else None,
             progress=lambda line: print("   " + line, file=sys.stderr, flush=True),
         )
     base = next(v for v in result.variants if v.is_baseline)

@@ -100,6 +100,7 @@ def main() -> int:
     from lrt_deploy.compress import LowRankConfig, heal_
     from lrt_deploy.compress.factor_shards import save_lowrank_factors
     from lrt_deploy.compress.heal import select_device
+    from lrt_deploy.config import BudgetRank
     from lrt_deploy.data.readers import DOMAIN_HELDOUT_TEXT as DOMAIN_HELDOUT
     from lrt_deploy.data.readers import HELDOUT_TEXT as HELDOUT
     from lrt_deploy.data.stream import (
@@ -133,7 +134,7 @@ def main() -> int:
     tests = {name: batches_of(shipped_lines(name)) for name in (HELDOUT, DOMAIN_HELDOUT)}
 
     config = None if args.budget >= 1.0 else LowRankConfig(
-        policy="budget", budget=args.budget, solver="asvd", factorize_embeddings=args.embeddings)
+        BudgetRank(args.budget), solver="asvd", factorize_embeddings=args.embeddings)
     started = time.perf_counter()
     loaded.module.to(device)
     teacher.to(device)

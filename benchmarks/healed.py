@@ -27,6 +27,7 @@ def build_variant(loaded: Any, spec: str, corpus: Path | None) -> tuple[Any, dic
 
     from lrt_deploy.compress import LowRankConfig, factorize_
     from lrt_deploy.compress.factor_shards import load_lowrank_factors, save_lowrank_factors
+    from lrt_deploy.config import BudgetRank
 
     module = copy.deepcopy(loaded.module)
     info: dict[str, Any] = {"source": spec}
@@ -44,7 +45,7 @@ def build_variant(loaded: Any, spec: str, corpus: Path | None) -> tuple[Any, dic
             if len(lines) == 2048:
                 break
         batches = [loaded.tokenize(lines[i : i + 32]) for i in range(0, len(lines), 32)]
-        config = LowRankConfig(policy="budget", budget=float(value.rstrip("e")), solver="asvd",
+        config = LowRankConfig(BudgetRank(float(value.rstrip("e"))), solver="asvd",
                                factorize_embeddings=embeddings)
         cache = corpus.parent / f"factorized-{value}"
         if list(cache.glob("lowrank-*.safetensors")):

@@ -1,8 +1,4 @@
-"""lrt-deploy: take low-rank (LRT) transformers to ONNX Runtime on desktop and mobile.
-
-The public API is re-exported here lazily, so ``import lrt_deploy.runtime`` in an app does not
-pull in torch: names are imported from their stage package on first use.
-"""
+"""lrt-deploy: low-rank transformers to ONNX Runtime bundles; the public API, loaded lazily."""
 
 from __future__ import annotations
 
@@ -16,7 +12,12 @@ _EXPORTS = {
     "LoadedModel": "lrt_deploy.load",
     "LowRankLinear": "lrt_deploy.nn",
     "LowRankEmbedding": "lrt_deploy.nn",
-    "LowRankConfig": "lrt_deploy.compress",
+    "LowRankConfig": "lrt_deploy.config",
+    "UniformRank": "lrt_deploy.config",
+    "EnergyRank": "lrt_deploy.config",
+    "BudgetRank": "lrt_deploy.config",
+    "FidelityFloor": "lrt_deploy.config",
+    "HealConfig": "lrt_deploy.config",
     "factorize_": "lrt_deploy.compress",
     "Target": "lrt_deploy.export.targets",
     "Float16": "lrt_deploy.quant.recipes",
@@ -26,7 +27,7 @@ _EXPORTS = {
     "Int8WeightOnly": "lrt_deploy.quant.recipes",
     "export_onnx": "lrt_deploy.export.onnx_export",
     "export_bundle": "lrt_deploy.pipeline",
-    "BenchmarkSettings": "lrt_deploy.pipeline",
+    "BenchmarkSettings": "lrt_deploy.plan",
     "Session": "lrt_deploy.runtime",
     "LrtDeployError": "lrt_deploy.errors",
 }

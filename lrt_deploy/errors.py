@@ -1,19 +1,11 @@
-"""Errors users can act on: each message says what is wrong and what to do about it.
-
-All of them subclass :class:`LrtDeployError` (a ``ValueError``), which the CLI turns into a
-one-line message and exit code 2. Anything else is a bug and keeps its traceback.
-
-This module imports nothing (not even the rest of ``lrt_deploy``), so the torch-free runtime
-can raise these errors too. Errors that belong to one stage (``LowRankConfigError`` in
-``compress``, ``InputError`` in ``runtime``) are defined there, as subclasses of
-:class:`LrtDeployError`; :class:`UnknownTargetError` is here because export and runtime share it.
-"""
+"""Errors users can act on, one line each; imports nothing (the torch-free runtime uses it)."""
 
 from __future__ import annotations
 
 __all__ = [
     "BundleError",
     "BundleExistsError",
+    "ConfigError",
     "CorruptModelError",
     "ExampleInputsError",
     "ExportValidationError",
@@ -28,6 +20,10 @@ __all__ = [
 
 class LrtDeployError(ValueError):
     """Base class of every error caused by the user's input rather than by a bug."""
+
+
+class ConfigError(LrtDeployError):
+    """A user choice (a config field or an argument) is invalid; the message names the field."""
 
 
 class ModelNotFoundError(LrtDeployError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -17,9 +18,12 @@ from lrt_deploy.cli.base import EXIT_FLOOR_MISSED, EXIT_USAGE, Parser
 from lrt_deploy.errors import LrtDeployError
 
 if TYPE_CHECKING:
+    from lrt_deploy.config import HealConfig, LowRankConfig
+    from lrt_deploy.export.targets import Target
     from lrt_deploy.quant.recipes import Precision
 
-__all__ = ["EXIT_FLOOR_MISSED", "EXIT_USAGE", "FidelityFloorMissed", "main", "build_parser"]
+__all__ = ["EXIT_FLOOR_MISSED", "EXIT_USAGE", "FLAGS", "FidelityFloorMissed", "build_parser",
+           "in_flags", "main"]
 
 
 class FidelityFloorMissed(LrtDeployError):
@@ -76,6 +80,7 @@ class _MergeFixedShape(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """lrt-export's command line."""
     parser = Parser(
         prog="lrt-export",
         description=(
@@ -93,8 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", type=Path,
                         help="bundle folder (default: out/<model>-<target>)")
     parser.add_argument("--force", action="store_true", help="replace the output folder")
+    _add_loading(parser.add_argument_group("loading"))
+    _add_compression(parser.add_argument_group("compression"))
+    _add_export(parser.add_argument_group("export"))
+    bench = parser.add_argument_group("measurement")
+    bench.add_argument("--batch", type=int, default=1, help="latency batch size (default 1)")
+    bench.add_argument("--sequence", type=int, default=128,
+                       help="latency sequence length (default 128)")
+    bench.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    bench.add_argument("--runs", type=int, default=30, help="timed runs per variant (default 30)")
 
-    load = parser.add_argument_group("loading")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the result table")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    return parser
+
+
+def _add_loading(load: argparse._ArgumentGroup) -> None:
     load.add_argument("--trust-pickle", action="store_true",
                       help="allow unpickling a full nn.Module (this runs code from the file)")
     load.add_argument("--factory", metavar="MODULE:FUNCTION",
@@ -104,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--max-length", type=int, default=128,
                       help="token limit for text models (default 128)")
 
-    comp = parser.add_argument_group("compression")
+
+def _add_compression(comp: argparse._ArgumentGroup) -> None:
     comp.add_argument("--rank", type=_rank,
                       help="factorize Linear layers to this rank (int) or fraction of full rank")
     comp.add_argument("--budget", type=float, metavar="FRACTION",
@@ -155,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                       help="keep layers matching this name pattern dense (repeatable)")
 
-    exp = parser.add_argument_group("export")
+
+def _add_export(exp: argparse._ArgumentGroup) -> None:
     exp.add_argument("--quantize", choices=("int8", "int4", "none"), default="none",
                      help="int8: per-channel int8 weights (default: none); int4: 4-bit "
                      "weight-only MatMulNBits")
@@ -198,23 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--optimization", choices=("basic", "extended"), default="extended",
                      help="offline ORT graph optimisation level (default extended)")
 
-    bench = parser.add_argument_group("measurement")
-    bench.add_argument("--batch", type=int, default=1, help="latency batch size (default 1)")
-    bench.add_argument("--sequence", type=int, default=128,
-                       help="latency sequence length (default 128)")
-    bench.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
-    bench.add_argument("--runs", type=int, default=30, help="timed runs per variant (default 30)")
-
-    parser.add_argument("-q", "--quiet", action="store_true", help="print only the result table")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
-    return parser
-
 
 def _run(args: argparse.Namespace) -> int:
-    from lrt_deploy.compress import LowRankConfig
-    from lrt_deploy.export.targets import Target
     from lrt_deploy.load import load_model, parse_input_spec
-    from lrt_deploy.pipeline import BenchmarkSettings, export_bundle
+    from lrt_deploy.pipeline import export_bundle
+    from lrt_deploy.plan import BenchmarkSettings, check_choices
     from lrt_deploy.report import to_markdown
 
     _check_ranges(args)
@@ -224,97 +233,25 @@ def _run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{time.perf_counter() - started:6.1f}s] {line}", file=sys.stderr, flush=True)
 
-    overrides: dict[str, object] = {
-        "opset": args.opset,
-        "optimization_level": args.optimization,
-        "fixed_shape": args.fixed_shape or {},
-    }
-    precision = _precision(args)
-    if precision is not None or args.no_float16:
-        # Otherwise the preset's own precision stays (fp16 on cuda).
-        overrides["precision"] = precision
-    if args.no_fusion:
-        overrides["fusion"] = False
-    if args.tensorrt:
-        overrides["tensorrt"] = True
-    target = Target.from_name(args.target, **overrides)
-    chosen = [flag for flag, value in (("--rank", args.rank), ("--budget", args.budget),
-                                         ("--energy", args.energy),
-                                         ("--fidelity-floor", args.fidelity_floor))
-              if value is not None]
-    if len(chosen) > 1:
-        raise _usage_error(f"{' and '.join(chosen)} exclude each other: choose one")
-    if args.heal < 0 or (args.heal and not chosen and not args.heal_quantized):
-        raise _usage_error("--heal needs a factorization (--rank, --budget, --energy or "
-                           "--fidelity-floor) or --heal-quantized, and a step count >= 1")
-    if args.heal_quantized:
-        from lrt_deploy.compress.recipe import simulated_quantization
-
-        if not args.heal:
-            raise _usage_error("--heal-quantized needs --heal STEPS")
-        simulated_quantization(target.precision)  # one line now if it cannot be simulated
-    if args.heal_corpus is not None:
-        if not args.heal:
-            raise _usage_error("--heal-corpus is what --heal trains on: add --heal STEPS")
-        if str(args.heal_corpus).endswith(".npz") or not Path(args.heal_corpus).is_file():
-            raise _usage_error(f"--heal-corpus '{args.heal_corpus}' is not a text file: give "
-                               "UTF-8 text, one sentence per line")
-    if args.strict and args.fidelity_floor is None:
-        raise _usage_error("--strict gates on a fidelity floor: add --fidelity-floor COSINE")
-    if args.heal:
-        from lrt_deploy.compress.heal import select_device
-
-        select_device(args.device)  # no GPU: one line now, before loading anything
-    compress = None
-    if chosen:
-        policy = {"--rank": "uniform", "--budget": "budget", "--energy": "energy",
-                  "--fidelity-floor": "budget"}[chosen[0]]
-        compress = LowRankConfig(
-            rank=args.rank,
-            policy=policy,
-            # With a fidelity floor the budget is searched; this is only its starting value.
-            budget=args.budget if args.fidelity_floor is None else 0.98,
-            energy=args.energy,
-            solver=args.solver,
-            factorize_embeddings=args.factorize_embeddings,
-            skip=tuple(args.skip),
-        )
-    for name, value in (("--batch", args.batch), ("--sequence", args.sequence),
-                        ("--threads", args.threads), ("--runs", args.runs),
-                        ("--max-length", args.max_length)):
-        if value < 1:
-            raise _usage_error(f"{name} must be at least 1, got {value}")
+    target = _target(args)
+    compress, heal = _compress(args), _heal(args)
     settings = BenchmarkSettings(
         batch=args.batch, sequence=args.sequence, threads=args.threads, runs=args.runs
     )
+    check_choices(target, compress, heal)
+    if heal is not None:
+        from lrt_deploy.compress.heal import select_device
+
+        select_device(heal.device)  # no GPU: one line now, before loading anything
     specs = [parse_input_spec(text) for text in args.input_shape]
 
     progress(f"loading {args.path}")
-    loaded = load_model(
-        args.path,
-        trust_pickle=args.trust_pickle,
-        factory=args.factory,
-        input_specs=specs,
-        max_length=args.max_length,
-    )
+    loaded = load_model(args.path, trust_pickle=args.trust_pickle, factory=args.factory,
+                        input_specs=specs, max_length=args.max_length)
     output = args.output or Path("out") / f"{loaded.name}-{target.name}"
     result = export_bundle(
-        loaded,
-        output,
-        target,
-        compress=compress,
-        calibration=args.calibration,
-        settings=settings,
-        force=args.force,
-        heal_steps=args.heal,
-        fidelity_floor=args.fidelity_floor,
-        progress=progress,
-        device=args.device,
-        heal_precision=args.heal_precision,
-        heal_quantized=args.heal_quantized,
-        heal_batch=args.heal_batch,
-        heal_lr=args.heal_lr,
-        heal_corpus=args.heal_corpus,
+        loaded, output, target, compress=compress, heal=heal, calibration=args.calibration,
+        settings=settings, force=args.force, progress=progress,
         verify_on_devices=not args.no_verify_devices,
     )
     print(to_markdown(result.report))
@@ -331,6 +268,62 @@ def _run(args: argparse.Namespace) -> int:
                 "drop --strict"
             )
     return 0
+
+
+def _target(args: argparse.Namespace) -> Target:
+    """The preset ``--target`` names, with the export flags' overrides."""
+    from lrt_deploy.export.targets import Target
+
+    overrides: dict[str, object] = {
+        "opset": args.opset,
+        "optimization_level": args.optimization,
+        "fixed_shape": args.fixed_shape or {},
+    }
+    precision = _precision(args)
+    if precision is not None or args.no_float16:
+        # Otherwise the preset's own precision stays (fp16 on cuda).
+        overrides["precision"] = precision
+    if args.no_fusion:
+        overrides["fusion"] = False
+    if args.tensorrt:
+        overrides["tensorrt"] = True
+    return Target.from_name(args.target, **overrides)
+
+
+def _compress(args: argparse.Namespace) -> LowRankConfig | None:
+    """The factorization the compression flags ask for (one policy flag at most), or None."""
+    from lrt_deploy.config import BudgetRank, EnergyRank, FidelityFloor, LowRankConfig, UniformRank
+
+    given = [(flag, make, value) for flag, make, value in (
+        ("--rank", UniformRank, args.rank), ("--budget", BudgetRank, args.budget),
+        ("--energy", EnergyRank, args.energy), ("--fidelity-floor", FidelityFloor,
+                                                  args.fidelity_floor),
+    ) if value is not None]
+    if len(given) > 1:
+        raise _usage_error(f"{' and '.join(flag for flag, _, _ in given)} exclude each other: "
+                           "choose one")
+    if args.strict and args.fidelity_floor is None:
+        raise _usage_error("--strict gates on a fidelity floor: add --fidelity-floor COSINE")
+    if not given:
+        return None
+    _, make, value = given[0]
+    return LowRankConfig(make(value), solver=args.solver,
+                         factorize_embeddings=args.factorize_embeddings, skip=tuple(args.skip))
+
+
+def _heal(args: argparse.Namespace) -> HealConfig | None:
+    """The healing ``--heal`` and its companion flags ask for, or None."""
+    from lrt_deploy.config import HealConfig
+
+    if not args.heal:
+        if args.heal_quantized:
+            raise _usage_error("--heal-quantized needs --heal STEPS")
+        if args.heal_corpus is not None:
+            raise _usage_error("--heal-corpus is what --heal trains on: add --heal STEPS")
+        return None
+    return HealConfig(steps=args.heal, device=args.device, precision=args.heal_precision,
+                      quantized=args.heal_quantized, batch=args.heal_batch, lr=args.heal_lr,
+                      corpus=args.heal_corpus)
 
 
 def _judge_devices(devices: dict | None, args: argparse.Namespace, out_dir: Path) -> None:
@@ -351,11 +344,7 @@ def _judge_devices(devices: dict | None, args: argparse.Namespace, out_dir: Path
 
 
 def _precision(args: argparse.Namespace) -> Precision | None:
-    """The precision recipe the quantisation flags ask for, or ``None`` (fp32, or the preset's).
-
-    Raises:
-        LrtDeployError: ``--exclude-sensitive`` without int8 activations.
-    """
+    """The precision recipe the quantisation flags ask for, or None (fp32, or the preset's)."""
     from lrt_deploy.quant.recipes import (
         DynamicInt8,
         Int4WeightOnly,
@@ -429,11 +418,7 @@ def _available_cpus() -> int:
 
 
 def _check_ranges(args: argparse.Namespace) -> None:
-    """Reject out-of-range numbers before any model is loaded (loading takes seconds)."""
-    for name, value in (("--budget", args.budget), ("--energy", args.energy),
-                        ("--fidelity-floor", args.fidelity_floor)):
-        if value is not None and not 0.0 < value <= 1.0:
-            raise _usage_error(f"{name} must be in (0, 1], got {value}")
+    """Refuse numbers beyond what lrt-export measures, before any model is loaded."""
     cpus = _available_cpus()
     if args.threads > cpus:
         raise _usage_error(
@@ -441,11 +426,13 @@ def _check_ranges(args: argparse.Namespace) -> None:
             f"than cores only distort the latency figures; use at most {cpus}"
         )
     for name, value, most in (("--batch", args.batch, 4096), ("--sequence", args.sequence, 65536),
-                              ("--runs", args.runs, 100_000), ("--heal", args.heal, 10_000_000),
-                              ("--max-length", args.max_length, 65536)):
+                              ("--runs", args.runs, 100_000), ("--max-length", args.max_length,
+                                                               65536)):
         if value > most:
             raise _usage_error(f"{name} {value} is beyond what lrt-export measures: use at most "
                                f"{most}")
+    if args.max_length < 1:
+        raise _usage_error(f"--max-length must be at least 1, got {args.max_length}")
     if args.batch * args.sequence > 1 << 20:
         raise _usage_error(
             f"--batch {args.batch} x --sequence {args.sequence} is over 1M tokens per run: "
@@ -453,10 +440,57 @@ def _check_ranges(args: argparse.Namespace) -> None:
         )
     if (args.fixed_shape or {}).get("batch", 1) > 4096:
         raise _usage_error("--fixed-shape batch must be at most 4096")
-    if not 1 <= args.heal_batch <= 4096:
-        raise _usage_error(f"--heal-batch must be in 1..4096, got {args.heal_batch}")
-    if not 0.0 < args.heal_lr <= 1.0:
-        raise _usage_error(f"--heal-lr must be in (0, 1], got {args.heal_lr} (e.g. 1e-4)")
+
+
+#: The Python spellings library errors use for config fields and arguments, and the flags
+#: lrt-export users type for them: the one place fields are translated to flags.
+FLAGS: dict[str, str] = {
+    "heal=HealConfig(...)": "--heal",
+    "compress=LowRankConfig(...)": "--rank, --budget, --energy or --fidelity-floor",
+    "compress=": "--rank",
+    "HealConfig.steps": "--heal",
+    "HealConfig.quantized=True": "--heal-quantized",
+    "HealConfig.device": "--device",
+    "HealConfig.precision": "--heal-precision",
+    "HealConfig.batch": "--heal-batch",
+    "HealConfig.lr": "--heal-lr",
+    "HealConfig.corpus": "--heal-corpus",
+    "device='cuda'": "--device cuda",
+    "device='auto' or 'cpu'": "--device auto or cpu",
+    "device='auto', 'cpu' or 'cuda'": "--device auto, cpu or cuda",
+    "UniformRank.rank": "--rank",
+    "rank=0.25": "--rank 0.25",
+    "BudgetRank.budget": "--budget",
+    "EnergyRank.energy": "--energy",
+    "FidelityFloor.floor": "--fidelity-floor",
+    "LowRankConfig.solver": "--solver",
+    "LowRankConfig.skip": "--skip",
+    "solver='svd'": "--solver svd",
+    "precision=DynamicInt8(per_channel=True)":
+        "--quantize int8 (without --per-tensor/--quant-format qdq)",
+    "precision=Int4WeightOnly()": "--quantize int4",
+    "Target.fixed_shape": "--fixed-shape",
+    "BenchmarkSettings.batch": "--batch",
+    "BenchmarkSettings.sequence": "--sequence",
+    "BenchmarkSettings.threads": "--threads",
+    "BenchmarkSettings.runs": "--runs",
+    "calibration='inputs.npz'": "--calibration inputs.npz",
+    "trust_pickle=True": "--trust-pickle",
+    "factory=": "--factory ",
+    "input_specs=": "--input-shape ",
+    "input_specs": "--input-shape",
+    "force=True": "--force",
+    "out_dir": "-o",
+    "Target.opset=": "--opset ",
+    "Target.opset": "--opset",
+    "exclude_sensitive=6": "--exclude-sensitive 6",
+}
+_FIELD = re.compile("|".join(re.escape(k) for k in sorted(FLAGS, key=len, reverse=True)))
+
+
+def in_flags(message: str) -> str:
+    """``message`` with the config fields and arguments it names spelled as lrt-export flags."""
+    return _FIELD.sub(lambda match: FLAGS[match.group(0)], message)
 
 
 def _usage_error(message: str) -> Exception:
@@ -496,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if not isinstance(exc, LrtDeployError):
             raise
-        print(f"lrt-export: error: {exc}", file=sys.stderr)
+        print(f"lrt-export: error: {in_flags(str(exc))}", file=sys.stderr)
         return int(getattr(exc, "exit_code", EXIT_USAGE))
     finally:
         for signum, handler in previous.items():

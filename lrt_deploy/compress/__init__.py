@@ -1,9 +1,4 @@
-"""Compress a model by factorizing its layers into low-rank pairs.
-
-Example:
-    >>> result = factorize_(model, LowRankConfig(rank=0.25), calibration=batches)
-    >>> print(result.summary())
-"""
+"""Compression: factorize layers into low-rank pairs, search budgets, heal; names load lazily."""
 
 from __future__ import annotations
 
@@ -14,13 +9,13 @@ __all__ = [
     "BudgetSearchResult",
     "CompressionOutcome",
     "compress_model",
-    "describe_config",
     "output_fidelity",
     "CalibrationStatistics",
     "EmbeddingIndexCounter",
     "FactorizationContext",
     "FactorizationResult",
     "HealResult",
+    "Healer",
     "InputCovarianceCollector",
     "LayerDecision",
     "LowRankConfig",
@@ -51,24 +46,24 @@ __all__ = [
     "whitened_svd_factors",
 ]
 
-# Exports load on first access so that `lrt_deploy.compress.fidelity` (numpy only) and the
-# config stay importable in runtime installs without torch.
+# Exports load on first access so that `lrt_deploy.compress.fidelity` (numpy only) stays
+# importable in runtime installs without torch.
 _SUBMODULE_OF = {
     "CalibrationStatistics": "calibration",
     "EmbeddingIndexCounter": "calibration",
     "FactorizationContext": "handlers",
     "FactorizationResult": "factorize",
     "HealResult": "heal",
+    "Healer": "heal",
     "InputCovarianceCollector": "calibration",
     "LayerDecision": "factorize",
-    "LowRankConfig": "config",
-    "LowRankConfigError": "config",
+    "LowRankConfig": "lrt_deploy.config.lowrank",
+    "LowRankConfigError": "lrt_deploy.config.ranks",
     "RankChoice": "policies",
     "RankedLayer": "policies",
     "Spectrum": "solvers",
     "CompressionOutcome": "recipe",
     "compress_model": "recipe",
-    "describe_config": "recipe",
     "output_fidelity": "fidelity",
     "budget_ranks": "policies",
     "collect_calibration_statistics": "calibration",
@@ -99,7 +94,8 @@ def __getattr__(name: str) -> Any:
     submodule = _SUBMODULE_OF.get(name)
     if submodule is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
+    module = submodule if "." in submodule else f"{__name__}.{submodule}"
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 

@@ -63,13 +63,7 @@ class _InputHooks:
         self.detach()
 
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
-        """Restrict the next forward passes to the tokens where ``mask`` is true.
-
-        Args:
-            mask: ``[batch, seq]`` mask (bool or 0/1), so padding does not bias the statistics;
-                None uses all tokens. Inputs whose leading dims differ from the mask's (e.g.
-                BERT's ``[1, seq]`` position ids) are used whole.
-        """
+        """Restrict the next forward passes to the tokens where ``mask`` is true."""
         self._mask = None if mask is None else mask.detach().bool()
 
     def _make_hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
@@ -83,19 +77,7 @@ class _InputHooks:
 
 
 class InputCovarianceCollector(_InputHooks):
-    """Accumulate ``sum x x^T`` and the token count of the inputs of chosen linear layers.
-
-    Memory is one ``in x in`` float64 matrix per layer, whatever the amount of data. Use as a
-    context manager so the hooks are always removed::
-
-        with InputCovarianceCollector({"fc1": model.fc1}) as collector:
-            collector.set_token_mask(batch["attention_mask"])
-            model(**batch)
-        cov = collector.covariances()["fc1"]
-
-    Args:
-        modules: Qualified name -> linear layer to observe.
-    """
+    """Accumulate ``sum x x^T`` and the token count of the inputs of chosen linear layers."""
 
     def __init__(self, modules: Mapping[str, nn.Linear]) -> None:
         super().__init__(modules)
@@ -113,11 +95,7 @@ class InputCovarianceCollector(_InputHooks):
         self.counts[name] += x.shape[0]
 
     def covariances(self) -> dict[str, torch.Tensor]:
-        """Per-layer second moment ``sum x x^T / count`` (float64, ``in x in``).
-
-        Layers that saw no tokens get an all-zero matrix, which the whitened solver treats as
-        "no information" and answers with plain SVD.
-        """
+        """Per-layer second moment ``sum x x^T / count`` (float64, ``in x in``)."""
         result = {}
         for name, module in self._modules.items():
             total, count = self.sums[name], self.counts[name]
@@ -132,11 +110,7 @@ class InputCovarianceCollector(_InputHooks):
 
 def primary_output(outputs: Any) -> torch.Tensor:
     """The output fidelity is judged on: a tensor itself, a dict's first value, a Hugging Face
-    ``ModelOutput``'s ``last_hidden_state``, or a tuple's first tensor.
-
-    Raises:
-        TypeError: No tensor can be found in ``outputs``.
-    """
+    ``ModelOutput``'s ``last_hidden_state``, or a tuple's first tensor."""
     if isinstance(outputs, torch.Tensor):
         return outputs
     if hasattr(outputs, "last_hidden_state") and outputs.last_hidden_state is not None:
@@ -152,14 +126,7 @@ def primary_output(outputs: Any) -> torch.Tensor:
 
 
 class EmbeddingIndexCounter(_InputHooks):
-    """Count how often each row of chosen embedding tables is looked up.
-
-    The counts weight the rows when a table is factorized, so frequent tokens are fitted best.
-    Used like :class:`InputCovarianceCollector`, whose token mask convention it shares.
-
-    Args:
-        modules: Qualified name -> embedding to observe.
-    """
+    """Count how often each row of chosen embedding tables is looked up."""
 
     def __init__(self, modules: Mapping[str, nn.Embedding]) -> None:
         super().__init__(modules)
@@ -179,14 +146,11 @@ class EmbeddingIndexCounter(_InputHooks):
 
 @dataclass
 class CalibrationStatistics:
-    """What one calibration pass measured.
+    """What one calibration pass measured."""
 
-    Attributes:
-        covariances: Linear layer name -> float64 ``E[x x^T]`` of its inputs.
-        index_counts: Embedding name -> float64 lookup count of each row.
-    """
-
+    #: Linear layer name -> float64 ``E[x x^T]`` of its inputs.
     covariances: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Embedding name -> float64 lookup count of each row.
     index_counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -207,22 +171,7 @@ def collect_calibration_statistics(
     batches: Iterable[Mapping[str, torch.Tensor]],
     mask_key: str | None = "attention_mask",
 ) -> CalibrationStatistics:
-    """Run calibration batches through ``model`` once, measuring linear inputs and lookups.
-
-    The model runs in eval mode (restored afterwards) under ``torch.no_grad()``; tensors in each
-    batch are moved to the model's device.
-
-    Args:
-        model: Model called as ``model(**batch)``.
-        linear_names: Qualified names of the ``nn.Linear`` layers whose ``E[x x^T]`` to collect.
-        embedding_names: Qualified names of the ``nn.Embedding`` tables whose rows to count.
-        batches: Keyword-argument dicts for the model's forward; iterated once.
-        mask_key: Batch entry holding the ``[batch, seq]`` token mask that excludes padding
-            from the statistics (it is still passed to the model); None uses all tokens.
-
-    Returns:
-        The covariances and index counts.
-    """
+    """Run calibration batches through ``model`` once, measuring linear inputs and lookups."""
     linears = _named_modules(model, linear_names)
     embeddings = _named_modules(model, embedding_names)
     device = next(model.parameters(), torch.empty(0)).device
@@ -256,19 +205,5 @@ def collect_input_covariances(
     batches: Iterable[Mapping[str, torch.Tensor]],
     mask_key: str | None = "attention_mask",
 ) -> dict[str, torch.Tensor]:
-    """Run calibration batches through ``model`` and return each named layer's ``E[x x^T]``.
-
-    The model runs in eval mode (restored afterwards) under ``torch.no_grad()``; tensors in each
-    batch are moved to the model's device.
-
-    Args:
-        model: Model called as ``model(**batch)``.
-        module_names: Qualified names of the ``nn.Linear`` layers to observe.
-        batches: Keyword-argument dicts for the model's forward.
-        mask_key: Batch entry holding the ``[batch, seq]`` token mask that excludes padding
-            from the statistics (it is still passed to the model); None uses all tokens.
-
-    Returns:
-        Name -> float64 ``in x in`` second moment.
-    """
+    """Run calibration batches through ``model`` and return each named layer's ``E[x x^T]``."""
     return collect_calibration_statistics(model, module_names, (), batches, mask_key).covariances

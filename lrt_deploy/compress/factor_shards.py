@@ -1,9 +1,4 @@
-"""The low-rank factors of a model as portable files: what healing on a GPU machine sends back.
-
-Only the low-rank units' tensors travel (fp16 safetensors by default), in shards of at most
-``max_file_bytes`` so each fits a transfer limit; a table larger than a shard is split into row
-blocks. Loading them into a model factorized the same way reproduces the healed model.
-"""
+"""The low-rank factors of a model as portable files: what healing on a GPU machine sends back."""
 
 from __future__ import annotations
 
@@ -21,10 +16,8 @@ _PART = "::part"
 
 
 def lowrank_state(module: nn.Module, *, layers: bool = False) -> dict[str, torch.Tensor]:
-    """The parameters and buffers of ``module``'s low-rank units, by qualified name: what
-    healing changed (with ``trainable="lowrank"``) and all that must travel to reproduce it.
-    With ``layers``, every other floating parameter but the embedding tables as well (what
-    ``trainable="layers"`` changes)."""
+    """The tensors of ``module``'s low-rank units by qualified name (with ``layers``, every
+    floating parameter but the embedding tables too): all that healing changed."""
     state: dict[str, torch.Tensor] = {}
     for name, unit in module.named_modules():
         if is_lowrank_pair(unit):
@@ -46,25 +39,8 @@ def save_lowrank_factors(
     max_file_bytes: int = 15 * 2**20,
     layers: bool = False,
 ) -> list[Path]:
-    """Write the low-rank factors of ``module`` as safetensors shards of at most
-    ``max_file_bytes`` each (so healed weights can travel between machines without the dense
-    rest of the model, which the receiver already has).
-
-    Args:
-        module: A factorized (e.g. healed) model.
-        folder: Output folder, created if needed; shards are ``lowrank-NNN.safetensors``.
-        dtype: Storage dtype of floating tensors (fp16 halves the size; load them into fp32).
-        max_file_bytes: Size limit of one shard's tensors (15 MiB: with its header a shard
-            stays under a 16 MiB transfer limit).
-        layers: Also save every other weight but the embedding tables (after healing with
-            ``trainable="layers"``, e.g. quantisation-aware healing of a dense model).
-
-    Returns:
-        The shard paths.
-
-    Raises:
-        ValueError: ``module`` has nothing to save (no low-rank units, ``layers`` off).
-    """
+    """Write ``module``'s low-rank units (and with ``layers`` every weight but the tables) as
+    ``lowrank-NNN.safetensors`` shards of at most ``max_file_bytes``; returns their paths."""
     from safetensors.torch import save_file
 
     state = lowrank_state(module, layers=layers)
@@ -103,19 +79,12 @@ def save_lowrank_factors(
 
 
 def load_lowrank_factors(module: nn.Module, folder: str | Path) -> list[dict[str, object]]:
-    """Rebuild the low-rank units saved by :func:`save_lowrank_factors` in the dense
-    ``module`` (same architecture), in place, and load their weights as fp32.
-
-    Returns:
-        One ``{"name", "rank", "shape", "type"}`` dict per unit rebuilt.
-
-    Raises:
-        LrtDeployError: No shards in ``folder``, or the weights do not fit the model.
-    """
+    """Rebuild the low-rank units saved by :func:`save_lowrank_factors` in the dense ``module``
+    (same architecture), in place, and load their weights as fp32."""
     from safetensors.torch import load_file
 
-    from lrt_deploy.compress.config import LowRankConfig
     from lrt_deploy.compress.factorize import factorize_
+    from lrt_deploy.config.lowrank import LowRankConfig
     from lrt_deploy.nn.lowrank import lowrank_layers_in_weights
 
     paths = sorted(Path(folder).glob("lowrank-*.safetensors"))

@@ -1,11 +1,4 @@
-"""In-place factorization of a model's layers into low-rank pairs: ``factorize_``.
-
-A registry (``lrt_deploy.compress.handlers``) maps a layer type to a handler that builds its
-low-rank replacement; the model walker here is generic and decides per layer (skip patterns,
-rank, parameter saving) before calling it. Each
-layer's spectrum is computed once: a rank policy (``lrt_deploy.compress.policies``) chooses ranks
-from it and the handler builds the factors from it.
-"""
+"""``factorize_``: swap a model's layers for low-rank pairs in place, ranks from a policy."""
 
 from __future__ import annotations
 
@@ -23,7 +16,6 @@ from lrt_deploy.compress.calibration import (
     collect_calibration_statistics,
     primary_output,
 )
-from lrt_deploy.compress.config import LowRankConfig, LowRankConfigError
 from lrt_deploy.compress.handlers import (
     FactorizationContext,
     Registration,
@@ -33,12 +25,12 @@ from lrt_deploy.compress.handlers import (
 from lrt_deploy.compress.policies import (
     RankChoice,
     RankedLayer,
-    budget_ranks,
-    energy_ranks,
     max_saving_rank,
+    policy_handler,
     spectrum_measure,
 )
 from lrt_deploy.compress.solvers import Spectrum, svd_spectrum
+from lrt_deploy.config.lowrank import LowRankConfig, LowRankConfigError
 from lrt_deploy.nn.lowrank import is_lowrank_pair
 
 __all__ = [
@@ -54,32 +46,29 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LayerDecision:
-    """What ``factorize_`` did with one candidate layer.
+    """What ``factorize_`` did with one candidate layer."""
 
-    Attributes:
-        name: Qualified module name.
-        kind: Registered kind, e.g. ``"linear"`` or ``"embedding"``.
-        shape: Weight shape: ``(out, in)`` for linear, ``(num, dim)`` for embedding.
-        rank: Rank used or considered; None when the layer was skipped before choosing one.
-        full_rank: ``min(shape)``.
-        params_dense: Parameters of the dense layer (weight and bias).
-        params_after: Parameters after the decision (``params_dense`` when kept dense).
-        action: ``"factorized"`` or ``"kept_dense"``.
-        reason: Human-readable why, including why this rank.
-        energy_kept: Fraction of the layer's spectrum energy the rank keeps (whitened for
-            ``"asvd"`` linears, frequency-weighted for embeddings); None when no spectrum was
-            computed (kept dense before a rank was chosen, or a handler without one).
-    """
-
+    #: Qualified module name.
     name: str
+    #: Registered kind, e.g. ``"linear"`` or ``"embedding"``.
     kind: str
+    #: Weight shape: ``(out, in)`` for linear, ``(num, dim)`` for embedding.
     shape: tuple[int, int]
+    #: Rank used or considered; None when the layer was skipped before choosing one.
     rank: int | None
+    #: ``min(shape)``.
     full_rank: int
+    #: Parameters of the dense layer (weight and bias).
     params_dense: int
+    #: Parameters after the decision (``params_dense`` when kept dense).
     params_after: int
+    #: ``"factorized"`` or ``"kept_dense"``.
     action: str
+    #: Human-readable why, including why this rank.
     reason: str
+    #: Fraction of the layer's spectrum energy the rank keeps (whitened for ``"asvd"`` linears,
+    #: frequency-weighted for embeddings); None when no spectrum was computed (kept dense before a
+    #: rank was chosen, or a handler without one).
     energy_kept: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,14 +80,11 @@ class LayerDecision:
 
 @dataclass
 class FactorizationResult:
-    """Per-layer decisions of one ``factorize_`` call.
+    """Per-layer decisions of one ``factorize_`` call."""
 
-    Attributes:
-        layers: One decision per candidate layer, in model order.
-        already_lowrank: Names of modules that were low-rank units before the call.
-    """
-
+    #: One decision per candidate layer, in model order.
     layers: list[LayerDecision] = field(default_factory=list)
+    #: Names of modules that were low-rank units before the call.
     already_lowrank: list[str] = field(default_factory=list)
 
     @property
@@ -197,7 +183,7 @@ class _Planned:
     spectrum: Spectrum | None = None
 
 
-def _judge_rank(decision: LayerDecision, rank: int, config: LowRankConfig, why: str) -> None:
+def _judge_rank(decision: LayerDecision, rank: int, why: str, config: LowRankConfig) -> None:
     """Factorize at ``rank`` unless that saves too few parameters; ``why`` names the source."""
     rows, cols = decision.shape
     decision.rank = rank
@@ -250,11 +236,11 @@ def _plan(
         return planned
 
     pinned = config.rank_override_for(candidate.name, full_rank)
+    fixed = policy_handler(config.policy).layer_rank(config.policy, full_rank)
     if pinned is not None:
-        _judge_rank(decision, pinned, config, f"rank {pinned} from rank_overrides")
-    elif config.policy == "uniform":
-        rank = config.rank_for(candidate.name, full_rank)
-        _judge_rank(decision, rank, config, f"uniform rank {rank}")
+        _judge_rank(decision, pinned, f"rank {pinned} from rank_overrides", config)
+    elif fixed is not None:
+        _judge_rank(decision, *fixed, config)
     elif max_saving_rank(rows, cols, params_dense - rows * cols, config.min_param_saving) < 1:
         decision.reason = f"no rank of this {rows}x{cols} layer saves enough parameters"
     else:
@@ -310,13 +296,13 @@ def _spectrum(
 PROBE_BATCHES = 2
 
 
-def _probe_rank(decision: LayerDecision, config: LowRankConfig) -> int:
+def _probe_rank(decision: LayerDecision, config: LowRankConfig, budget: float) -> int:
     # The rank an even split of the budget would give the layer: the error level it will
     # roughly see, so the measured gain is the one that matters for the allocation.
     rows, cols = decision.shape
     extra = decision.params_dense - rows * cols
     limit = max_saving_rank(rows, cols, extra, config.min_param_saving)
-    return min(limit, max(1, round(config.budget * rows * cols / (rows + cols))))
+    return min(limit, max(1, round(budget * rows * cols / (rows + cols))))
 
 
 def _measure_output_gains(
@@ -325,16 +311,13 @@ def _measure_output_gains(
     planned: list[_Planned],
     stats: CalibrationStatistics,
     batches: list[Mapping[str, torch.Tensor]],
+    budget: float,
 ) -> dict[str, float]:
-    """Model-output squared error per unit of each policy layer's own spectrum error.
-
-    Layers differ in how much of their error reaches the output (a residual stream and a
-    LayerNorm downstream shrink it, a wide projection can amplify it), so the raw errors of two
-    layers are not comparable. Each layer is truncated alone at its probe rank on ``batches``
-    and the ratio of the output's mean squared error to the layer's predicted error is its
-    gain; the budget policy then minimises the gain-weighted total error, a first-order model
-    of the output error.
-    """
+    """Model-output squared error per unit of each policy layer's own spectrum error."""
+    # Layers differ in how much of their error reaches the output (a residual stream and a
+    # LayerNorm shrink it, a wide projection amplifies it): each is truncated alone at its probe
+    # rank, and the output's error over its predicted error is its gain, which the budget
+    # policy weights its error by (a first-order model of the output error).
     device = next(model.parameters(), torch.empty(0)).device
     inputs = [
         {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -350,7 +333,7 @@ def _measure_output_gains(
                 [p for p in planned if p.by_policy], desc="output gains", unit="layer", disable=None
             ):
                 candidate, decision = p.candidate, p.decision
-                rank = _probe_rank(decision, config)
+                rank = _probe_rank(decision, config, budget)
                 error = p.spectrum.error(rank)
                 context = _context(candidate, config, stats, p.spectrum)
                 replacement = candidate.registration.handler(candidate.module, rank, context)
@@ -397,13 +380,11 @@ def _apply_policy(
             )
     if not layers:
         return
-    choices: dict[str, RankChoice]
-    if config.policy == "energy":
-        choices = energy_ranks(layers, config.energy)
-    else:
-        total = sum(p.decision.params_dense for p in planned)
-        fixed = sum(p.decision.params_after for p in planned if not p.by_policy)
-        choices = budget_ranks(layers, config.budget * total - fixed)
+    total = sum(p.decision.params_dense for p in planned)
+    fixed = sum(p.decision.params_after for p in planned if not p.by_policy)
+    choices: dict[str, RankChoice] = policy_handler(config.policy).choose(
+        config.policy, layers, total, fixed
+    )
     for p in planned:
         choice = choices.get(p.decision.name)
         if choice is None:
@@ -416,7 +397,7 @@ def _apply_policy(
         if choice.rank is None:
             decision.reason = reason
         else:
-            _judge_rank(decision, choice.rank, config, reason)
+            _judge_rank(decision, choice.rank, reason, config)
 
 
 def factorize_(
@@ -426,35 +407,15 @@ def factorize_(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
 ) -> FactorizationResult:
-    """Replace the model's dense layers by low-rank pairs, in place.
-
-    Candidate layers are the children (at any depth) of registered types, by default
-    ``nn.Linear`` and, with ``config.factorize_embeddings``, ``nn.Embedding``. Modules that are
-    already low-rank units are left alone and listed in ``already_lowrank``. Ranks come from
-    ``config.policy``: one rank for all (``"uniform"``), a spectrum-energy target per layer
-    (``"energy"``) or a parameter budget spread over the layers (``"budget"``).
-
-    Args:
-        model: Model to modify in place.
-        config: Ranks or rank policy, solver and which layers to keep dense.
-        filter_fn: ``filter_fn(module, fqn) -> bool`` further choosing candidate layers.
-        calibration: Keyword-argument dicts for ``model(**batch)``; required by
-            ``solver="asvd"``, consumed in a single pass before any layer is replaced.
-
-    Returns:
-        The decision made for each candidate layer.
-
-    Raises:
-        LowRankConfigError: ``solver="asvd"`` without calibration batches, or a budget too
-            small for rank 1 in every layer it allocates.
-    """
+    """Replace ``model``'s registered layers (``filter_fn(module, name)`` permitting) by
+    low-rank pairs in place; ``solver="asvd"`` reads ``calibration`` once, before any swap."""
     if config.solver == "asvd" and calibration is None:
         raise LowRankConfigError(
             "solver='asvd' fits layer outputs and needs calibration batches: pass "
             "calibration=[{'input_ids': ..., 'attention_mask': ...}, ...] or use solver='svd'"
         )
-    measure_gains = config.policy == "budget" and config.budget_error == "output"
-    if measure_gains and calibration is not None:
+    probe_budget = policy_handler(config.policy).gain_probe(config.policy)
+    if probe_budget is not None and calibration is not None:
         # Measuring output gains runs a few batches again.
         calibration = list(calibration)
     candidates, already_lowrank = _find_candidates(model, config, filter_fn)
@@ -465,8 +426,9 @@ def factorize_(
         if p.by_policy or p.decision.action == "factorized":
             p.spectrum = _spectrum(p, config, stats)
     gains: dict[str, float] = {}
-    if measure_gains and calibration:
-        gains = _measure_output_gains(model, config, planned, stats, calibration[:PROBE_BATCHES])
+    if probe_budget is not None and calibration:
+        gains = _measure_output_gains(model, config, planned, stats, calibration[:PROBE_BATCHES],
+                                      probe_budget)
     _apply_policy(config, planned, gains)
 
     result = FactorizationResult(already_lowrank=already_lowrank)

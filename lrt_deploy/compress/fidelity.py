@@ -1,7 +1,4 @@
-"""Output fidelity metrics between a reference and a candidate model.
-
-numpy only (no torch), so the same code scores PyTorch and ONNX Runtime outputs.
-"""
+"""Output fidelity metrics; numpy only, so PyTorch and ONNX Runtime outputs score alike."""
 
 from __future__ import annotations
 
@@ -31,18 +28,7 @@ def _pair(reference: ArrayLike, candidate: ArrayLike) -> tuple[np.ndarray, np.nd
 
 
 def cosine_per_row(a: ArrayLike, b: ArrayLike) -> np.ndarray:
-    """Cosine similarity of matching vectors along the last axis.
-
-    Leading axes are flattened, so ``[batch, seq, dim]`` inputs give ``batch * seq`` values.
-    Two zero vectors count as identical (1.0); a zero vector against a non-zero one as 0.0.
-
-    Args:
-        a: Reference array.
-        b: Candidate array of the same shape.
-
-    Returns:
-        1-D float64 array of cosines in ``[-1, 1]``.
-    """
+    """Cosine similarity of matching vectors along the last axis."""
     x, y = _pair(a, b)
     if x.ndim == 0:
         raise ValueError("cosine needs vectors, got scalars")
@@ -59,26 +45,13 @@ def cosine_per_row(a: ArrayLike, b: ArrayLike) -> np.ndarray:
 
 
 def embedding_fidelity(reference: ArrayLike, candidate: ArrayLike) -> dict[str, float]:
-    """Mean and worst per-vector cosine between two embedding arrays.
-
-    Args:
-        reference: ``[..., dim]`` reference embeddings.
-        candidate: Candidate embeddings of the same shape.
-
-    Returns:
-        ``{"mean_cosine": ..., "worst_cosine": ...}``.
-    """
+    """Mean and worst per-vector cosine between two embedding arrays."""
     cosine = cosine_per_row(reference, candidate)
     return {"mean_cosine": float(cosine.mean()), "worst_cosine": float(cosine.min())}
 
 
 def sqnr_db(reference: ArrayLike, candidate: ArrayLike) -> float:
-    """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (ref - cand)^2)`` in dB.
-
-    Returns:
-        ``inf`` when the candidate equals the reference (including two all-zero arrays);
-        ``-inf`` when the reference is all zero but the candidate is not.
-    """
+    """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (ref - cand)^2)`` in dB."""
     ref, cand = _pair(reference, candidate)
     signal = float(np.sum(ref * ref))
     noise = float(np.sum((ref - cand) ** 2))
@@ -90,15 +63,7 @@ def sqnr_db(reference: ArrayLike, candidate: ArrayLike) -> float:
 
 
 def top1_agreement(ref_logits: ArrayLike, cand_logits: ArrayLike) -> float:
-    """Fraction of positions whose arg-max over the last axis agrees.
-
-    Args:
-        ref_logits: ``[..., classes]`` reference logits.
-        cand_logits: Candidate logits of the same shape.
-
-    Returns:
-        Agreement in ``[0, 1]``.
-    """
+    """Fraction of positions whose arg-max over the last axis agrees."""
     ref, cand = _pair(ref_logits, cand_logits)
     if ref.ndim == 0 or ref.size == 0:
         raise ValueError(f"top-1 needs non-empty logits with a class axis, got shape {ref.shape}")
@@ -106,15 +71,7 @@ def top1_agreement(ref_logits: ArrayLike, cand_logits: ArrayLike) -> float:
 
 
 def kl_divergence(ref_logits: ArrayLike, cand_logits: ArrayLike) -> float:
-    """Mean KL(softmax(reference) || softmax(candidate)) over positions, in nats.
-
-    Args:
-        ref_logits: ``[..., classes]`` reference logits.
-        cand_logits: Candidate logits of the same shape.
-
-    Returns:
-        Mean divergence (0 when the distributions agree).
-    """
+    """Mean KL(softmax(reference) || softmax(candidate)) over positions, in nats."""
     ref, cand = _pair(ref_logits, cand_logits)
     if ref.ndim == 0 or ref.size == 0:
         raise ValueError(f"KL needs non-empty logits with a class axis, got shape {ref.shape}")
@@ -139,21 +96,7 @@ def output_fidelity(
     candidate: Sequence[np.ndarray],
     masks: Sequence[np.ndarray | None],
 ) -> dict[str, float]:
-    """The fidelity metrics for a model of ``kind``, over several batches of its primary output.
-
-    Every kind gets the mean and worst per-row cosine and the SQNR; ``text-hidden`` rows are
-    only the real tokens (``masks``: the attention masks), ``text-logits`` adds top-1
-    agreement and KL divergence.
-
-    Args:
-        kind: ``LoadedModel.kind``: ``text-embedding``, ``text-hidden``, ``text-logits``, ...
-        reference: Per batch, the reference model's primary output.
-        candidate: Per batch, the candidate's primary output (same shapes).
-        masks: Per batch, the attention mask or ``None``.
-
-    Returns:
-        Metric name -> value.
-    """
+    """The fidelity metrics for a model of ``kind``, over several batches of its primary output."""
     cosines = []
     for ref, cand, mask in zip(reference, candidate, masks, strict=True):
         if kind == "text-hidden" and mask is not None:

@@ -1,10 +1,4 @@
-"""Per-layer-type factorization handlers and their registry.
-
-``register_handler(nn.Linear, ...)`` maps a layer type to the function that builds its low-rank
-replacement (and, optionally, the spectrum its error is measured by). ``factorize_`` in
-``lrt_deploy.compress.factorize`` walks a model and calls the handler registered for each
-layer's nearest registered base class. Linear and Embedding handlers are registered here.
-"""
+"""Per-layer-type factorization handlers and their registry."""
 
 from __future__ import annotations
 
@@ -14,13 +8,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lrt_deploy.compress.config import LowRankConfig
 from lrt_deploy.compress.solvers import (
     Spectrum,
     embedding_spectrum,
     svd_spectrum,
     whitened_spectrum,
 )
+from lrt_deploy.config.lowrank import LowRankConfig
 from lrt_deploy.nn.lowrank import LowRankEmbedding, LowRankLinear
 
 __all__ = [
@@ -37,24 +31,21 @@ __all__ = [
 
 @dataclass(frozen=True)
 class FactorizationContext:
-    """What a handler may need beyond the module and its rank.
+    """What a handler may need beyond the module and its rank."""
 
-    Attributes:
-        name: Qualified name of the module in the model.
-        config: The run's configuration.
-        input_covariance: ``E[x x^T]`` of the module's inputs when the handler asked for
-            calibration statistics and the solver uses them, else None.
-        index_counts: Per-row lookup counts of an embedding on the calibration data when the
-            handler asked for them and the solver uses calibration, else None.
-        spectrum: The layer's spectrum, computed once by ``factorize_`` when the registration
-            provides a spectrum function (or a rank policy needed one); build the factors from
-            it rather than decomposing the weight again.
-    """
-
+    #: Qualified name of the module in the model.
     name: str
+    #: The run's configuration.
     config: LowRankConfig
+    #: ``E[x x^T]`` of the module's inputs when the handler asked for calibration statistics and the
+    #: solver uses them, else None.
     input_covariance: torch.Tensor | None = None
+    #: Per-row lookup counts of an embedding on the calibration data when the handler asked for them
+    #: and the solver uses calibration, else None.
     index_counts: torch.Tensor | None = None
+    #: The layer's spectrum, computed once by ``factorize_`` when the registration provides a
+    #: spectrum function (or a rank policy needed one); build the factors from it rather than
+    #: decomposing the weight again.
     spectrum: Spectrum | None = None
 
 
@@ -84,26 +75,7 @@ def register_handler(
     uses_index_counts: bool = False,
     spectrum: SpectrumFn | None = None,
 ) -> Callable[[Handler], Handler]:
-    """Register a handler building the low-rank replacement of ``module_type`` layers.
-
-    The layer must hold a 2-D ``weight``; its parameter saving is judged as
-    ``rank * (rows + cols)`` (plus any bias) against its dense parameters before the handler
-    runs. Subclasses use the handler of their nearest registered base class.
-
-    Args:
-        module_type: Layer class handled.
-        kind: Name in reports; defaults to the lower-cased class name.
-        enabled: Whether the config asks for this kind of layer at all; default always.
-        uses_input_covariance: Collect ``E[x x^T]`` of the layer's inputs for ``"asvd"``.
-        uses_index_counts: Count the layer's input indices (embedding lookups) for ``"asvd"``.
-        spectrum: ``spectrum(module, context) -> Spectrum`` giving the singular values the
-            layer's error is measured by, passed to the handler as ``context.spectrum``. Without
-            it, rank policies other than ``"uniform"`` use the plain SVD of ``weight``.
-
-    Returns:
-        A decorator registering ``handler(module, rank, context) -> nn.Module | None``; a
-        handler returns None to keep the layer dense.
-    """
+    """Register a handler building the low-rank replacement of ``module_type`` layers."""
 
     def decorator(handler: Handler) -> Handler:
         _HANDLERS[module_type] = Registration(
@@ -150,19 +122,10 @@ EMBEDDING_UNIFORM_SHARE = 0.5
 
 
 def embedding_row_weights(counts: torch.Tensor) -> torch.Tensor:
-    """Row weights (summing to one) for factorizing an embedding looked up ``counts`` times.
-
-    A mix of the lookup frequencies and an even weight per row (see
-    ``EMBEDDING_UNIFORM_SHARE``). With weights summing to one the weighted spectrum measures the
-    mean squared error of a looked-up vector, the same per-token unit as the whitened error of a
-    linear layer, so the budget policy can trade rank between the table and the linear layers.
-
-    Args:
-        counts: Non-negative lookup count per row.
-
-    Returns:
-        float64 weights, one per row.
-    """
+    """Row weights (summing to one) for factorizing an embedding looked up ``counts`` times."""
+    # Lookup frequencies mixed with an even share per row; summing to one, the weighted spectrum
+    # measures a looked-up vector's mean squared error, the per-token unit of a linear layer's
+    # whitened error, so a budget can trade rank between tables and linear layers.
     counts = counts.double()
     uniform = torch.full_like(counts, 1.0 / counts.numel())
     total = float(counts.sum())

@@ -1,32 +1,32 @@
-"""Rank policies: choose each layer's rank from its spectrum.
-
-``factorize_`` computes every candidate layer's :class:`~lrt_deploy.compress.solvers.Spectrum`
-once and hands the layers to a policy here; the chosen ranks are then built from the same
-spectra. Policies see plain numbers (spectra and parameter costs), never modules, so they are
-easy to test and to add to.
-
-With activation-aware whitening a layer's discarded squared singular values are exactly the mean
-squared error its output makes on the calibration inputs, so the budget policy can trade rank
-between layers by comparing error removed per parameter spent.
-"""
+"""Rank-policy handlers: each policy type mapped to how it chooses ranks from spectra."""
 
 from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any
 
-from lrt_deploy.compress.config import LowRankConfigError
 from lrt_deploy.compress.solvers import Spectrum
+from lrt_deploy.config.ranks import (
+    BudgetRank,
+    EnergyRank,
+    LowRankConfigError,
+    UniformRank,
+    resolve_rank,
+)
 
 __all__ = [
+    "PolicyHandler",
     "RankChoice",
     "RankedLayer",
     "budget_ranks",
     "energy_ranks",
     "max_saving_rank",
+    "policy_handler",
+    "register_policy",
     "spectrum_measure",
 ]
 
@@ -41,18 +41,7 @@ def spectrum_measure(spectrum: Spectrum) -> str:
 
 
 def max_saving_rank(rows: int, cols: int, extra: int, min_param_saving: float = 0.0) -> int:
-    """Largest rank whose low-rank form saves parameters (0 when none does).
-
-    Args:
-        rows: Weight rows.
-        cols: Weight columns.
-        extra: Parameters kept whatever the rank (a bias).
-        min_param_saving: Required saving, as in ``LowRankConfig``.
-
-    Returns:
-        The largest ``r <= min(rows, cols)`` with ``r * (rows + cols) + extra`` strictly below
-        the dense count and at most ``(1 - min_param_saving)`` of it.
-    """
+    """Largest rank whose low-rank form saves parameters (0 when none does)."""
     dense = rows * cols + extra
     per_rank = rows + cols
     strictly_below = (rows * cols - 1) // per_rank
@@ -62,22 +51,19 @@ def max_saving_rank(rows: int, cols: int, extra: int, min_param_saving: float = 
 
 @dataclass(frozen=True)
 class RankedLayer:
-    """A layer a policy chooses a rank for.
+    """A layer a policy chooses a rank for."""
 
-    Attributes:
-        name: Qualified module name.
-        spectrum: The layer's spectrum; its errors are what the policy trades.
-        params_per_rank: Parameters one more rank costs: ``rows + cols``.
-        params_fixed: Parameters kept whatever the rank (a bias).
-        params_dense: Parameters of the dense layer.
-        max_rank: Largest rank that saves parameters (see :func:`max_saving_rank`), >= 1.
-    """
-
+    #: Qualified module name.
     name: str
+    #: The layer's spectrum; its errors are what the policy trades.
     spectrum: Spectrum
+    #: Parameters one more rank costs: ``rows + cols``.
     params_per_rank: int
+    #: Parameters kept whatever the rank (a bias).
     params_fixed: int
+    #: Parameters of the dense layer.
     params_dense: int
+    #: Largest rank that saves parameters (see :func:`max_saving_rank`), >= 1.
     max_rank: int
 
     def params_at(self, rank: int | None) -> int:
@@ -89,31 +75,18 @@ class RankedLayer:
 
 @dataclass(frozen=True)
 class RankChoice:
-    """A policy's choice for one layer.
+    """A policy's choice for one layer."""
 
-    Attributes:
-        rank: The rank, or None to keep the layer dense.
-        energy_kept: Fraction of the spectrum energy kept (1.0 when dense).
-        reason: Why, for the report.
-    """
-
+    #: The rank, or None to keep the layer dense.
     rank: int | None
+    #: Fraction of the spectrum energy kept (1.0 when dense).
     energy_kept: float
+    #: Why, for the report.
     reason: str
 
 
 def energy_ranks(layers: Sequence[RankedLayer], energy: float) -> dict[str, RankChoice]:
-    """Per layer, the smallest rank keeping ``energy`` of its spectrum energy.
-
-    A layer whose rank would save no parameters stays dense.
-
-    Args:
-        layers: Layers to choose for.
-        energy: Fraction in (0, 1].
-
-    Returns:
-        Layer name -> choice.
-    """
+    """Per layer, the smallest rank keeping ``energy`` of its spectrum energy."""
     choices = {}
     for layer in layers:
         rank = layer.spectrum.rank_for_energy(energy)
@@ -146,13 +119,10 @@ class _Segment:
 
 
 def _hull_segments(position: int, layer: RankedLayer) -> list[_Segment]:
-    """Segments of the lower convex hull of the layer's (parameters, error) options.
-
-    The options are ranks ``1..max_rank`` and dense (zero error). Error falls convexly with rank,
-    but the last jump to dense can be cheaper per unit of error than the ranks before it; on
-    the hull every layer's efficiency only falls, so one global greedy pass over all segments
-    sorted by efficiency is optimal up to the last segment that does not fit.
-    """
+    """Segments of the lower convex hull of the layer's (parameters, error) options."""
+    # Options: ranks 1..max_rank and dense (zero error). On the hull every layer's efficiency
+    # only falls, so one greedy pass over all segments by efficiency is optimal up to the last
+    # segment that does not fit.
     options: list[tuple[int, float, int | None]] = [
         (layer.params_at(rank), layer.spectrum.error(rank), rank)
         for rank in range(1, layer.max_rank + 1)
@@ -175,30 +145,17 @@ def _hull_segments(position: int, layer: RankedLayer) -> list[_Segment]:
 
 
 def budget_ranks(layers: Sequence[RankedLayer], params_budget: float) -> dict[str, RankChoice]:
-    """Spread ``params_budget`` parameters over the layers with the least total error.
-
-    Every layer starts at rank 1; hull segments (see :func:`_hull_segments`) are then bought in
-    order of error removed per parameter, a layer stopping at its first segment that no longer
-    fits. Single ranks then fill what is left, best first, so the layers end within one rank
-    step (``rows + cols`` parameters) of the budget.
-
-    Args:
-        layers: Layers to choose for.
-        params_budget: Parameters the layers may have in total.
-
-    Returns:
-        Layer name -> choice; a layer whose best use of the budget is all its parameters stays
-        dense.
-
-    Raises:
-        LowRankConfigError: Even rank 1 everywhere exceeds the budget.
-    """
+    """Spread ``params_budget`` parameters over the layers with the least total error, ending
+    within one rank step of it; a layer best kept whole stays dense (rank None)."""
+    # Every layer starts at rank 1; hull segments are bought by error removed per parameter, a
+    # layer stopping at its first segment that no longer fits; single ranks then fill the rest.
     ranks: list[int | None] = [1] * len(layers)
     spent = sum(layer.params_at(1) for layer in layers)
     if spent > params_budget:
         raise LowRankConfigError(
             f"the budget leaves {params_budget:,.0f} parameters for the layers it allocates, "
-            f"but rank 1 everywhere already needs {spent:,}: raise budget, or skip fewer layers"
+            f"but rank 1 everywhere already needs {spent:,}: raise BudgetRank.budget, or skip "
+            "fewer layers"
         )
     segments = sorted(
         (s for position, layer in enumerate(layers) for s in _hull_segments(position, layer)),
@@ -256,3 +213,60 @@ def budget_ranks(layers: Sequence[RankedLayer], params_budget: float) -> dict[st
         "budget policy: %s of %s parameters allocated", f"{spent:,}", f"{params_budget:,.0f}"
     )
     return choices
+
+
+@dataclass(frozen=True)
+class PolicyHandler:
+    """What ``factorize_`` asks of one rank-policy type."""
+
+    #: (policy, full_rank) -> (rank, reason) when the policy fixes a layer's rank alone, or
+    #: None when ``choose`` picks it across the layers.
+    layer_rank: Callable[[Any, int], tuple[int, str] | None]
+    #: (policy, layers, params_total, params_fixed) -> a choice per layer left to the policy.
+    choose: Callable[[Any, Sequence[RankedLayer], int, int], dict[str, RankChoice]]
+    #: policy -> the budget at which each layer's output gain is measured, or None (no gains).
+    gain_probe: Callable[[Any], float | None] = lambda _policy: None
+
+
+_HANDLERS: dict[type, PolicyHandler] = {}
+
+
+def register_policy(policy_type: type, handler: PolicyHandler) -> None:
+    """Make ``factorize_`` apply ``policy_type`` configs with ``handler``."""
+    _HANDLERS[policy_type] = handler
+
+
+def policy_handler(policy: Any) -> PolicyHandler:
+    """The handler registered for ``policy``'s type."""
+    handler = _HANDLERS.get(type(policy))
+    if handler is None:
+        raise LowRankConfigError(
+            f"factorize_ cannot apply {type(policy).__name__} directly: a FidelityFloor is "
+            "searched (compress_model or search_budget turn it into a BudgetRank); registered "
+            f"policies: {', '.join(t.__name__ for t in _HANDLERS)}"
+        )
+    return handler
+
+
+def _uniform_rank(policy: UniformRank, full_rank: int) -> tuple[int, str]:
+    rank = resolve_rank(policy.rank, full_rank)
+    return rank, f"uniform rank {rank}"
+
+
+def _no_choices(*_args: Any) -> dict[str, RankChoice]:
+    return {}
+
+
+def _budget_choices(policy: BudgetRank, layers: Sequence[RankedLayer], total: int,
+                    fixed: int) -> dict[str, RankChoice]:
+    return budget_ranks(layers, policy.budget * total - fixed)
+
+
+register_policy(UniformRank, PolicyHandler(_uniform_rank, _no_choices))
+register_policy(EnergyRank, PolicyHandler(
+    lambda _policy, _full: None, lambda policy, layers, *_: energy_ranks(layers, policy.energy)
+))
+register_policy(BudgetRank, PolicyHandler(
+    lambda _policy, _full: None, _budget_choices,
+    lambda policy: policy.budget if policy.budget_error == "output" else None,
+))

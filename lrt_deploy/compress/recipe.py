@@ -1,12 +1,4 @@
-"""The compression recipe, one call: (budget search) -> factorize -> (heal).
-
-:func:`compress_model` factorizes a model in place and keeps a dense copy to compare with; the
-choices it makes on data (the budget for a fidelity floor, the best healing step) are judged on
-the last fifth of the calibration batches, never on the held-out test text. Healing on a large
-user corpus (:func:`text_healing_data`) streams it and chooses its best step on the shipped
-calibration corpus instead, which it never trains on.
-:func:`lowrank_by_design` describes models built low-rank, which are not compressed further.
-"""
+"""The compression recipe: (budget search) -> factorize -> (heal), choosing off the test text."""
 
 from __future__ import annotations
 
@@ -18,8 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lrt_deploy.compress.config import LowRankConfig
-from lrt_deploy.errors import LrtDeployError, UnsupportedOperationError
+from lrt_deploy.config.heal import HealConfig
+from lrt_deploy.config.lowrank import LowRankConfig
+from lrt_deploy.config.ranks import BudgetRank, FidelityFloor
+from lrt_deploy.errors import ConfigError, LrtDeployError, UnsupportedOperationError
 
 if TYPE_CHECKING:
     from lrt_deploy.compress.factorize import FactorizationResult
@@ -32,10 +26,9 @@ __all__ = [
     "CompressionOutcome",
     "HealingData",
     "check_compressible",
+    "check_simulatable",
     "compress_model",
-    "describe_config",
     "lowrank_by_design",
-    "needs_calibration",
     "simulated_quantization",
     "text_healing_data",
 ]
@@ -54,20 +47,14 @@ OVERLAP_CHECK_LINES = 4096
 
 @dataclass
 class HealingData:
-    """Where healing trains and where it chooses its best step, when that is not the
-    calibration list (a large text corpus, streamed).
-
-    Attributes:
-        train: Training batches, a list or a re-iterable stream
-            (:class:`lrt_deploy.data.stream.StreamingTextBatches`).
-        selection: Batches the best step is chosen on, never trained on.
-        train_data: What ``train`` is, for the manifest.
-        selection_data: What ``selection`` is, for the manifest and the report.
-    """
+    """Where healing trains (a list or a re-iterable stream) and chooses its best step."""
 
     train: Iterable[dict[str, Any]]
+    #: Batches the best step is chosen on, never trained on.
     selection: list[dict[str, Any]]
+    #: What ``train`` is, for the manifest.
     train_data: str
+    #: What ``selection`` is, for the manifest and the report.
     selection_data: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,15 +70,10 @@ class HealingData:
 def text_healing_data(
     loaded: LoadedModel, path: str | Path, *, batch_size: int = 32, seed: int = 0
 ) -> HealingData:
-    """Healing data for a large text corpus: a stream of ``path`` to train on, and the shipped
-    calibration corpus to choose the best step on.
-
-    Choosing the step on held-back lines of the training corpus itself picked a worse step in
-    the GPU runs (those lines are too close to what it trains on); the shipped corpus, never
-    trained on, picked well. Only when the corpus's first lines contain shipped calibration
-    sentences (so it may train on them) are its first :data:`HOLDBACK_LINES` lines held back
-    and used instead.
-    """
+    """A stream of ``path`` to train on; the step is chosen on the shipped calibration corpus,
+    or on held-back head lines of ``path`` when ``path`` contains that corpus."""
+    # Held-back lines of the training corpus itself are too close to what it trains on to
+    # choose a step well; the shipped corpus, never trained on, is not.
     from lrt_deploy.data.readers import CALIBRATION_TEXT
     from lrt_deploy.data.stream import (
         StreamingTextBatches,
@@ -119,32 +101,29 @@ def text_healing_data(
 
 @dataclass
 class CompressionOutcome:
-    """What :func:`compress_model` did.
+    """What :func:`compress_model` did."""
 
-    Attributes:
-        factorization: Per-layer decisions and parameter counts.
-        dense: The model as it was before factorizing (a deep copy), to compare with.
-        config: The config factorized with (the searched budget filled in); None when
-            nothing was factorized (quantisation-aware healing of the dense model alone).
-        budget_search: The fidelity-floor search, when one ran.
-        healing: The distillation run, when one ran.
-        heal_steps: Steps healing was asked for.
-        healing_data: Where healing trained and chose its step, when not on the calibration
-            list (None: trained on the first four fifths, chosen on the last fifth).
-        selection_fidelity: With a fidelity floor, ``{"mean_cosine", "worst_cosine"}`` of the
-            final (factorized, healed) model on the selection batches, in PyTorch.
-        floor_verdict: Whether the floor held on held-out text, set by the caller once the
-            deployed variant is measured (:func:`lrt_deploy.compress.search.judge_floor`).
-    """
-
+    #: Per-layer decisions and parameter counts.
     factorization: FactorizationResult
+    #: The model as it was before factorizing (a deep copy), to compare with.
     dense: LoadedModel
+    #: The config factorized with (the searched budget filled in); None when nothing was factorized
+    #: (quantisation-aware healing of the dense model alone).
     config: LowRankConfig
+    #: The fidelity-floor search, when one ran.
     budget_search: BudgetSearchResult | None = None
+    #: The distillation run, when one ran.
     healing: HealResult | None = None
+    #: Steps healing was asked for.
     heal_steps: int = 0
+    #: Where healing trained and chose its step, when not on the calibration list (None: trained on
+    #: the first four fifths, chosen on the last fifth).
     healing_data: HealingData | None = None
+    #: With a fidelity floor, ``{"mean_cosine", "worst_cosine"}`` of the final (factorized, healed)
+    #: model on the selection batches, in PyTorch.
     selection_fidelity: dict[str, float] | None = None
+    #: Whether the floor held on held-out text, set by the caller once the deployed variant is
+    #: measured (:func:`lrt_deploy.compress.search.judge_floor`).
     floor_verdict: FloorVerdict | None = None
     heal_options: dict[str, Any] = field(default_factory=dict)
 
@@ -193,34 +172,15 @@ class CompressionOutcome:
         }
 
 
-def describe_config(config: LowRankConfig) -> str:
-    """A short description of what a factorization config asks for, for progress and errors."""
-    if config.policy == "budget":
-        what = f"budget {config.budget:g} of the candidate parameters"
-    elif config.policy == "energy":
-        what = f"energy {config.energy:g} of each layer's spectrum"
-    else:
-        what = f"rank {config.rank}"
-    embeddings = ", embeddings too" if config.factorize_embeddings else ""
-    return f"{config.solver}, {what}{embeddings}"
-
-
-def check_compressible(loaded: LoadedModel) -> None:
-    """Raise :class:`UnsupportedOperationError` when ``loaded`` has no layers to swap."""
+def check_compressible(loaded: Any) -> None:
+    """Raise :class:`UnsupportedOperationError` when ``loaded`` (a LoadedModel or its facts)
+    has no layers to swap."""
     if not loaded.can_compress:
         raise UnsupportedOperationError(
-            f"--rank needs an nn.Module to factorize, but '{loaded.name}' is a "
-            f"{loaded.format} graph whose layers cannot be swapped: export it without "
-            "--rank, or load the original module (.pt with --trust-pickle, or a Hugging "
-            "Face folder)"
+            f"factorizing needs an nn.Module, but '{loaded.name}' is a {loaded.format} graph "
+            "whose layers cannot be swapped: export it without compress=, or load the original "
+            "module (.pt with trust_pickle=True, or a Hugging Face folder)"
         )
-
-
-def needs_calibration(
-    config: LowRankConfig, heal_steps: int = 0, fidelity_floor: float | None = None
-) -> bool:
-    """Whether :func:`compress_model` with these arguments reads calibration batches."""
-    return config.solver == "asvd" or bool(heal_steps) or fidelity_floor is not None
 
 
 def compress_model(
@@ -228,124 +188,116 @@ def compress_model(
     config: LowRankConfig | None,
     batches: list[dict[str, Any]],
     *,
-    heal_steps: int = 0,
-    fidelity_floor: float | None = None,
+    heal: HealConfig | None = None,
+    quantization: Any = None,
     progress: Callable[[str], None] = lambda _line: None,
-    device: str = "auto",
-    heal_precision: str = "auto",
     healing_data: HealingData | None = None,
     probe: list[dict[str, Any]] | None = None,
     probe_data: str = "probe batches",
-    heal_quantization: Any = None,
-    heal_lr: float = 1e-4,
 ) -> CompressionOutcome:
-    """Factorize ``loaded.module`` in place: search a budget, factorize, heal, as asked.
-
-    Args:
-        loaded: The model; its module is replaced layer by layer.
-        config: Factorization settings (with ``fidelity_floor``, the budget is searched);
-            None factorizes nothing: quantisation-aware healing of the dense model alone
-            (needs ``heal_steps`` and ``heal_quantization``).
-        batches: Calibration batches (needed when :func:`needs_calibration` says so).
-        heal_steps: Distil towards the dense model for this many steps (keeps the best step).
-        fidelity_floor: Search the smallest budget keeping this mean cosine to the dense model.
-        progress: Called with a short line as each step starts.
-        device: Where healing runs: ``"auto"`` (CUDA when PyTorch sees a GPU), ``"cpu"`` or
-            ``"cuda"``. Factorization and the search stay on the CPU.
-        heal_precision: Healing autocast: ``"auto"`` (bf16/fp16 on a GPU, fp32 on CPU),
-            ``"fp32"``, ``"bf16"`` or ``"fp16"``.
-        healing_data: Heal on this (e.g. :func:`text_healing_data`, a streamed corpus) instead
-            of the first four fifths of ``batches``.
-        probe: Batches of other text whose drop from the selection batches sets the search's
-            margin (e.g. the shipped different-domain held-out set).
-        probe_data: Name of the probe data, for the manifest and the report.
-        heal_quantization: Heal quantisation-aware: a
-            :class:`~lrt_deploy.quant.simulate.FakeQuantization` (see
-            :func:`simulated_quantization`) the student computes under while healing; every
-            weight but the embedding tables then trains (``trainable="layers"``).
-        heal_lr: Peak learning rate of healing.
-
-    Returns:
-        The :class:`CompressionOutcome`, with the dense copy to compare against.
-
-    Raises:
-        UnsupportedOperationError: The model is a graph whose layers cannot be swapped.
-        LrtDeployError: Nothing would be saved, too little calibration data, or
-            ``device="cuda"`` without a GPU (checked before any work).
-    """
-    from lrt_deploy.compress.factorize import FactorizationResult, factorize_
+    """Factorize ``loaded.module`` in place (a FidelityFloor's budget searched first), then heal
+    (under ``quantization``, a FakeQuantization, when given); keeps a dense copy."""
+    from lrt_deploy.compress.factorize import FactorizationResult
     from lrt_deploy.compress.heal import select_device
-    from lrt_deploy.compress.search import search_budget
 
     check_compressible(loaded)
-    if config is None and not (heal_steps and heal_quantization is not None):
-        raise LrtDeployError("nothing to do without a factorization: add --rank/--budget, or "
-                             "heal quantisation-aware (--heal STEPS --heal-quantized)")
-    if heal_steps:
-        select_device(device)  # a missing GPU fails now, not after minutes of factorizing
+    if config is None and not (heal is not None and quantization is not None):
+        raise ConfigError("nothing to do without a factorization: pass compress=LowRankConfig("
+                          "...), or heal quantisation-aware (HealConfig.quantized=True)")
+    if heal is not None:
+        select_device(heal.device)  # a missing GPU fails now, not after minutes of factorizing
     dense = dataclasses.replace(loaded, module=copy.deepcopy(loaded.module))
-    split = (heal_steps and healing_data is None) or fidelity_floor is not None
+    floor = config.policy if config is not None else None
+    floor = floor if isinstance(floor, FidelityFloor) else None
+    split = (heal is not None and healing_data is None) or floor is not None
     fit, select = _split(batches) if split else (batches, [])
     solver_data = fit if config is not None and config.solver == "asvd" else None
     search = None
-    if config is None:
-        result = FactorizationResult()
-    elif fidelity_floor is not None:
-        progress(f"searching the smallest budget with mean cosine >= {fidelity_floor}")
-        search = search_budget(
-            loaded.module, config, solver_data, select, fidelity_floor, progress=progress,
-            probe=probe, selection_data=SELECTION_DATA, probe_data=probe_data,
-        )
-        config = dataclasses.replace(config, budget=search.budget)
-    if config is not None:
-        progress(f"factorizing ({describe_config(config)})")
-        result = factorize_(loaded.module, config, calibration=solver_data)
-        if not result.factorized:
-            reasons = "; ".join(sorted({d.reason for d in result.kept_dense})[:3])
-            raise LrtDeployError(
-                f"{describe_config(config)} saves parameters in no layer ({reasons}): choose a "
-                "smaller rank or budget, e.g. --rank 0.25"
-            )
-        logger.info(result.summary())
-    options: dict[str, Any] = {"device_asked": device, "precision_asked": heal_precision,
-                               "lr": heal_lr}
-    if heal_quantization is not None:
-        options["quantization"] = heal_quantization.describe()
-        options["trainable"] = "layers"
-    healing = None
-    if heal_steps:
+    if floor is not None:
+        progress(f"searching {floor.describe()}")
+        search = _search(loaded, config, floor, solver_data, select, probe, probe_data, progress)
+        config = dataclasses.replace(config, policy=BudgetRank(search.budget, floor.budget_error))
+    result = (_factorize(loaded, config, solver_data, progress) if config is not None
+              else FactorizationResult())
+    healing, options = None, {}
+    if heal is not None:
+        options = {**heal.options(), **_simulation_options(quantization)}
         data = healing_data or HealingData(fit, select, "", SELECTION_DATA)
-        healing = _heal(loaded, dense, data, heal_steps, progress, options, heal_quantization,
-                        smoothing_batches=batches)
-    outcome = CompressionOutcome(result, dense, config, search, healing, heal_steps,
-                                 healing_data, heal_options=options if heal_steps else {})
-    if fidelity_floor is not None:
+        healing = _heal(loaded, dense, data, heal, progress, quantization, batches)
+    outcome = CompressionOutcome(result, dense, config, search, healing,
+                                 heal.steps if heal is not None else 0, healing_data,
+                                 heal_options=options)
+    if floor is not None:
         outcome.selection_fidelity = _fidelity(loaded.module, dense.module, select)
     return outcome
 
 
-def simulated_quantization(precision: Any) -> Any:
-    """The healing loop's simulation of a target precision recipe
-    (:mod:`lrt_deploy.quant.recipes`): dynamic int8 per channel (outlier smoothing
-    included, when the recipe smooths) and 4-bit weight-only with embedding tables are
-    simulated exactly (tested against ONNX Runtime).
+def _search(loaded: LoadedModel, config: LowRankConfig, floor: FidelityFloor,
+            solver_data: list[dict[str, Any]] | None, select: list[dict[str, Any]],
+            probe: list[dict[str, Any]] | None, probe_data: str,
+            progress: Callable[[str], None]) -> BudgetSearchResult:
+    """The budget search a FidelityFloor asks for, from its ``high`` budget down."""
+    from lrt_deploy.compress.search import search_budget
 
-    Raises:
-        LrtDeployError: No precision (fp32), or a recipe the simulation does not mirror.
-    """
+    start = dataclasses.replace(config, policy=floor.start())
+    return search_budget(
+        loaded.module, start, solver_data, select, floor.floor, low=floor.low, high=floor.high,
+        steps=floor.steps, progress=progress, probe=probe, selection_data=SELECTION_DATA,
+        probe_data=probe_data,
+    )
+
+
+def _factorize(loaded: LoadedModel, config: LowRankConfig,
+               solver_data: list[dict[str, Any]] | None,
+               progress: Callable[[str], None]) -> FactorizationResult:
+    """``factorize_`` with progress, refusing a config that saves nothing."""
+    from lrt_deploy.compress.factorize import factorize_
+
+    progress(f"factorizing ({config.describe()})")
+    result = factorize_(loaded.module, config, calibration=solver_data)
+    if not result.factorized:
+        reasons = "; ".join(sorted({d.reason for d in result.kept_dense})[:3])
+        raise ConfigError(
+            f"{config.describe()} saves parameters in no layer ({reasons}): choose a smaller "
+            "rank or budget, e.g. rank=0.25"
+        )
+    logger.info(result.summary())
+    return result
+
+
+def _simulation_options(quantization: Any) -> dict[str, Any]:
+    """The manifest's record of a simulated quantisation (every weight but tables trains)."""
+    if quantization is None:
+        return {}
+    return {"quantization": quantization.describe(), "trainable": "layers"}
+
+
+def check_simulatable(precision: Any) -> None:
+    """Raise unless healing can simulate ``precision`` exactly (dynamic int8 per channel, or
+    4-bit weight-only with tables); pure: imports no torch."""
     from lrt_deploy.quant.recipes import DynamicInt8, Int4WeightOnly
-    from lrt_deploy.quant.simulate import FakeQuantization
 
     if isinstance(precision, DynamicInt8) and precision.per_channel:
+        return
+    if isinstance(precision, Int4WeightOnly) and precision.embeddings:
+        return
+    what = "an fp32 target" if precision is None else precision.describe()
+    raise ConfigError(
+        f"HealConfig.quantized=True simulates dynamic int8 per channel and int4, not {what}: "
+        "use precision=DynamicInt8(per_channel=True) or precision=Int4WeightOnly()"
+    )
+
+
+def simulated_quantization(precision: Any) -> Any:
+    """The healing loop's exact simulation of ``precision`` (see :func:`check_simulatable`)."""
+    from lrt_deploy.quant.recipes import DynamicInt8
+    from lrt_deploy.quant.simulate import FakeQuantization
+
+    check_simulatable(precision)
+    if isinstance(precision, DynamicInt8):
         return FakeQuantization("int8", smooth=precision.smooth,
                                 weight_grid=precision.weight_grid)
-    if isinstance(precision, Int4WeightOnly) and precision.embeddings:
-        return FakeQuantization("int4", precision.block)
-    what = "an fp32 target" if precision is None else precision.describe()
-    raise LrtDeployError(
-        f"--heal-quantized simulates dynamic int8 per channel and int4, not {what}: add "
-        "--quantize int8 (without --per-tensor/--quant-format qdq) or --quantize int4"
-    )
+    return FakeQuantization("int4", precision.block)
 
 
 def _fidelity(model: Any, dense: Any, batches: list[dict[str, Any]]) -> dict[str, float]:
@@ -369,7 +321,7 @@ def _fidelity(model: Any, dense: Any, batches: list[dict[str, Any]]) -> dict[str
 def _split(batches: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if len(batches) < 2:
         raise LrtDeployError(
-            "--heal and --fidelity-floor need at least two calibration batches: give more "
+            "healing and a FidelityFloor need at least two calibration batches: give more "
             "calibration data"
         )
     split = max(1, len(batches) // 5)
@@ -377,28 +329,24 @@ def _split(batches: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[di
 
 
 def _heal(
-    loaded: LoadedModel, dense: LoadedModel, data: HealingData, steps: int,
-    progress: Callable[[str], None], options: dict[str, Any], quantization: Any = None,
-    smoothing_batches: list[dict[str, Any]] | None = None,
+    loaded: LoadedModel, dense: LoadedModel, data: HealingData, heal: HealConfig,
+    progress: Callable[[str], None], quantization: Any, smoothing_batches: list[dict[str, Any]],
 ) -> HealResult:
-    """Distil the factorized model towards the dense one on ``data.train``, keeping the step
-    that does best on ``data.selection`` (under ``quantization`` when given; a smoothed int8
-    one measures its scales on ``smoothing_batches``, the export's calibration batches)."""
-    from lrt_deploy.compress.heal import heal_
+    """Heal the factorized model towards the dense one on ``data``, with progress lines."""
+    from lrt_deploy.compress.heal import Healer
 
     source = (f"{len(data.train)} calibration batches" if isinstance(data.train, list)
               else f"a stream of {data.train_data}")
     simulated = f", {quantization.describe()} simulated" if quantization is not None else ""
-    progress(f"healing: {steps} distillation steps on {source} (device "
-             f"{options['device_asked']}, precision {options['precision_asked']}{simulated})")
-    result = heal_(
-        loaded.module, dense.module, data.train, steps=steps, lr=options["lr"],
-        eval_batches=data.selection,
-        hidden_modules=_block_names(loaded.module), progress=True,
-        device=options["device_asked"], precision=options["precision_asked"],
-        quantization=quantization, smoothing_batches=smoothing_batches,
+    progress(f"healing: {heal.steps} distillation steps on {source} (device {heal.device}, "
+             f"precision {heal.precision}{simulated})")
+    healer = Healer(
+        loaded.module, dense.module, lr=heal.lr, hidden_modules=_block_names(loaded.module),
+        device=heal.device, precision=heal.precision, quantization=quantization,
+        smoothing_batches=smoothing_batches,
         trainable="layers" if quantization is not None else "lowrank",
     )
+    result = healer.run(data.train, heal.steps, data.selection)
     progress(
         f"healing kept step {result.best_step} ({result.device}, {result.precision}, "
         f"{result.seconds:.0f}s): mean cosine on {data.selection_data} "

@@ -1,11 +1,4 @@
-"""Budget for a fidelity floor: the smallest parameter budget whose factorized model still
-reaches a required fidelity to the dense model, and the verdict on whether it kept it.
-
-The budget is chosen on a calibration split. Text of another domain is usually further from the
-dense model than the text ranks were chosen on, so the search measures that spread on a probe set
-(the shipped different-domain held-out text) and asks the selection data for ``floor + margin``.
-Whether the promise held is then judged on held-out figures by :func:`judge_floor`.
-"""
+"""Fidelity floor: the smallest budget keeping a required fidelity, and whether it held."""
 
 from __future__ import annotations
 
@@ -21,9 +14,10 @@ import torch
 from torch import nn
 
 from lrt_deploy.compress.calibration import primary_output
-from lrt_deploy.compress.config import LowRankConfig, LowRankConfigError
 from lrt_deploy.compress.factorize import FactorizationResult, factorize_
 from lrt_deploy.compress.fidelity import cosine_per_row
+from lrt_deploy.config.lowrank import LowRankConfig
+from lrt_deploy.config.ranks import BudgetRank, LowRankConfigError
 
 __all__ = ["BudgetSearchResult", "FloorVerdict", "judge_floor", "search_budget"]
 
@@ -34,30 +28,27 @@ Batch = Mapping[str, Any]
 
 @dataclass
 class BudgetSearchResult:
-    """Outcome of :func:`search_budget`.
+    """Outcome of :func:`search_budget`."""
 
-    Attributes:
-        floor: The required mean cosine to the dense model's primary output.
-        budget: The smallest tried budget that met the floor.
-        mean_cosine: Its mean cosine on the selection batches.
-        trials: Every budget tried with its mean cosine (and ``probe_mean_cosine``) and
-            parameters kept, in order.
-        margin: What was added to the floor on the selection data: the largest drop measured
-            from the selection data to the probe data over the trials (0 without a probe).
-        target: ``floor + margin``, what the selection data had to reach.
-        probe_mean_cosine: The chosen budget's mean cosine on the probe data.
-        selection_data: What the selection batches were, for the report.
-        probe_data: What the probe batches were, or None.
-    """
-
+    #: The required mean cosine to the dense model's primary output.
     floor: float
+    #: The smallest tried budget that met the floor.
     budget: float
+    #: Its mean cosine on the selection batches.
     mean_cosine: float
+    #: Every budget tried with its mean cosine (and ``probe_mean_cosine``) and parameters kept, in
+    #: order.
     trials: list[dict[str, float]] = field(default_factory=list)
+    #: What was added to the floor on the selection data: the largest drop measured from the
+    #: selection data to the probe data over the trials (0 without a probe).
     margin: float = 0.0
+    #: ``floor + margin``, what the selection data had to reach.
     target: float = 0.0
+    #: The chosen budget's mean cosine on the probe data.
     probe_mean_cosine: float | None = None
+    #: What the selection batches were, for the report.
     selection_data: str = "selection batches"
+    #: What the probe batches were, or None.
     probe_data: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,6 +62,63 @@ def _mean_cosine(model: nn.Module, references: list[np.ndarray], batches: Sequen
             output = primary_output(model(**batch)).detach().cpu().numpy()
             values.append(cosine_per_row(reference, output))
     return float(np.concatenate(values).mean())
+
+
+def _outputs(model: nn.Module, batches: Sequence[Batch]) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [primary_output(model(**b)).detach().cpu().numpy() for b in batches]
+
+
+@dataclass
+class _Trials:
+    """Budgets tried on deep copies of the dense model, and the margin the probe sets."""
+
+    model: nn.Module
+    config: LowRankConfig
+    calibration: Sequence[Batch] | None
+    selection: Sequence[Batch]
+    floor: float
+    probe: Sequence[Batch]
+    max_margin: float
+    progress: Callable[[str], None] | None
+    probe_data: str
+    records: list[dict[str, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.references = _outputs(self.model, self.selection)
+        self.probe_refs = _outputs(self.model, self.probe)
+
+    def margin(self) -> float:
+        """The largest selection-to-probe drop so far, capped at ``max_margin``."""
+        drops = [t["mean_cosine"] - t["probe_mean_cosine"] for t in self.records
+                 if "probe_mean_cosine" in t]
+        return min(self.max_margin, max([0.0, *drops]))
+
+    def target(self) -> float:
+        """What the selection data must reach: floor + margin (never above 0.9999)."""
+        return min(0.9999, self.floor + self.margin())
+
+    def run(self, budget: float) -> dict[str, float]:
+        """Factorize a copy at ``budget`` and record its fidelity."""
+        candidate = copy.deepcopy(self.model)
+        policy = BudgetRank(budget, self.config.policy.budget_error)
+        result: FactorizationResult = factorize_(
+            candidate, dataclasses.replace(self.config, policy=policy),
+            calibration=self.calibration,
+        )
+        record = {"budget": budget,
+                  "mean_cosine": _mean_cosine(candidate, self.references, self.selection),
+                  "params_after": float(result.params_after),
+                  "params_before": float(result.params_before)}
+        if self.probe:
+            record["probe_mean_cosine"] = _mean_cosine(candidate, self.probe_refs, self.probe)
+        self.records.append(record)
+        if self.progress is not None:
+            seen = (f", {self.probe_data} {record['probe_mean_cosine']:.4f}" if self.probe
+                    else "")
+            self.progress(f"budget {budget:.3f}: mean cosine {record['mean_cosine']:.4f}{seen} "
+                          f"(floor {self.floor} + margin {self.margin():.4f})")
+        return record
 
 
 def search_budget(
@@ -89,88 +137,35 @@ def search_budget(
     probe_data: str = "probe batches",
     max_margin: float = 0.05,
 ) -> BudgetSearchResult:
-    """Bisect the ``policy="budget"`` parameter budget for the smallest one whose factorized
-    model keeps a mean cosine of at least ``floor`` to ``model`` on ``selection``.
-
-    Each trial factorizes a deep copy, so ``model`` is not modified. Fidelity rises with the
-    budget in practice (more parameters, less truncation), which bisection relies on; every
-    trial is recorded so the report can show the curve.
-
-    Args:
-        model: The dense model.
-        config: A budget config (its ``budget`` is replaced by each trial's).
-        calibration: Calibration batches for the factorization (``asvd``/output gains).
-        selection: Batches fidelity is judged on; keep them apart from held-out test data.
-        floor: Required mean cosine in (0, 1).
-        low: Smallest budget tried.
-        high: Largest budget tried; if it misses the floor, no budget is returned.
-        steps: Bisection steps after the first trial at ``high``.
-        progress: Called with a line per trial.
-        probe: Batches of other text (e.g. the shipped different-domain held-out set) whose
-            drop from ``selection`` sets the margin; judge the result on data outside both.
-        selection_data: Name of the selection data, for the result.
-        probe_data: Name of the probe data, for the result.
-        max_margin: Cap on the margin, so a probe far off the selection data does not ask
-            for more than any budget can give.
-
-    Returns:
-        The chosen budget and all trials.
-
-    Raises:
-        LowRankConfigError: Invalid floor, or even ``high`` misses the floor.
-    """
-    if config.policy != "budget":
-        raise LowRankConfigError("search_budget needs a config with policy='budget'")
+    """Bisect ``config``'s BudgetRank for the smallest budget in [low, high] whose model keeps
+    mean cosine ``floor`` (plus the probe's drop, at most ``max_margin``) on ``selection``."""
+    if not isinstance(config.policy, BudgetRank):
+        raise LowRankConfigError("search_budget needs a LowRankConfig with policy=BudgetRank(...)")
     if not 0.0 < floor < 1.0:
-        raise LowRankConfigError(f"the fidelity floor must be a fraction in (0, 1), got {floor}")
-    with torch.no_grad():
-        references = [primary_output(model(**b)).detach().cpu().numpy() for b in selection]
-        probe_refs = [primary_output(model(**b)).detach().cpu().numpy() for b in probe or ()]
-    trials: list[dict[str, float]] = []
-
-    def margin() -> float:
-        drops = [t["mean_cosine"] - t["probe_mean_cosine"] for t in trials
-                 if "probe_mean_cosine" in t]
-        return min(max_margin, max([0.0, *drops]))
-
-    def trial(budget: float) -> dict[str, float]:
-        candidate = copy.deepcopy(model)
-        result: FactorizationResult = factorize_(
-            candidate, dataclasses.replace(config, budget=budget), calibration=calibration
-        )
-        record = {"budget": budget, "mean_cosine": _mean_cosine(candidate, references, selection),
-                  "params_after": float(result.params_after),
-                  "params_before": float(result.params_before)}
-        if probe:
-            record["probe_mean_cosine"] = _mean_cosine(candidate, probe_refs, probe)
-        trials.append(record)
-        if progress is not None:
-            seen = (f", {probe_data} {record['probe_mean_cosine']:.4f}" if probe else "")
-            progress(f"budget {budget:.3f}: mean cosine {record['mean_cosine']:.4f}{seen} "
-                     f"(floor {floor} + margin {margin():.4f})")
-        return record
-
-    best = trial(high)
-    if best["mean_cosine"] < min(0.9999, floor + margin()):
+        raise LowRankConfigError(f"FidelityFloor.floor must be a fraction in (0, 1), got {floor}")
+    trials = _Trials(model, config, calibration, selection, floor, probe or [], max_margin,
+                     progress, probe_data)
+    best = trials.run(high)
+    if best["mean_cosine"] < trials.target():
         raise LowRankConfigError(
             f"even a budget of {high} keeps only mean cosine {best['mean_cosine']:.4f} < "
-            f"{floor} + margin {margin():.4f} on the {selection_data}: lower --fidelity-floor "
-            "or export the dense model"
+            f"{floor} + margin {trials.margin():.4f} on the {selection_data}: lower "
+            "FidelityFloor.floor or export the dense model"
         )
     lo, hi = low, high
     for _ in range(steps):
         middle = (lo + hi) / 2
-        record = trial(middle)
-        if record["mean_cosine"] >= min(0.9999, floor + margin()):
+        record = trials.run(middle)
+        if record["mean_cosine"] >= trials.target():
             best, hi = record, middle
         else:
             lo = middle
-    final_margin = margin()
+    margin = trials.margin()
     logger.info("fidelity floor %.4f + margin %.4f: budget %.3f (mean cosine %.4f)", floor,
-                final_margin, best["budget"], best["mean_cosine"])
+                margin, best["budget"], best["mean_cosine"])
     return BudgetSearchResult(
-        floor=floor, budget=best["budget"], mean_cosine=best["mean_cosine"], trials=trials,
-        margin=final_margin, target=floor + final_margin,
+        floor=floor, budget=best["budget"], mean_cosine=best["mean_cosine"],
+        trials=trials.records, margin=margin, target=floor + margin,
         probe_mean_cosine=best.get("probe_mean_cosine"), selection_data=selection_data,
         probe_data=probe_data if probe else None,
     )
@@ -178,21 +173,18 @@ def search_budget(
 
 @dataclass
 class FloorVerdict:
-    """Whether a fidelity floor held, dataset by dataset.
+    """Whether a fidelity floor held, dataset by dataset."""
 
-    Attributes:
-        floor: The required mean cosine.
-        figures: Dataset name -> ``{"mean_cosine", "worst_cosine"}`` of the judged model.
-        met_on: Datasets whose mean cosine reached the floor.
-        missed_on: Datasets whose mean cosine fell below it.
-        selection_data: The data the budget was chosen on (its figure shows in ``figures``
-            when given, but only held-out data decides ``met``).
-    """
-
+    #: The required mean cosine.
     floor: float
+    #: Dataset name -> ``{"mean_cosine", "worst_cosine"}`` of the judged model.
     figures: dict[str, dict[str, float]]
+    #: Datasets whose mean cosine reached the floor.
     met_on: list[str]
+    #: Datasets whose mean cosine fell below it.
     missed_on: list[str]
+    #: The data the budget was chosen on (its figure shows in ``figures`` when given, but only
+    #: held-out data decides ``met``).
     selection_data: str | None = None
 
     @property
@@ -218,8 +210,8 @@ class FloorVerdict:
         if self.missed_on:
             lines.append(
                 f"warning: the fidelity floor {self.floor:g} was not kept on "
-                f"{', '.join(self.missed_on)}: raise the budget or --fidelity-floor margin, "
-                "heal, or use --strict to fail the export"
+                f"{', '.join(self.missed_on)}: raise the floor (a larger budget follows), "
+                "or heal"
             )
         return lines
 
@@ -234,23 +226,7 @@ def judge_floor(
     *,
     selection_data: str | None = None,
 ) -> FloorVerdict:
-    """Judge a fidelity floor on measured figures.
-
-    A floor counts as kept only when the mean cosine of every held-out dataset reaches it;
-    the selection data's own figure (if passed, named by ``selection_data``) is reported but
-    never decides, since the budget was chosen to meet it there.
-
-    Args:
-        floor: The required mean cosine.
-        figures: Dataset name -> ``{"mean_cosine": ..., "worst_cosine": ...}``.
-        selection_data: Which entry of ``figures`` (if any) is the selection data.
-
-    Returns:
-        The verdict; ``verdict.met`` is what ``--strict`` exits on.
-
-    Raises:
-        ValueError: No held-out figure to judge on.
-    """
+    """Judge a fidelity floor on measured figures."""
     held_out = [name for name in figures if name != selection_data]
     if not held_out:
         raise ValueError("judge_floor needs at least one held-out figure besides the selection")

@@ -1,9 +1,4 @@
-"""Factor solvers: find ``D`` (``out x r``) and ``E`` (``r x in``) with ``D @ E`` close to ``W``.
-
-The plain SVD and embedding solvers and :class:`Spectrum` live in :mod:`lrt_deploy.nn.factors`
-(the ``nn`` modules build their factors with them) and are re-exported here; this module adds the
-activation-aware solver, which needs calibration statistics and so belongs to compression.
-"""
+"""Factor solvers: find ``D`` (``out x r``) and ``E`` (``r x in``) with ``D @ E`` close to ``W``."""
 
 from __future__ import annotations
 
@@ -37,24 +32,10 @@ logger = logging.getLogger(__name__)
 def whitened_spectrum(
     weight: torch.Tensor, input_cov: torch.Tensor, damping: float = 1e-4
 ) -> Spectrum:
-    """Spectrum of ``W S`` for activation-aware SVD (optimal for the output error).
-
-    With ``C = X X^T / n`` factored as ``C = S S`` (``S`` symmetric), the mean squared output
-    error ``||(W - D E) X||_F^2 / n`` equals ``||(W - D E) S||_F^2``, so the truncated SVD of
-    ``W S`` mapped back through ``S^-1`` is the best rank-``r`` fit on the calibration inputs
-    and its discarded squared singular values are exactly that error. Eigenvalues of ``C`` are
-    floored at ``damping * mean(eigenvalues)``, which keeps ``S`` invertible when the inputs
-    span only a subspace and still fits ``W`` (with little weight) in the unseen directions.
-
-    Args:
-        weight: ``out x in`` matrix.
-        input_cov: ``in x in`` second moment ``E[x x^T]`` of the layer's inputs.
-        damping: Relative eigenvalue floor; must be positive.
-
-    Returns:
-        The :class:`Spectrum` with method ``"asvd"``; the plain ``"svd"`` one when the
-        covariance is all zero (no calibration signal reached the layer).
-    """
+    """Spectrum of ``W S`` for activation-aware SVD (optimal for the output error)."""
+    # With C = X X^T / n = S S, the output error ||(W - D E) X||^2 / n equals ||(W - D E) S||^2:
+    # the truncated SVD of W S mapped back through S^-1 is the best fit on the calibration
+    # inputs. Eigenvalues of C are floored at damping * their mean to keep S invertible.
     check_factor_inputs(weight, 1)
     in_features = weight.shape[1]
     if input_cov.shape != (in_features, in_features):
@@ -93,19 +74,6 @@ def whitened_svd_factors(
     rank: int,
     damping: float = 1e-4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activation-aware SVD, optimal for the output error ``||(W - D E) X||_F``.
-
-    See :func:`whitened_spectrum` for the method.
-
-    Args:
-        weight: ``out x in`` matrix.
-        input_cov: ``in x in`` second moment ``E[x x^T]`` of the layer's inputs.
-        rank: Number of directions to keep.
-        damping: Relative eigenvalue floor; must be positive.
-
-    Returns:
-        ``(D, E)`` with shapes ``out x rank`` and ``rank x in``. Falls back to plain SVD when
-        the covariance is all zero (no calibration signal reached the layer).
-    """
+    """Activation-aware SVD, optimal for the output error ``||(W - D E) X||_F``."""
     check_factor_inputs(weight, rank)
     return whitened_spectrum(weight, input_cov, damping).factors(rank)

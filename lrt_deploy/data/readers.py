@@ -149,7 +149,7 @@ def calibration_batches(
             )
         raise UnsupportedOperationError(
             "activation-aware factorization needs calibration data for a non-text model: pass "
-            "--calibration inputs.npz (one array per input) or use --solver svd"
+            "calibration='inputs.npz' (one array per input) or use solver='svd'"
         )
     if calibration is not None and max_lines is not None:
         from lrt_deploy.data.stream import read_head

@@ -69,17 +69,17 @@ def prepare_out_dir(out_dir: Path, force: bool, source: Path | None = None) -> N
         return
     if not force:
         raise BundleExistsError(
-            f"output folder '{out_dir}' already exists: pass --force to replace it or choose "
-            "another -o"
+            f"output folder '{out_dir}' already exists: pass force=True to replace it or choose "
+            "another out_dir"
         )
     if not out_dir.is_dir() or out_dir.is_symlink():
         raise BundleExistsError(
-            f"output path '{out_dir}' is a file or a link: choose a folder with -o"
+            f"output path '{out_dir}' is a file or a link: choose a folder as out_dir"
         )
     if any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
         raise BundleExistsError(
-            f"'{out_dir}' exists and is not an lrt-deploy bundle (no manifest.json): --force "
-            "replaces only bundles; choose another -o"
+            f"'{out_dir}' exists and is not an lrt-deploy bundle (no manifest.json): force=True "
+            "replaces only bundles; choose another out_dir"
         )
 
 

@@ -105,7 +105,7 @@ def export_onnx(loaded: LoadedModel, path: str | Path, *, opset: int = 18) -> Pa
     if written != opset:
         raise ExportError(
             f"the exporter could not produce opset {opset} for '{loaded.name}' (it wrote opset "
-            f"{written}): use --opset {written} or newer"
+            f"{written}): use Target.opset={written} or newer"
         )
     logger.info("exported %s to %s (opset %d)", loaded.name, path, opset)
     return path

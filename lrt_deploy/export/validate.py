@@ -76,6 +76,6 @@ def validate_onnx(
         )
         raise ExportValidationError(
             f"the ONNX graph does not match PyTorch: {detail}; the exporter mistranslated an "
-            "operator (try another --opset) or the model has shape-dependent Python branches"
+            "operator (try another Target.opset) or the model has shape-dependent Python branches"
         )
     return checks

@@ -79,7 +79,7 @@ def load_file(
         if factory is None:
             raise UnsupportedFormatError(
                 f"'{path.name}' holds only weights (a state dict) and no architecture: pass "
-                "--factory package.module:function that builds the model, or save the whole model "
+                "factory=package.module:function that builds the model, or save the whole model "
                 "with torch.jit.save / torch.export.save"
             )
         module = _call_factory(factory)
@@ -99,7 +99,7 @@ def load_file(
 def untrusted(path: Path, what: str) -> UntrustedPickleError:
     """The one message for every file whose loading would run code from it."""
     return UntrustedPickleError(
-        f"'{path.name}' {what} and unpickling it runs code from the file; pass --trust-pickle "
+        f"'{path.name}' {what} and unpickling it runs code from the file; pass trust_pickle=True "
         "only if you trust its source, or save the model with torch.jit.save or "
         "torch.export.save (plain tensors) instead"
     )
@@ -111,17 +111,17 @@ def _call_factory(factory: str) -> Any:
     module_name, _, attr = factory.partition(":")
     if not module_name or not attr:
         raise UnsupportedFormatError(
-            f"--factory '{factory}' must look like package.module:function"
+            f"factory='{factory}' must look like package.module:function"
         )
     try:
         builder = getattr(importlib.import_module(module_name), attr)
     except Exception as exc:  # ImportError, AttributeError, or the module failing on import
         raise UnsupportedFormatError(
-            f"cannot import --factory '{factory}': {first_line(exc)}"
+            f"cannot import factory='{factory}': {first_line(exc)}"
         ) from exc
     if not callable(builder):
         raise UnsupportedFormatError(
-            f"--factory '{factory}' is a {type(builder).__name__}, not a function: name one "
+            f"factory='{factory}' is a {type(builder).__name__}, not a function: name one "
             "that builds the model"
         )
     try:
@@ -129,12 +129,12 @@ def _call_factory(factory: str) -> Any:
     except (Exception, SystemExit) as exc:  # the user's code: any failure, an exit included
         what = f"exited ({exc.code})" if isinstance(exc, SystemExit) else first_line(exc)
         raise UnsupportedFormatError(
-            f"--factory '{factory}' failed when called with no arguments: {what}; it must build "
+            f"factory='{factory}' failed when called with no arguments: {what}; it must build "
             "the model without arguments"
         ) from None
     if not isinstance(built, torch.nn.Module):
         raise UnsupportedFormatError(
-            f"--factory '{factory}' returned {type(built).__name__}, not an nn.Module"
+            f"factory='{factory}' returned {type(built).__name__}, not an nn.Module"
         )
     return built
 
@@ -150,7 +150,7 @@ def _example_from_module(
     if not callable(maker):
         raise ExampleInputsError(
             "the model has no example_inputs() method: describe its inputs with "
-            "--input-shape NAME=DIM,DIM[:DTYPE] (one per input)"
+            "input_specs=NAME=DIM,DIM[:DTYPE] (one per input)"
         )
     example = maker()
     if isinstance(example, torch.Tensor):
@@ -194,7 +194,7 @@ def _from_module(
     except Exception as exc:  # the user's forward rejected our inputs
         raise ExampleInputsError(
             f"the model's forward() failed on the example inputs "
-            f"({_describe(example)}): {first_line(exc)}; check --input-shape"
+            f"({_describe(example)}): {first_line(exc)}; check input_specs"
         ) from exc
     output_names = list(flatten_outputs(outputs))
     axes = {name: {0: "batch"} for name, t in example.items() if t.dim() > 0}
@@ -227,7 +227,7 @@ def _load_torchscript(path: Path, input_specs: Sequence[InputSpec]) -> LoadedMod
     if not input_specs:
         raise ExampleInputsError(
             f"TorchScript '{path.name}' does not record its input shapes: pass "
-            "--input-shape NAME=DIM,DIM[:DTYPE] for each input"
+            "input_specs=NAME=DIM,DIM[:DTYPE] for each input"
         )
     example = _batch_of_two({spec.name: tensor_from_spec(spec) for spec in input_specs})
     try:
@@ -236,7 +236,7 @@ def _load_torchscript(path: Path, input_specs: Sequence[InputSpec]) -> LoadedMod
     except Exception as exc:  # the scripted forward rejected the inputs
         raise ExampleInputsError(
             f"TorchScript '{path.name}' failed on inputs {_describe(example)}: "
-            f"{first_line(exc)}; check --input-shape"
+            f"{first_line(exc)}; check input_specs"
         ) from exc
     return LoadedModel(
         module=module,

@@ -714,7 +714,7 @@ def _big_corpus(path: Path, lines: int) -> Path:
 def test_heal_streams_a_text_calibration_file_on_cpu(
     capsys, tmp_path: Path, tiny_bert_dir: Path
 ) -> None:
-    from lrt_deploy.pipeline import CALIBRATION_HEAD_LINES
+    from lrt_deploy.plan import CALIBRATION_HEAD_LINES
 
     corpus = _big_corpus(tmp_path / "corpus.txt", 5000)
     out_dir = tmp_path / "bundle"

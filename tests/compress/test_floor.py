@@ -12,12 +12,13 @@ from lrt_deploy.compress import LowRankConfig, factorize_
 from lrt_deploy.compress.calibration import primary_output
 from lrt_deploy.compress.fidelity import embedding_fidelity
 from lrt_deploy.compress.search import judge_floor, search_budget
+from lrt_deploy.config import BudgetRank
 from lrt_deploy.data.readers import DOMAIN_HELDOUT_TEXT as DOMAIN_HELDOUT
 from lrt_deploy.data.readers import HELDOUT_TEXT as HELDOUT
 from lrt_deploy.data.stream import shipped_lines
 from tests.tiny_models import make_tiny_encoder
 
-CONFIG = LowRankConfig(policy="budget", budget=0.5, solver="asvd", factorize_embeddings=True)
+CONFIG = LowRankConfig(BudgetRank(0.5), solver="asvd", factorize_embeddings=True)
 
 
 def _batches(generator: torch.Generator, low: int, high: int, count: int) -> list[dict]:
@@ -38,7 +39,8 @@ def _domains() -> dict[str, list[dict]]:
 
 def _fidelity(model: torch.nn.Module, budget: float, calibration: list, data: list) -> dict:
     candidate = copy.deepcopy(model)
-    factorize_(candidate, dataclasses.replace(CONFIG, budget=budget), calibration=calibration)
+    factorize_(candidate, dataclasses.replace(CONFIG, policy=BudgetRank(budget)),
+               calibration=calibration)
     with torch.no_grad():
         reference = torch.cat([primary_output(model(**b)) for b in data])
         output = torch.cat([primary_output(candidate(**b)) for b in data])

@@ -22,6 +22,8 @@ from lrt_deploy.compress import (
     whitened_spectrum,
 )
 from lrt_deploy.compress.policies import max_saving_rank
+from lrt_deploy.config import BudgetRank, EnergyRank, FidelityFloor, UniformRank
+from lrt_deploy.config.ranks import policy_from_dict
 from lrt_deploy.nn import LowRankEmbedding, LowRankLinear
 
 DIM, HIDDEN, VOCAB = 32, 64, 400
@@ -117,37 +119,89 @@ def _cosine(reference: nn.Module, candidate: nn.Module, batches: list[dict]) -> 
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("make", "message"),
+    [
+        (lambda: LowRankConfig(), "needs a rank policy"),
+        (lambda: LowRankConfig(policy="budget"), "needs a rank policy"),
+        (lambda: LowRankConfig(UniformRank(4), rank=4), "not both"),
+        (lambda: UniformRank(0), "UniformRank.rank must be"),
+        (lambda: BudgetRank(1.0), "BudgetRank.budget must be a fraction in \\(0, 1\\)"),
+        (lambda: BudgetRank(0.0), "BudgetRank.budget must be"),
+        (lambda: BudgetRank(True), "BudgetRank.budget must be"),
+        (lambda: BudgetRank(0.5, budget_error="l2"), "BudgetRank.budget_error must be"),
+        (lambda: EnergyRank(1.5), "EnergyRank.energy must be a fraction in \\(0, 1\\]"),
+        (lambda: EnergyRank(0.0), "EnergyRank.energy must be"),
+        (lambda: FidelityFloor(1.0), "FidelityFloor.floor must be a fraction in \\(0, 1\\)"),
+        (lambda: FidelityFloor(0.9, low=0.9, high=0.5), "FidelityFloor.low 0.9 is above"),
+        (lambda: FidelityFloor(0.9, steps=-1), "FidelityFloor.steps must be"),
+        (lambda: FidelityFloor(0.9, budget_error="l2"), "FidelityFloor.budget_error must be"),
+    ],
+)
+def test_policy_validation_names_the_field(make, message: str) -> None:
+    with pytest.raises(LowRankConfigError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
     [
         ({"policy": "greedy", "rank": 4}, "policy must be one of"),
         ({}, "needs a 'rank'"),
-        ({"policy": "budget"}, "policy='budget' needs budget="),
-        ({"policy": "budget", "budget": 1.0}, "budget must be a fraction in \\(0, 1\\)"),
-        ({"policy": "budget", "budget": 0.0}, "budget must be"),
-        ({"policy": "budget", "budget": True}, "budget must be"),
-        ({"policy": "energy"}, "policy='energy' needs energy="),
-        ({"policy": "energy", "energy": 1.5}, "energy must be a fraction in \\(0, 1\\]"),
+        ({"policy": "budget"}, "policy='budget' needs a 'budget'"),
+        ({"policy": "energy"}, "policy='energy' needs a 'energy'"),
         ({"rank": 4, "budget": 0.5}, "budget=0.5 only applies to policy='budget'"),
         ({"policy": "budget", "budget": 0.5, "energy": 0.9}, "energy=0.9 only applies"),
-        ({"policy": "budget", "budget": 0.5, "budget_error": "l2"}, "budget_error must be"),
+        ({"rank": 4, "budget_error": "layer"}, "budget_error='layer' only applies"),
+        ({"policy": "budget", "budget": 1.5}, "BudgetRank.budget must be"),
     ],
 )
-def test_policy_config_validation(kwargs: dict, message: str) -> None:
+def test_policy_from_dict_validation(data: dict, message: str) -> None:
     with pytest.raises(LowRankConfigError, match=message):
-        LowRankConfig(**kwargs)
+        LowRankConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [UniformRank(4), UniformRank(0.5), EnergyRank(0.95), BudgetRank(0.6),
+     BudgetRank(0.6, budget_error="layer"), FidelityFloor(0.99),
+     FidelityFloor(0.95, budget_error="layer", low=0.4, high=0.9, steps=2)],
+)
+def test_each_policy_round_trips_through_its_dict(policy) -> None:
+    assert policy_from_dict(json.loads(json.dumps(policy.to_dict()))) == policy
+    config = LowRankConfig(policy, skip=["pooler"], rank_overrides={"head": 4})
+    assert LowRankConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_manifest_keys_are_the_flat_ones_in_their_order() -> None:
+    assert LowRankConfig(BudgetRank(0.6), factorize_embeddings=True).to_dict() == {
+        "rank": None, "solver": "asvd", "factorize_embeddings": True, "min_param_saving": 0.0,
+        "skip": [], "rank_overrides": {}, "damping": 1e-4, "policy": "budget", "budget": 0.6,
+        "energy": None, "budget_error": "output",
+    }
+    assert list(LowRankConfig(rank=0.5).to_dict()) == [
+        "rank", "solver", "factorize_embeddings", "min_param_saving", "skip", "rank_overrides",
+        "damping", "policy", "budget", "energy", "budget_error",
+    ]
+    assert LowRankConfig(rank=0.5).to_dict()["policy"] == "uniform"
+    assert LowRankConfig(EnergyRank(0.9)).to_dict()["energy"] == 0.9
 
 
 def test_policy_config_round_trip() -> None:
     for config in (
-        LowRankConfig(policy="budget", budget=0.6, factorize_embeddings=True, skip=["pooler"]),
-        LowRankConfig(policy="budget", budget=0.6, budget_error="layer"),
-        LowRankConfig(policy="energy", energy=0.95, rank_overrides={"head": 4}),
+        LowRankConfig(BudgetRank(0.6), factorize_embeddings=True, skip=["pooler"]),
+        LowRankConfig(BudgetRank(0.6, budget_error="layer")),
+        LowRankConfig(EnergyRank(0.95), rank_overrides={"head": 4}),
         LowRankConfig(rank=0.5),
     ):
         assert LowRankConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    assert LowRankConfig.from_dict({"policy": "budget", "budget": 0.5}).rank is None
+    assert LowRankConfig.from_dict({"policy": "budget", "budget": 0.5}).policy == BudgetRank(0.5)
     with pytest.raises(LowRankConfigError, match="no rank for 'x'"):
-        LowRankConfig(policy="budget", budget=0.5).rank_for("x", 8)
+        LowRankConfig(BudgetRank(0.5)).rank_for("x", 8)
+
+
+def test_factorize_refuses_a_floor_it_must_search_first() -> None:
+    with pytest.raises(LowRankConfigError, match="FidelityFloor is searched"):
+        factorize_(nn.Sequential(nn.Linear(8, 8)), LowRankConfig(FidelityFloor(0.9), solver="svd"))
 
 
 # --- pure policies ------------------------------------------------------------------------------
@@ -233,7 +287,7 @@ def test_uniform_policy_records_energy() -> None:
 
 def test_energy_policy_in_factorize() -> None:
     model = _stack()
-    result = factorize_(model, LowRankConfig(policy="energy", energy=0.99), calibration=_batches(0))
+    result = factorize_(model, LowRankConfig(EnergyRank(0.99)), calibration=_batches(0))
     decisions = {d.name: d for d in result.layers}
     assert all(d.energy_kept >= 0.99 for d in result.factorized)
     # The nearly rank-4 head needs few directions.
@@ -267,7 +321,7 @@ def test_budget_policy_hits_budget_and_minimises_layer_error(budget: float) -> N
     covariances = collect_input_covariances(reference, names, calibration, mask_key=None)
 
     budgeted = copy.deepcopy(reference)
-    config = LowRankConfig(policy="budget", budget=budget, budget_error="layer")
+    config = LowRankConfig(BudgetRank(budget, budget_error="layer"))
     result = factorize_(budgeted, config, calibration=calibration)
     largest_step = max(sum(d.shape) for d in result.layers)
     assert budget * result.params_before - largest_step < result.params_after
@@ -286,7 +340,7 @@ def test_budget_policy_output_error_beats_uniform(budget: float) -> None:
     calibration = _batches(0)
     reference = _stack()
     budgeted = copy.deepcopy(reference)
-    config = LowRankConfig(policy="budget", budget=budget)
+    config = LowRankConfig(BudgetRank(budget))
     result = factorize_(budgeted, config, calibration=calibration)
     assert result.params_after <= budget * result.params_before
     assert all("output gain" in d.reason for d in result.layers)
@@ -301,7 +355,7 @@ def test_budget_policy_on_rank_deficient_inputs() -> None:
     calibration = [{"x": torch.randn(64, 3, generator=generator) @ basis} for _ in range(3)]
     reference = _stack()
     model = copy.deepcopy(reference)
-    config = LowRankConfig(policy="budget", budget=0.4, budget_error="layer")
+    config = LowRankConfig(BudgetRank(0.4, budget_error="layer"))
     result = factorize_(model, config, calibration=calibration)
     assert result.params_after <= 0.4 * result.params_before
     held_out = [{"x": torch.randn(64, 3, generator=generator) @ basis}]
@@ -315,7 +369,7 @@ def test_budget_policy_on_rank_deficient_inputs() -> None:
 
 def test_rank_overrides_are_pinned_under_budget() -> None:
     model = _stack()
-    config = LowRankConfig(policy="budget", budget=0.5, rank_overrides={"head": 2})
+    config = LowRankConfig(BudgetRank(0.5), rank_overrides={"head": 2})
     result = factorize_(model, config, calibration=_batches(0))
     decisions = {d.name: d for d in result.layers}
     assert decisions["head"].rank == 2 and decisions["head"].reason.startswith("rank 2 from")
@@ -339,7 +393,7 @@ def test_embedding_factorization_under_budget_round_trip() -> None:
     torch.manual_seed(0)
     reference = Encoder().eval()
     model = copy.deepcopy(reference)
-    config = LowRankConfig(policy="budget", budget=0.6, factorize_embeddings=True)
+    config = LowRankConfig(BudgetRank(0.6), factorize_embeddings=True)
     result = factorize_(model, config, calibration=_token_batches(0))
     decisions = {d.name: d for d in result.layers}
     assert set(decisions) == {"embed", "ffn_in", "ffn_out"}
@@ -381,7 +435,7 @@ def test_search_budget_finds_the_smallest_budget_meeting_the_floor():
     basis = torch.randn(6, 32, generator=generator)
     batches = [{"x": torch.randn(64, 6, generator=generator) @ basis
                 + 0.05 * torch.randn(64, 32, generator=generator)} for _ in range(4)]
-    config = LowRankConfig(policy="budget", budget=0.9, solver="asvd")
+    config = LowRankConfig(BudgetRank(0.9), solver="asvd")
     result = search_budget(wrapped, config, batches[:3], batches[3:], floor=0.98, steps=4)
     assert result.mean_cosine >= 0.98
     assert result.trials[0]["budget"] == pytest.approx(0.98)
@@ -392,7 +446,7 @@ def test_search_budget_finds_the_smallest_budget_meeting_the_floor():
     from lrt_deploy.compress import factorize_
 
     candidate = copy.deepcopy(wrapped)
-    factorize_(candidate, LowRankConfig(policy="budget", budget=result.budget, solver="asvd"),
+    factorize_(candidate, LowRankConfig(BudgetRank(result.budget), solver="asvd"),
                calibration=batches[:3])
     with torch.no_grad():
         score = cosine_per_row(primary_output(wrapped(**batches[3])).numpy(),
@@ -414,6 +468,6 @@ def test_search_budget_unreachable_floor_is_an_error():
             return self.fc(x)
 
     batches = [{"x": torch.randn(16, 32)} for _ in range(2)]
-    with pytest.raises(LowRankConfigError, match="lower --fidelity-floor"):
-        search_budget(Net().eval(), LowRankConfig(policy="budget", budget=0.5, solver="svd"),
+    with pytest.raises(LowRankConfigError, match="lower FidelityFloor.floor"):
+        search_budget(Net().eval(), LowRankConfig(BudgetRank(0.5), solver="svd"),
                       None, batches[1:], floor=0.999999, high=0.3)

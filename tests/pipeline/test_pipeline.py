@@ -14,6 +14,7 @@ from tiny_models import NoisyEncoder, TinyLowRankMLP, make_tiny_encoder  # noqa:
 
 import lrt_deploy  # noqa: E402
 from lrt_deploy.compress import LowRankConfig  # noqa: E402
+from lrt_deploy.config import HealConfig  # noqa: E402
 from lrt_deploy.errors import BundleExistsError, ExportValidationError  # noqa: E402
 from lrt_deploy.export.targets import Target  # noqa: E402
 from lrt_deploy.load import load_model, parse_input_spec  # noqa: E402
@@ -280,7 +281,7 @@ def test_failure_leaves_no_staging_folder_and_keeps_existing_bundle(tmp_path: Pa
     # An existing bundle is refused without force, and survives a failed forced replacement.
     export_bundle(loaded, out, Target.cpu(), settings=FAST)
     before = (out / "manifest.json").read_text()
-    with pytest.raises(BundleExistsError, match="--force"):
+    with pytest.raises(BundleExistsError, match="force=True"):
         export_bundle(loaded, out, Target.cpu(), settings=FAST)
     with pytest.raises(RuntimeError):
         export_bundle(loaded, out, Target.cpu(), settings=FAST, force=True, progress=fail_late)
@@ -294,8 +295,11 @@ def test_heal_corpus_needs_a_text_model_that_heals(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("one sentence\n", encoding="utf-8")
     loaded = load_model(_pickled(tmp_path, make_tiny_encoder(), "encoder"), trust_pickle=True)
-    for options in ({"heal_steps": 0}, {"heal_steps": 2, "compress": LowRankConfig(rank=0.5)}):
-        with pytest.raises(LrtDeployError, match="--heal-corpus is text that healing streams"):
+    for options, message in (
+        ({}, "needs a factorization"),
+        ({"compress": LowRankConfig(rank=0.5)}, "HealConfig.corpus is text that healing streams"),
+    ):
+        with pytest.raises(LrtDeployError, match=message):
             export_bundle(loaded, tmp_path / "bundle", Target.cpu(), settings=FAST,
-                          heal_corpus=corpus, **options)
+                          heal=HealConfig(2, corpus=corpus), **options)
         assert not (tmp_path / "bundle").exists() and _leftovers(tmp_path) == []

@@ -46,8 +46,8 @@ def fix_input_shapes(source: str | Path, target: str | Path, sizes: dict[str, in
     unknown = sorted(set(sizes) - present)
     if unknown:
         raise LrtDeployError(
-            f"fixed_shape names {', '.join(unknown)}, but the graph's symbolic input dimensions "
-            f"are {', '.join(sorted(present)) or 'none'}"
+            f"Target.fixed_shape names {', '.join(unknown)}, but the graph's symbolic input "
+            f"dimensions are {', '.join(sorted(present)) or 'none'}"
         )
     for name, size in sizes.items():
         make_dim_param_fixed(model.graph, name, size)
