@@ -18,7 +18,6 @@ import os
 import re
 import resource
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
@@ -61,6 +60,7 @@ def python_embeddings(bundle: Path, sentences: Sequence[str], *, threads: int = 
                       runs: int = 20, warmup: int = 3) -> dict[str, Any]:
     """Embed with the Python runtime, timed like the JS side (open, first batch, runs)."""
     from lrt_deploy.runtime import Session, TextEncoder
+    from lrt_deploy.runtime.timing import Schedule, time_runs
 
     start = time.perf_counter()
     session = Session(bundle, threads=threads)
@@ -74,30 +74,15 @@ def python_embeddings(bundle: Path, sentences: Sequence[str], *, threads: int = 
     start = time.perf_counter()
     vectors = embed()
     first_ms = (time.perf_counter() - start) * 1000
-    for _ in range(warmup):
-        embed()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        embed()
-        times.append((time.perf_counter() - start) * 1000)
+    stats = time_runs([embed], Schedule(runs=runs, warmup=warmup)).stats()
     return {
         "runtime": "onnxruntime (python)",
         "embeddings": vectors.tolist(),
         "openMs": open_ms,
         "firstInferenceMs": first_ms,
-        "latency": _summary(times),
+        "latency": {"runs": stats.runs, "medianMs": stats.median_ms, "p90Ms": stats.p90_ms},
         # ru_maxrss is KiB on Linux: the peak resident set of the whole Python process.
         "memory": {"peakRssBytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
-    }
-
-
-def _summary(times: list[float]) -> dict[str, float]:
-    ordered = sorted(times)
-    return {
-        "runs": len(times),
-        "medianMs": statistics.median(ordered),
-        "p90Ms": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
     }
 
 
@@ -110,7 +95,7 @@ def _write_sentences(sentences: Sequence[str], folder: Path) -> Path:
 def _node() -> str:
     node = shutil.which("node")
     if node is None:
-        raise FileNotFoundError("node is not installed; run scripts/setup.sh")
+        raise FileNotFoundError("node is not installed; run scripts/setup_tests.sh")
     return node
 
 
