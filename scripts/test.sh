@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_tests.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/ruff check lrt_deploy tests benchmarks samples
-.venv/bin/python -m pytest "$@"
+# Two workers, a file each (the machines have 2 cores; LRT_TEST_WORKERS=0 runs in one process).
+.venv/bin/python -m pytest -n "${LRT_TEST_WORKERS:-2}" --dist loadfile "$@"
