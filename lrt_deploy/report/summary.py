@@ -185,13 +185,12 @@ def int8_notes(variants: Sequence[Variant]) -> list[str]:
     line = (f"int8 costs this model {theirs - mine:.3f} of mean cosine ({mine:.4f} against "
             f"{theirs:.4f} for {twin.label})")
     if quantization.mode == "dynamic" and smoothing is None:
-        return lines + [line + ": drop --no-smoothing (outlier smoothing took "
-                        "all-mpnet-base-v2 from 0.92 to 0.995), or --exclude-sensitive N"]
+        return lines + [line + ": drop --no-smoothing (DynamicInt8.smooth; outlier "
+                        "smoothing, docs/quantization.md), or --exclude-sensitive N"]
     if kept:
         return lines + [line + f" with {kept} MatMuls kept fp32: raise --exclude-sensitive"]
-    return lines + [line + ": --exclude-sensitive N keeps the N MatMuls whose int8 hurts the "
-                    "output most in fp32 (12 of all-mpnet-base-v2's 72 took it from 0.88 to "
-                    "0.994)"]
+    return lines + [line + ": --exclude-sensitive N (DynamicInt8.exclude_sensitive) keeps the N "
+                    "MatMuls whose int8 hurts the output most in fp32 (docs/quantization.md)"]
 
 
 def _quantisation_section(quantization: PrecisionRecord | None) -> dict[str, Any]:
@@ -222,7 +221,7 @@ def _smoothing_lines(smoothing: Mapping[str, Any] | None) -> list[str]:
             f"{smoothing['ratio']:g}x their tensor's median channel (on "
             f"{smoothing['rows']} calibration rows) scaled into the weights of "
             f"{len(smoothing['nodes'])} MatMuls, one Mul on each of {smoothing['inputs']} "
-            "inputs (--no-smoothing skips it)"]
+            "inputs (--no-smoothing, DynamicInt8.smooth=False, skips it)"]
 
 
 def _layer_rows(
