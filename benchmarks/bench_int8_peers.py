@@ -96,7 +96,7 @@ def _embeddings(path: Path, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
 
 
 def _cosines(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
-    from lrt_deploy.compress.fidelity import cosine_per_row
+    from lrt_deploy.metrics import cosine_per_row
 
     values = cosine_per_row(reference, candidate)
     return float(np.mean(values)), float(np.min(values))

@@ -114,9 +114,9 @@ def heldout_scorer(dense: Any) -> tuple[dict[str, list[Any]], Any]:
     cosine per set."""
     import numpy as np
 
-    from lrt_deploy.compress.fidelity import cosine_per_row
     from lrt_deploy.data.readers import DOMAIN_HELDOUT_TEXT, HELDOUT_TEXT
     from lrt_deploy.data.stream import shipped_lines
+    from lrt_deploy.metrics import cosine_per_row
 
     primary = dense.output_names[0]
     sets = {name: [dense.tokenize(lines[i : i + 32]) for i in range(0, len(lines), 32)]

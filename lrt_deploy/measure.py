@@ -107,8 +107,8 @@ def measure_variants(
         f"{settings.sequence}, {settings.threads} threads"
     )
     interleave = sum(model_bytes(v.onnx_path) for v in variants) <= INTERLEAVE_MAX_BYTES
-    from lrt_deploy.compress.fidelity import output_fidelity
     from lrt_deploy.export.build import ProviderReport
+    from lrt_deploy.metrics import output_fidelity
     from lrt_deploy.runtime.session import Session
     from lrt_deploy.runtime.timing import Schedule, runner, time_runs
 
@@ -164,10 +164,10 @@ def judge_deployed_floor(
     measured) and on the shipped different-domain held-out set (measured here the same way,
     ONNX Runtime against the dense PyTorch model), the calibration split shown beside them.
     ``quiet``: the verdict lines go out through ``progress`` only, not the search's logger."""
-    from lrt_deploy.compress.fidelity import output_fidelity
     from lrt_deploy.compress.recipe import SELECTION_DATA
     from lrt_deploy.compress.search import judge_floor
     from lrt_deploy.data import readers
+    from lrt_deploy.metrics import output_fidelity
 
     floor = outcome.budget_search.floor if outcome.budget_search is not None else None
     if floor is None or outcome.selection_fidelity is None:

@@ -46,7 +46,7 @@ __all__ = [
     "whitened_svd_factors",
 ]
 
-# Exports load on first access so that `lrt_deploy.compress.fidelity` (numpy only) stays
+# Exports load on first access so that `lrt_deploy.metrics` (numpy only) stays
 # importable in runtime installs without torch.
 _SUBMODULE_OF = {
     "CalibrationStatistics": "calibration",
@@ -64,27 +64,27 @@ _SUBMODULE_OF = {
     "Spectrum": "solvers",
     "CompressionOutcome": "recipe",
     "compress_model": "recipe",
-    "output_fidelity": "fidelity",
+    "output_fidelity": "lrt_deploy.metrics",
     "budget_ranks": "policies",
     "collect_calibration_statistics": "calibration",
     "collect_input_covariances": "calibration",
-    "cosine_per_row": "fidelity",
+    "cosine_per_row": "lrt_deploy.metrics",
     "embedding_factors": "solvers",
-    "embedding_fidelity": "fidelity",
+    "embedding_fidelity": "lrt_deploy.metrics",
     "embedding_spectrum": "solvers",
     "energy_ranks": "policies",
     "factorize_": "factorize",
     "heal_": "heal",
-    "kl_divergence": "fidelity",
+    "kl_divergence": "lrt_deploy.metrics",
     "search_budget": "search",
     "BudgetSearchResult": "search",
-    "max_abs_diff": "fidelity",
+    "max_abs_diff": "lrt_deploy.metrics",
     "register_handler": "handlers",
     "primary_output": "calibration",
-    "sqnr_db": "fidelity",
+    "sqnr_db": "lrt_deploy.metrics",
     "svd_factors": "solvers",
     "svd_spectrum": "solvers",
-    "top1_agreement": "fidelity",
+    "top1_agreement": "lrt_deploy.metrics",
     "whitened_spectrum": "solvers",
     "whitened_svd_factors": "solvers",
 }

@@ -16,8 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrt_deploy.compress.calibration import primary_output
-from lrt_deploy.compress.fidelity import cosine_per_row
 from lrt_deploy.errors import LrtDeployError
+from lrt_deploy.metrics import cosine_per_row
 from lrt_deploy.nn.lowrank import LowRankEmbedding, is_lowrank_pair
 from lrt_deploy.quant.simulate import (
     FakeQuantization,

@@ -306,7 +306,7 @@ def _fidelity(model: Any, dense: Any, batches: list[dict[str, Any]]) -> dict[str
     import torch
 
     from lrt_deploy.compress.calibration import primary_output
-    from lrt_deploy.compress.fidelity import cosine_per_row
+    from lrt_deploy.metrics import cosine_per_row
 
     rows = []
     with torch.no_grad():

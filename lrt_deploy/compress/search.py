@@ -15,9 +15,9 @@ from torch import nn
 
 from lrt_deploy.compress.calibration import primary_output
 from lrt_deploy.compress.factorize import FactorizationResult, factorize_
-from lrt_deploy.compress.fidelity import cosine_per_row
 from lrt_deploy.config.lowrank import LowRankConfig
 from lrt_deploy.config.ranks import BudgetRank, LowRankConfigError
+from lrt_deploy.metrics import cosine_per_row
 
 __all__ = ["BudgetSearchResult", "FloorVerdict", "judge_floor", "search_budget"]
 

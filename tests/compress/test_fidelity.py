@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lrt_deploy.compress.fidelity import (
+from lrt_deploy.metrics import (
     cosine_per_row,
     embedding_fidelity,
     max_abs_diff,
@@ -75,14 +75,14 @@ def test_max_abs_diff() -> None:
 
 def test_fidelity_does_not_import_torch() -> None:
     # The runtime install has numpy and onnxruntime only; scoring must not need torch.
-    code = "import sys, lrt_deploy.compress.fidelity; sys.exit('torch' in sys.modules)"
+    code = "import sys, lrt_deploy.metrics; sys.exit('torch' in sys.modules)"
     repo_root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, check=False)
     assert result.returncode == 0
 
 
 def test_kl_divergence_known_values():
-    from lrt_deploy.compress.fidelity import kl_divergence
+    from lrt_deploy.metrics import kl_divergence
 
     logits = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
     assert kl_divergence(logits, logits) == pytest.approx(0.0, abs=1e-12)

@@ -10,12 +10,12 @@ import torch
 
 from lrt_deploy.compress import LowRankConfig, factorize_
 from lrt_deploy.compress.calibration import primary_output
-from lrt_deploy.compress.fidelity import embedding_fidelity
 from lrt_deploy.compress.search import judge_floor, search_budget
 from lrt_deploy.config import BudgetRank
 from lrt_deploy.data.readers import DOMAIN_HELDOUT_TEXT as DOMAIN_HELDOUT
 from lrt_deploy.data.readers import HELDOUT_TEXT as HELDOUT
 from lrt_deploy.data.stream import shipped_lines
+from lrt_deploy.metrics import embedding_fidelity
 from tests.tiny_models import make_tiny_encoder
 
 CONFIG = LowRankConfig(BudgetRank(0.5), solver="asvd", factorize_embeddings=True)

@@ -416,7 +416,7 @@ def test_search_budget_finds_the_smallest_budget_meeting_the_floor():
 
     from lrt_deploy.compress import LowRankConfig, search_budget
     from lrt_deploy.compress.calibration import primary_output
-    from lrt_deploy.compress.fidelity import cosine_per_row
+    from lrt_deploy.metrics import cosine_per_row
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),

@@ -20,8 +20,8 @@ def minilm():
 
 
 def _heldout_cosine(dense, candidate, loaded) -> float:
-    from lrt_deploy.compress.fidelity import cosine_per_row
     from lrt_deploy.data.readers import read_text_lines
+    from lrt_deploy.metrics import cosine_per_row
 
     lines = read_text_lines(None, "heldout.txt")[:64]
     batch = loaded.tokenize(lines)

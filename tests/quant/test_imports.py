@@ -1,4 +1,5 @@
-"""The quant package depends only on graph/, runtime/, errors and itself; rules.py on numpy."""
+"""The quant package depends only on graph/, runtime/, metrics, errors and itself; rules.py on
+numpy alone."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "lrt_deploy"
 ALLOWED = ("lrt_deploy.quant", "lrt_deploy.graph", "lrt_deploy.runtime", "lrt_deploy.errors",
-           "lrt_deploy._logs")
+           "lrt_deploy.metrics", "lrt_deploy._logs")
 
 
 def _imports_of(source: str, package: str) -> set[str]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from lrt_deploy.compress import LowRankConfig, factorize_, heal_
 from lrt_deploy.compress.factor_shards import load_lowrank_factors, save_lowrank_factors
-from lrt_deploy.compress.fidelity import cosine_per_row
+from lrt_deploy.metrics import cosine_per_row
 from lrt_deploy.quant.passes.dynamic import quantize_int8
 from lrt_deploy.quant.passes.smoothing import smooth_outlier_channels
 from lrt_deploy.quant.passes.weight_only import quantize_weights_4bit

@@ -23,6 +23,7 @@ import numpy as np
 
 from lrt_deploy.graph.ops import weighted_nodes
 from lrt_deploy.graph.passes import PassContext, PassResult
+from lrt_deploy.metrics import cosine_per_row
 from lrt_deploy.quant.rules import int8_weight_scale, uint8_grid
 
 __all__ = [
@@ -204,19 +205,6 @@ def rank_int8_damage(
     return ranked
 
 
-def _cosine_per_row(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine of matching vectors along the last axis; two zero vectors count as 1."""
-    x = np.asarray(a, np.float64).reshape(-1, a.shape[-1])
-    y = np.asarray(b, np.float64).reshape(-1, b.shape[-1])
-    norm_x, norm_y = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
-    denominator = norm_x * norm_y
-    nonzero = denominator > 0
-    cosine = np.zeros(x.shape[0])
-    cosine[nonzero] = np.einsum("ij,ij->i", x[nonzero], y[nonzero]) / denominator[nonzero]
-    cosine[(norm_x == 0) & (norm_y == 0)] = 1.0
-    return np.clip(cosine, -1.0, 1.0)
-
-
 def _rank(session: Any, probed: list[str], calibration: Iterable[Mapping[str, np.ndarray]],
           max_rows: int, progress: Any) -> list[NodeDamage]:
     names = [value.name for value in session.get_inputs() if value.name != MASK_INPUT]
@@ -236,7 +224,7 @@ def _rank(session: Any, probed: list[str], calibration: Iterable[Mapping[str, np
     for i, name in enumerate(probed):
         mask = np.zeros(len(probed), bool)
         mask[i] = True
-        cosine = np.concatenate([_cosine_per_row(r, o)
+        cosine = np.concatenate([cosine_per_row(r, o)
                                  for r, o in zip(reference, run(mask), strict=True)])
         ranked.append(NodeDamage(name, float(cosine.mean()), float(cosine.min())))
         if progress is not None and (i + 1) % 16 == 0:
