@@ -282,7 +282,7 @@ class _Runs:
         self.progress(f"device {name}: {how}, {self.sentences} sentences in {check.seconds} s")
 
 
-def _other_runs(names: list[str], host: str | None, checks: dict[str, ClassCheck], model: Path,
+def _other_runs(names: list[str], host: str, checks: dict[str, ClassCheck], model: Path,
                 feeds: list[dict[str, np.ndarray]], session_config: Mapping[str, str]
                 ) -> list[tuple[str, str, Callable[[], list[np.ndarray]]]]:
     """``(class, how, run)`` for each class other than the host's that can run here; the others'
@@ -379,7 +379,7 @@ def verify_model(
     runs = _Runs(checks, len(feeds), progress)
     host_key = host if host is not None else "host"
     runs.run(host_key, "native", lambda: [session.run(None, dict(f))[0] for f in feeds])
-    pending = _other_runs(names, host, checks, model, feeds, config)
+    pending = _other_runs(names, host_key, checks, model, feeds, config)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(lambda item: runs.run(*item), pending))
     _score(checks, runs.outputs, references, counts, host_key)

@@ -291,6 +291,19 @@ def test_device_verification_opens_sessions_with_the_bundle_config(
     assert not wasm.verified and "session.intra_op.allow_spinning" in wasm.reason
 
 
+def test_an_unclassified_host_is_verified_without_a_reason(
+        text_model: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU no device class describes still runs natively: its row is verified, no reason."""
+    from lrt_deploy.verify import check
+
+    model, reference = text_model
+    monkeypatch.setattr(check, "host_class", lambda: None)
+    table = check.verify_model(model, reference, [], classes=["host"], sample=1)
+    host = table.check("host")
+    assert host.verified and host.reason is None
+    assert host.figures["heldout"]["worst"] > 0.9999
+
+
 def test_the_manifest_session_config_is_read_once_for_session_and_verification() -> None:
     from lrt_deploy.errors import BundleError
     from lrt_deploy.runtime.bundle import session_config
